@@ -1,0 +1,105 @@
+"""Our checkpoint directory: `lt_config.json` + `params/` (orbax) + the tokenizer files; and the atomic output
+directory that convert and export write into (a failure leaves nothing at the destination)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from checkpoints_conv.hf import copy_tokenizer, read_hf_config, read_hf_params, write_hf_dir
+from lt_jax.config import Config
+from lt_jax.errors import LtJaxError
+from lt_jax.params import abstract_params
+
+CONFIG_FILE = "lt_config.json"
+
+
+def check_output_dir(out: Path) -> Path:
+    """Fails early, naming the path, if `out` cannot be created; returns its parent."""
+    out = Path(out)
+    if out.exists():
+        raise LtJaxError(f"output directory {out} already exists; remove it or choose another path.")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise LtJaxError(f"cannot create output directory {out}: {parent} is not an existing directory.")
+    if not os.access(parent, os.W_OK):
+        raise LtJaxError(f"cannot create output directory {out}: {parent} is not writable.")
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yields a temporary sibling of `out`, renamed to `out` only if the body finishes."""
+    out = Path(out)
+    parent = check_output_dir(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise LtJaxError(f"cannot write output directory {out}: {e.strerror}.") from None
+    try:
+        yield tmp
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).exists()
+
+
+def save_checkpoint(out: Path, cfg: Config, params, tokenizer_dir: Path | None = None):
+    import orbax.checkpoint as ocp
+    with atomic_dir(out) as tmp:
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        ocp.PyTreeCheckpointer().save((tmp / "params").absolute(), params)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+
+
+def load_checkpoint(path: Path) -> tuple[Config, dict]:
+    """(config, numpy params) of a converted checkpoint, shapes checked against the config."""
+    import orbax.checkpoint as ocp
+    path = Path(path)
+    try:
+        cfg = Config.from_json(path / CONFIG_FILE)
+    except FileNotFoundError:
+        raise LtJaxError(f"{path} is not an lt-jax checkpoint (no {CONFIG_FILE}).") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise LtJaxError(f"cannot read {path / CONFIG_FILE}: {e}.") from None
+    try:
+        params = ocp.PyTreeCheckpointer().restore((path / "params").absolute())
+    except Exception as e:  # orbax raises many kinds for missing/corrupt files
+        raise LtJaxError(f"cannot restore params from {path / 'params'}: {e}.") from None
+    want = abstract_params(cfg)
+    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), params)
+    if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
+        raise LtJaxError(f"params in {path / 'params'} do not match {path / CONFIG_FILE}.")
+    return cfg, params
+
+
+def convert(hf_dir: Path, out: Path, dtype: str = "float32", progress=None) -> Config:
+    """HF checkpoint directory -> our checkpoint directory (atomic)."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise LtJaxError(f"{hf_dir} is not a directory.")
+    cfg = read_hf_config(hf_dir, dtype)
+    check_output_dir(out)  # fail before the slow part
+    params = read_hf_params(hf_dir, cfg, progress)
+    save_checkpoint(out, cfg, params, tokenizer_dir=hf_dir)
+    return cfg
+
+
+def export(ckpt: Path, out: Path, max_shard_bytes: int = 2 << 30) -> Config:
+    """Our checkpoint -> an HF safetensors directory that transformers loads."""
+    cfg, params = load_checkpoint(ckpt)
+    with atomic_dir(out) as tmp:
+        write_hf_dir(tmp, cfg, params, max_shard_bytes)
+        copy_tokenizer(ckpt, tmp)
+    return cfg

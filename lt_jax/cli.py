@@ -1,0 +1,160 @@
+"""`lt-jax`: a thin command layer over the library. Every subcommand takes --json (the result on stdout, one
+JSON object) and reports bad input as one sentence on stderr with exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lt_jax.errors import LtJaxError
+
+DEMO_ESSAY = "addiction.txt"
+DEMO_TOKENS = 1024
+DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def _enable_compilation_cache():
+    import jax
+    from lt_jax.assets import cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="tensor")
+    return lambda _name: bar.update(1)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LtJaxError(f"cannot read text file {path}: {e}.") from None
+
+
+def _read_ids(path: str) -> list[int]:
+    text = _read_text(path)
+    try:
+        return [int(tok) for tok in text.split()]
+    except ValueError as e:
+        raise LtJaxError(f"ids file {path} must hold whitespace-separated integers ({e}).") from None
+
+
+def cmd_convert(args) -> dict:
+    from checkpoints_conv import convert, read_hf_config
+    from checkpoints_conv.hf import entries
+    cfg = read_hf_config(Path(args.hf_dir), args.dtype)
+    t0 = time.perf_counter()
+    convert(args.hf_dir, args.out_dir, args.dtype, progress=_progress(len(entries(cfg)), "converting"))
+    return {"out": args.out_dir, "model_type": cfg.arch, "layers": cfg.num_layers, "dtype": cfg.dtype,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def cmd_export(args) -> dict:
+    from checkpoints_conv import export
+    cfg = export(args.ckpt_dir, args.hf_out_dir)
+    return {"out": args.hf_out_dir, "model_type": cfg.arch, "layers": cfg.num_layers}
+
+
+def cmd_ppl(args) -> dict:
+    import lt_jax
+    model = lt_jax.load(args.model)
+    ids = model.encode(_read_text(args.text_file)) if args.text_file else _read_ids(args.ids_file)
+    return model.perplexity(ids, args.max_tokens)
+
+
+def transformers_ppl(hf_dir: Path, ids: list[int]) -> float:
+    """Perplexity of the same tokens from transformers' torch model in fp32 (the independent reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        return float(torch.exp(hf(x, labels=x).loss))
+
+
+def cmd_demo(args) -> dict:
+    import lt_jax
+    from lt_jax import assets
+    paths = assets.fetch()
+    model = lt_jax.load(paths["smollm2"])
+    essay = Path(paths["essays"]) / DEMO_ESSAY
+    ids = model.encode(essay.read_text())[:args.tokens]
+    t0 = time.perf_counter()
+    ours = model.perplexity(ids)
+    t_ours = time.perf_counter() - t0
+    reference = transformers_ppl(Path(paths["smollm2_hf"]), ids)
+    chat = [{"role": "user", "content": DEMO_QUESTION}]
+    prompt = model.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    answer = model.decode(model.greedy(prompt, args.new_tokens))
+    result = {"model": str(model.path), "essay": DEMO_ESSAY, "tokens": ours["tokens"] + 1,
+              "ppl_lt_jax": ours["ppl"], "ppl_transformers": reference,
+              "ppl_rel_diff": abs(ours["ppl"] - reference) / reference, "seconds_lt_jax": round(t_ours, 2),
+              "question": DEMO_QUESTION, "answer": answer}
+    if not args.json:
+        print(f"model       {result['model']} ({model.config.arch}, {model.config.num_layers} layers)")
+        print(f"perplexity  {ours['ppl']:.4f} lt-jax  vs  {reference:.4f} transformers  "
+              f"on {result['tokens']} tokens of {DEMO_ESSAY} (relative difference {result['ppl_rel_diff']:.1e})")
+        print(f"question    {DEMO_QUESTION}")
+        print(f"answer      {answer.strip()}")
+    return result
+
+
+def cmd_fetch(args) -> dict:
+    from lt_jax import assets
+    return assets.fetch(qwen=args.qwen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lt-jax", description="LightTransfer in JAX: hybrid streaming/full attention "
+                                "LLMs converted from Hugging Face checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+        s.set_defaults(fn=fn)
+        return s
+
+    s = add("convert", cmd_convert, "convert an HF checkpoint directory (safetensors or .bin, sharded or not)")
+    s.add_argument("hf_dir")
+    s.add_argument("out_dir")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s = add("export", cmd_export, "export an lt-jax checkpoint back to an HF safetensors directory")
+    s.add_argument("ckpt_dir")
+    s.add_argument("hf_out_dir")
+    s = add("ppl", cmd_ppl, "perplexity of a text or of token ids (all layers full attention)")
+    s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file")
+    src.add_argument("--ids-file", help="whitespace-separated token ids")
+    s.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: context)")
+    s = add("demo", cmd_demo, "fetch SmolLM2-135M-Instruct, compare perplexity with transformers, answer a question")
+    s.add_argument("--tokens", type=int, default=DEMO_TOKENS)
+    s.add_argument("--new-tokens", type=int, default=32)
+    s = add("fetch", cmd_fetch, "fetch and convert the real model and the essays (idempotent)")
+    s.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-0.5B-Instruct (about 500 MB)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command != "convert":
+            _enable_compilation_cache()
+        result = args.fn(args)
+    except LtJaxError as e:
+        print(f"lt-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    elif args.command not in ("demo",):
+        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The decoder (LLaMA / Mistral / Qwen2): pure functions over the params pytree of `lt_jax.params`.
+
+One token's path: embed -> L x [RMSNorm -> GQA attention (RoPE at the token's own position, the one mask rule
+with the layer's sink/window) -> residual -> RMSNorm -> SwiGLU -> residual] -> RMSNorm -> tied or untied head.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lt_jax.config import Config
+from lt_jax.mask import attention_mask
+from lt_jax.plan import Plan
+
+Q_CHUNK = 512  # queries per attention block: scores are [B, N, Q_CHUNK, S], never [B, N, T, T] for long T
+
+
+def rope_inv_freq(cfg: Config) -> np.ndarray:
+    """Inverse frequencies [H/2], float32, computed as transformers computes them."""
+    r = cfg.rope
+    H = cfg.head_dim
+    inv = (1.0 / (np.float32(r.theta) ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H)))).astype(np.float32)
+    if r.type == "linear":
+        inv = inv / np.float32(r.factor)
+    elif r.type == "llama3":
+        old = r.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / r.low_freq_factor, old / r.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / r.factor, inv)
+        smooth = (old / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x, positions, inv_freq):
+    """x [B, T, n, H]; positions [B, T] (padding -1 is rotated as 0; it is masked anyway)."""
+    angles = jnp.maximum(positions, 0).astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def attend(q, k, v, q_pos, k_pos, sink, window):
+    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, S, K, H]; -> [B, T, N, H].
+
+    Queries go in blocks of Q_CHUNK so no [T, S] score matrix exists for the whole prompt at once; each block's
+    softmax still spans every key, so the result is exact.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    scale = H ** -0.5
+
+    def chunk(qb, qb_pos):
+        qb = qb.reshape(B, -1, K, N // K, H)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", qb, k, preferred_element_type=jnp.float32) * scale
+        mask = attention_mask(qb_pos, k_pos, sink, window)[:, None, None]
+        # A finite floor keeps fully masked rows (padding queries) finite instead of NaN.
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, -1, N, H)
+
+    if T <= Q_CHUNK:
+        return chunk(q, q_pos)
+    pad = -T % Q_CHUNK
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+    C = (T + pad) // Q_CHUNK
+    qp = qp.reshape(B, C, Q_CHUNK, N, H).swapaxes(0, 1)
+    pp = pp.reshape(B, C, Q_CHUNK).swapaxes(0, 1)
+    out = jax.lax.map(lambda a: chunk(*a), (qp, pp))  # [C, B, Q_CHUNK, N, H]
+    return out.swapaxes(0, 1).reshape(B, T + pad, N, H)[:, :T]
+
+
+def qkv(lp, x, positions, inv_freq):
+    """Projections of the normed input x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], keys after RoPE."""
+    q = jnp.einsum("BTD,DNH->BTNH", x, lp["q"])
+    k = jnp.einsum("BTD,DKH->BTKH", x, lp["k"])
+    v = jnp.einsum("BTD,DKH->BTKH", x, lp["v"])
+    if "q_bias" in lp:
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def mlp(lp, x):
+    gate = jnp.einsum("BTD,DF->BTF", x, lp["gate"])
+    up = jnp.einsum("BTD,DF->BTF", x, lp["up"])
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["down"])
+
+
+def block(lp, x, positions, sink, window, cfg: Config, inv_freq):
+    """One decoder layer without a cache: keys are this call's own tokens."""
+    q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
+    out = attend(q, k, v, positions, positions, sink, window)
+    x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
+    return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps))
+
+
+def unembed(params, x, cfg: Config):
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("cfg", "plan"))
+def forward(params, tokens, positions, cfg: Config, plan: Plan | None = None):
+    """No-cache forward. tokens, positions int32 [B, T] (padding: position -1) -> logits float32 [B, T, V].
+
+    Each layer masks with its own (sink, window) from the plan; layers are scanned, so the model compiles once
+    whatever its depth.
+    """
+    plan = plan or Plan.full(cfg.num_layers)
+    sinks, windows = plan.layer_windows(cfg)
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    x = params["embed"][tokens]
+
+    def step(x, layer):
+        lp, sink, window = layer
+        return block(lp, x, positions, sink, window, cfg, inv_freq), None
+
+    x, _ = jax.lax.scan(step, x, (params["layers"], sinks, windows))
+    return unembed(params, x, cfg)
+
+
+def default_positions(tokens) -> jax.Array:
+    """Positions 0..T-1 for unpadded rows."""
+    B, T = tokens.shape
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

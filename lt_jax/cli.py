@@ -21,10 +21,9 @@ def _enable_compilation_cache():
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
 
 
-def _progress(total: int, desc: str):
+def _progress_bar(total: int, desc: str):
     from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="tensor")
-    return lambda _name: bar.update(1)
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="tensor")
 
 
 def _read_text(path: str) -> str:
@@ -45,9 +44,12 @@ def _read_ids(path: str) -> list[int]:
 def cmd_convert(args) -> dict:
     from checkpoints_conv import convert, read_hf_config
     from checkpoints_conv.hf import entries
+    from checkpoints_conv.store import check_output_dir
     cfg = read_hf_config(Path(args.hf_dir), args.dtype)
+    check_output_dir(Path(args.out_dir))
     t0 = time.perf_counter()
-    convert(args.hf_dir, args.out_dir, args.dtype, progress=_progress(len(entries(cfg)), "converting"))
+    with _progress_bar(len(entries(cfg)), "converting") as bar:
+        convert(args.hf_dir, args.out_dir, args.dtype, progress=lambda _name: bar.update(1))
     return {"out": args.out_dir, "model_type": cfg.arch, "layers": cfg.num_layers, "dtype": cfg.dtype,
             "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -1,0 +1,107 @@
+"""Shared fixtures. Compilation dominates small tests on this 2-core CPU, so models, conversions and jitted
+functions are built once per session and shared."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT_LEN = 320  # >= 300 tokens, and longer than the Mistral window below
+VOCAB = 300
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="eager")
+
+
+def tiny_hf_model(family: str, seed: int = 0):
+    """A tiny random transformers model of one family, every weight (norms, biases) randomized."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+    torch.manual_seed(seed)
+    if family == "llama":  # GQA + llama3 rope scaling (original context shorter than the prompt)
+        m = LlamaForCausalLM(LlamaConfig(**TINY, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64)))
+    elif family == "llama_linear":  # written below in the old top-level rope_theta / rope_scaling form
+        m = LlamaForCausalLM(LlamaConfig(**TINY, rope_parameters=dict(rope_type="linear", rope_theta=500.0,
+                                                                      factor=2.0)))
+    elif family == "mistral":  # native sliding window shorter than the prompt
+        m = MistralForCausalLM(MistralConfig(**TINY, sliding_window=100))
+    elif family == "qwen2":  # q/k/v bias, tied embeddings
+        m = Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=True))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def save_hf(model, out: Path, fmt: str) -> Path:
+    """Saves in one of: safetensors, sharded_safetensors, bin, sharded_bin (transformers 5 writes only
+    safetensors, so the torch formats are written as older transformers wrote them)."""
+    out.mkdir(parents=True)
+    if fmt in ("safetensors", "sharded_safetensors"):
+        model.save_pretrained(out, max_shard_size="100KB" if fmt == "sharded_safetensors" else "50GB")
+    else:
+        model.config.save_pretrained(out)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        if fmt == "bin":
+            torch.save(state, out / "pytorch_model.bin")
+        else:
+            names = list(state)
+            halves = [names[: len(names) // 2], names[len(names) // 2:]]
+            weight_map = {}
+            for k, part in enumerate(halves):
+                fname = f"pytorch_model-{k + 1:05d}-of-00002.bin"
+                torch.save({n: state[n] for n in part}, out / fname)
+                weight_map.update(dict.fromkeys(part, fname))
+            (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if model.config.model_type == "llama" and model.config.rope_parameters["rope_type"] == "linear":
+        cfg = json.loads((out / "config.json").read_text())
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["rope_scaling"] = {"type": "linear", "factor": rope["factor"]}
+        (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(ids).long()).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def prompt_ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, VOCAB, (2, PROMPT_LEN)).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """family -> (transformers model, its fp32 logits on prompt_ids): the independent reference."""
+    cache = {}
+
+    def get(family, ids):
+        if family not in cache:
+            m = tiny_hf_model(family)
+            cache[family] = (m, hf_logits(m, ids))
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def assets() -> dict:
+    """Real weights and essays, fetched through the same script CI and users call (idempotent)."""
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_assets.py"), "--json"],
+                         capture_output=True, text=True, env=os.environ)
+    if run.returncode != 0:
+        pytest.fail(f"scripts/fetch_assets.py failed:\n{run.stderr[-2000:]}")
+    return json.loads(run.stdout)

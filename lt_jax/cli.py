@@ -19,6 +19,7 @@ def _enable_compilation_cache():
     import jax
     from lt_jax.assets import cache_dir
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _progress_bar(total: int, desc: str):

@@ -15,7 +15,7 @@ from lt_jax.config import Config
 from lt_jax.mask import attention_mask
 from lt_jax.plan import Plan
 
-Q_CHUNK = 512  # queries per attention block: scores are [B, N, Q_CHUNK, S], never [B, N, T, T] for long T
+Q_CHUNK = 256  # queries per attention block: scores are [B, N, Q_CHUNK, S], never [B, N, T, T]
 
 
 def rope_inv_freq(cfg: Config) -> np.ndarray:
@@ -52,34 +52,35 @@ def rms_norm(x, weight, eps):
 
 
 def attend(q, k, v, q_pos, k_pos, sink, window):
-    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, S, K, H]; -> [B, T, N, H].
-
-    Queries go in blocks of Q_CHUNK so no [T, S] score matrix exists for the whole prompt at once; each block's
-    softmax still spans every key, so the result is exact.
-    """
+    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, S, K, H]; -> [B, T, N, H]."""
     B, T, N, H = q.shape
     K = k.shape[2]
-    scale = H ** -0.5
+    q = (q * H ** -0.5).reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    mask = attention_mask(q_pos, k_pos, sink, window)[:, None, None]
+    # A finite floor keeps fully masked rows (padding queries) finite instead of NaN.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    # Normalize after the value product: a pass over [T, H] instead of [T, S].
+    out = jnp.einsum("BKGTS,BSKH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(probs, axis=-1, keepdims=True)
+    return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(v.dtype)
 
-    def chunk(qb, qb_pos):
-        qb = qb.reshape(B, -1, K, N // K, H)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", qb, k, preferred_element_type=jnp.float32) * scale
-        mask = attention_mask(qb_pos, k_pos, sink, window)[:, None, None]
-        # A finite floor keeps fully masked rows (padding queries) finite instead of NaN.
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, -1, N, H)
 
-    if T <= Q_CHUNK:
-        return chunk(q, q_pos)
-    pad = -T % Q_CHUNK
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
-    C = (T + pad) // Q_CHUNK
-    qp = qp.reshape(B, C, Q_CHUNK, N, H).swapaxes(0, 1)
-    pp = pp.reshape(B, C, Q_CHUNK).swapaxes(0, 1)
-    out = jax.lax.map(lambda a: chunk(*a), (qp, pp))  # [C, B, Q_CHUNK, N, H]
-    return out.swapaxes(0, 1).reshape(B, T + pad, N, H)[:, :T]
+def attend_causal(q, k, v, positions, sink, window):
+    """Self-attention over one call's own tokens, in query blocks of Q_CHUNK.
+
+    Block c sees only keys 0..end of its own block: later keys are later positions (rows are left padded,
+    positions grow along the row), which the mask rule hides anyway. So no [T, T] score matrix exists, the
+    masked upper triangle is never computed, and every softmax still spans every visible key: exact.
+    """
+    T = q.shape[1]
+    outs = []
+    for start in range(0, T, Q_CHUNK):
+        end = min(start + Q_CHUNK, T)
+        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], positions[:, start:end], positions[:, :end],
+                           sink, window))
+    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
 def qkv(lp, x, positions, inv_freq):
@@ -101,7 +102,7 @@ def mlp(lp, x):
 def block(lp, x, positions, sink, window, cfg: Config, inv_freq):
     """One decoder layer without a cache: keys are this call's own tokens."""
     q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
-    out = attend(q, k, v, positions, positions, sink, window)
+    out = attend_causal(q, k, v, positions, sink, window)
     x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
     return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps))
 

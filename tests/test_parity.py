@@ -51,3 +51,23 @@ def test_rope_scaling_and_window_change_the_logits(tiny_models, prompt_ids, tmp_
         a = np.asarray(forward(params, ids, default_positions(ids), cfg))
         b = np.asarray(forward(params, ids, default_positions(ids), plain))
         assert np.abs(a - b).max() > 1e-2, family
+
+
+def test_left_padded_batch_equals_each_row_alone(tiny_models, prompt_ids, tmp_path):
+    """Rows of unequal length, left padded (position -1): each row's logits equal the row run alone, so
+    padding never leaks into attention, and positions start at 0 at each row's first real token."""
+    hf_dir = save_hf(tiny_models("mistral", prompt_ids)[0], tmp_path / "hf", "safetensors")
+    cfg = read_hf_config(hf_dir)
+    params = read_hf_params(hf_dir, cfg)
+    lengths = [PROMPT_LEN, PROMPT_LEN - 37]
+    tokens = prompt_ids.copy()
+    positions = np.asarray(default_positions(tokens)).copy()
+    pad = PROMPT_LEN - lengths[1]
+    tokens[1, :pad] = 0
+    positions[1, :pad] = -1
+    positions[1, pad:] = np.arange(lengths[1])
+    batched = np.asarray(forward(params, tokens, positions, cfg))
+    alone = prompt_ids[1:, pad:]
+    single = np.asarray(forward(params, alone, default_positions(alone), cfg))
+    assert np.isfinite(batched).all()
+    assert np.abs(batched[1, pad:] - single[0]).max() <= 1e-5

@@ -128,9 +128,13 @@ def _tensors(path: Path) -> Iterator[tuple[str, tuple, callable]]:
     except ImportError:
         raise LtJaxError(f"reading {path} needs torch: pip install torch==2.13.0.") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many kinds for a corrupt pickle/zip
-        raise LtJaxError(f"cannot read torch checkpoint {path}: {e}.") from None
+        try:  # mmap keeps one shard's pages, not a copy; files in torch's legacy (pre-zip) format cannot map
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds, with long multi-line texts, for a corrupt pickle/zip
+        raise LtJaxError(f"cannot read torch checkpoint {path}: it is corrupt or not a torch.save file of "
+                         f"tensors ({type(e).__name__}).") from None
     for name, t in state.items():
         yield name, tuple(t.shape), (lambda t=t: t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())
 

@@ -184,3 +184,17 @@ def test_real_command_exits_nonzero(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lt_jax.cli", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "nope" in run.stderr and not (tmp_path / "o").exists()
+
+
+def test_ppl_bad_inputs(converted, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "ppl", converted, "--text-file", tmp_path / "missing.txt")
+    assert code == 2 and "missing.txt" in err
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 99999")
+    code, _, err = run_cli(capsys, "ppl", converted, "--ids-file", ids)
+    assert code == 2 and "0..299" in err and "99999" in err
+    ids.write_text("1 two 3")
+    code, _, err = run_cli(capsys, "ppl", converted, "--ids-file", ids)
+    assert code == 2 and str(ids) in err
+    code, _, err = run_cli(capsys, "ppl", converted, "--text-file", ids)  # no tokenizer in a tiny checkpoint
+    assert code == 2 and "tokenizer" in err

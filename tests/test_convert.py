@@ -198,3 +198,18 @@ def test_ppl_bad_inputs(converted, tmp_path, capsys):
     assert code == 2 and str(ids) in err
     code, _, err = run_cli(capsys, "ppl", converted, "--text-file", ids)  # no tokenizer in a tiny checkpoint
     assert code == 2 and "tokenizer" in err
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_bf16_source_checkpoint(fmt, tmp_path, prompt_ids):
+    """bf16 tensors on disk (read without torch for safetensors) convert to the fp32 model transformers sees."""
+    from conftest import tiny_hf_model
+    model = tiny_hf_model("llama")
+    with torch.no_grad():  # the reference: fp32 model holding exactly the bf16-representable weights
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    ref = hf_logits(model, prompt_ids)
+    # (not model.to(bfloat16): that would also round transformers' rotary inv_freq buffer)
+    src = save_hf(tiny_hf_model("llama").to(torch.bfloat16), tmp_path / "hf", fmt)
+    ours = lt_jax.load(src).logits(prompt_ids)
+    assert np.abs(ours - ref).max() <= 1e-4

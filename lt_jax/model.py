@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lt_jax.config import Config
-from lt_jax.mask import attention_mask
+from lt_jax.mask import FULL, attention_mask
 from lt_jax.plan import Plan
 
 Q_CHUNK = 256  # queries per attention block: scores are [B, N, Q_CHUNK, S], never [B, N, T, T]
@@ -73,13 +73,15 @@ def attend_causal(q, k, v, positions, sink, window):
     Block c sees only keys 0..end of its own block: later keys are later positions (rows are left padded,
     positions grow along the row), which the mask rule hides anyway. So no [T, T] score matrix exists, the
     masked upper triangle is never computed, and every softmax still spans every visible key: exact.
+    sink, window: scalars, or per-query [B, T, 1] (teacher-forced scoring with an exact prefix).
     """
     T = q.shape[1]
+    per_query = lambda a, s, e: a[:, s:e] if jnp.ndim(a) == 3 else a  # noqa: E731
     outs = []
     for start in range(0, T, Q_CHUNK):
         end = min(start + Q_CHUNK, T)
         outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], positions[:, start:end], positions[:, :end],
-                           sink, window))
+                           per_query(sink, start, end), per_query(window, start, end)))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
@@ -114,19 +116,24 @@ def unembed(params, x, cfg: Config):
 
 
 @partial(jax.jit, static_argnames=("cfg", "plan"))
-def forward(params, tokens, positions, cfg: Config, plan: Plan | None = None):
+def forward(params, tokens, positions, cfg: Config, plan: Plan | None = None, prefix=None):
     """No-cache forward. tokens, positions int32 [B, T] (padding: position -1) -> logits float32 [B, T, V].
 
     Each layer masks with its own (sink, window) from the plan; layers are scanned, so the model compiles once
-    whatever its depth.
+    whatever its depth. `prefix` N (int or [B], data): queries at positions < N attend as in a full layer, which
+    is what an exact prefill of N tokens followed by decode steps computes (teacher-forced scoring).
     """
     plan = plan or Plan.full(cfg.num_layers)
     sinks, windows = plan.layer_windows(cfg)
+    native = cfg.sliding_window or FULL
+    before = None if prefix is None else (positions < jnp.reshape(jnp.asarray(prefix), (-1, 1)))[:, :, None]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     x = params["embed"][tokens]
 
     def step(x, layer):
         lp, sink, window = layer
+        if before is not None:
+            sink, window = jnp.where(before, 0, sink), jnp.where(before, native, window)
         return block(lp, x, positions, sink, window, cfg, inv_freq), None
 
     x, _ = jax.lax.scan(step, x, (params["layers"], sinks, windows))

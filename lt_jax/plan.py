@@ -13,6 +13,8 @@ from lt_jax.errors import LtJaxError
 from lt_jax.mask import FULL
 
 DEFAULT_SINK, DEFAULT_WINDOW = 4, 1020
+PREFILL_MODES = ("exact", "hybrid")
+PRESETS = {"lighttrans-code": (129, 1025)}  # the released LightTransfer training mask: S=129, W=1025
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Plan:
     sink: int = DEFAULT_SINK
     window: int = DEFAULT_WINDOW
     source: str = "full"
+    prefill: str = "exact"  # "exact": full attention over the prompt in every layer; "hybrid": each layer's mask
 
     @classmethod
     def full(cls, num_layers: int) -> "Plan":
@@ -35,6 +38,10 @@ class Plan:
             raise LtJaxError(f"{where} names lazy layer(s) {bad} outside 0..{cfg.num_layers - 1}.")
         if self.sink < 0 or self.window < 1:
             raise LtJaxError(f"{where} has sink={self.sink}, window={self.window}; need sink >= 0 and window >= 1.")
+        if self.prefill not in PREFILL_MODES:
+            raise LtJaxError(f"{where} has prefill={self.prefill!r}; expected one of {', '.join(PREFILL_MODES)}.")
+        if len(set(self.lazy_layers)) != len(self.lazy_layers):
+            raise LtJaxError(f"{where} lists a lazy layer twice: {list(self.lazy_layers)}.")
         return self
 
     def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +65,52 @@ class Plan:
             d = json.loads(Path(path).read_text())
             plan = cls(num_layers=int(d["num_layers"]), lazy_layers=tuple(sorted(int(i) for i in d["lazy_layers"])),
                        sink=int(d.get("sink", DEFAULT_SINK)), window=int(d.get("window", DEFAULT_WINDOW)),
-                       source=str(d.get("source", str(path))))
+                       source=str(d.get("source", str(path))), prefill=str(d.get("prefill", "exact")))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LtJaxError(f"cannot read plan file {path}: {e}.") from None
         return plan.validate(cfg, where=f"plan file {path}")
+
+
+def num_lazy(num_layers: int, lazy_fraction: float) -> int:
+    """floor(rho * L + 0.5): DESIGN.md's budget rule."""
+    return int(np.floor(lazy_fraction * num_layers + 0.5))
+
+
+def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | None = None,
+              window: int | None = None, preset: str | None = None, prefill: str | None = None) -> Plan:
+    """`full`, `streaming`, `first`, `last`, `random[:SEED]`, or a plan JSON path; flags override S/W/prefill."""
+    if not 0.0 <= lazy_fraction <= 1.0:
+        raise LtJaxError(f"--lazy-fraction {lazy_fraction} is outside [0, 1].")
+    if preset is not None and preset not in PRESETS:
+        raise LtJaxError(f"unknown stream preset {preset!r} (known: {', '.join(PRESETS)}).")
+    L = cfg.num_layers
+    n = num_lazy(L, lazy_fraction)
+    name, _, arg = spec.partition(":")
+    if name == "full":
+        layers = ()
+    elif name == "streaming":
+        layers = tuple(range(L))
+    elif name == "first":
+        layers = tuple(range(n))
+    elif name == "last":
+        layers = tuple(range(L - n, L))
+    elif name == "random":
+        try:
+            seed = int(arg or 0)
+        except ValueError:
+            raise LtJaxError(f"plan {spec!r}: the seed after 'random:' must be an integer.") from None
+        layers = tuple(sorted(int(i) for i in np.random.default_rng(seed).choice(L, n, replace=False)))
+    elif Path(spec).suffix == ".json" or Path(spec).exists():
+        plan = Plan.from_json(spec, cfg)
+        return _override(plan, sink, window, preset, prefill).validate(cfg, where=f"plan file {spec}")
+    else:
+        raise LtJaxError(f"unknown plan {spec!r} (full, streaming, first, last, random[:SEED], or a .json file).")
+    plan = Plan(num_layers=L, lazy_layers=layers, source=spec)
+    return _override(plan, sink, window, preset, prefill).validate(cfg)
+
+
+def _override(plan: Plan, sink, window, preset, prefill) -> Plan:
+    if preset is not None:
+        plan = dataclasses.replace(plan, sink=PRESETS[preset][0], window=PRESETS[preset][1])
+    changes = {k: v for k, v in dict(sink=sink, window=window, prefill=prefill).items() if v is not None}
+    return dataclasses.replace(plan, **changes)

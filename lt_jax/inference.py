@@ -1,0 +1,158 @@
+"""Prefill, decode and generation over the KV cache of `lt_jax.cache`.
+
+One token's path through `generate`: `prefill` runs the prompt through every layer (exact mode: full attention on
+the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its stack; then
+a compiled `lax.while_loop` samples a token, and `decode_step` writes its keys (write, then attend: the slot it
+overwrites in a ring holds a position the mask hides anyway) and attends over the layer's cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lt_jax.cache import KVCache, layer_slots, write_layer_kv, write_positions
+from lt_jax.config import Config
+from lt_jax.mask import FULL
+from lt_jax.model import attend, attend_causal, mlp, qkv, rms_norm, rope_inv_freq, unembed
+from lt_jax.plan import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What a compilation depends on besides array shapes: counts and S/W, never which layers are lazy."""
+    num_lazy: int
+    sink: int
+    window: int
+    prefill: str  # "exact" | "hybrid"
+
+    @classmethod
+    def of(cls, plan: Plan) -> "Shape":
+        return cls(len(plan.lazy_layers), plan.sink, plan.window, plan.prefill)
+
+
+def plan_arrays(plan: Plan) -> dict:
+    """The plan as data: which layers are lazy and where their caches sit."""
+    is_lazy, index = layer_slots(plan)
+    return {"is_lazy": jnp.asarray(is_lazy), "index": jnp.asarray(index)}
+
+
+def _layer_mask(is_lazy, shape: Shape, cfg: Config, prefill: bool):
+    """(sink, window) of a layer as data. Full layers: causal, or Mistral's native window."""
+    native = cfg.sliding_window or FULL
+    if prefill and shape.prefill == "exact":
+        return 0, native
+    return jnp.where(is_lazy, shape.sink, 0), jnp.where(is_lazy, shape.window, native)
+
+
+@partial(jax.jit, static_argnames=("cfg", "shape", "all_logits"), donate_argnames=("cache",))
+def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config, shape: Shape,
+            all_logits: bool = False):
+    """Run a prompt chunk [B, T] (left padded: position -1) from an empty cache.
+
+    Returns (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    x = params["embed"][tokens]
+
+    def step(carry, layer):
+        x, stacks = carry
+        lp, is_lazy, index = layer
+        q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
+        sink, window = _layer_mask(is_lazy, shape, cfg, prefill=True)
+        out = attend_causal(q, k, v, positions, sink, window)
+        stacks = write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
+        x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
+        return (x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), stacks), None
+
+    stacks = (cache.full_k, cache.full_v, cache.ring_k, cache.ring_v)
+    (x, stacks), _ = jax.lax.scan(step, (x, stacks), (params["layers"], layers["is_lazy"], layers["index"]))
+    cache = write_positions(dataclasses.replace(cache, full_k=stacks[0], full_v=stacks[1], ring_k=stacks[2],
+                                                ring_v=stacks[3]), positions, shape.sink, shape.window)
+    logits = unembed(params, x if all_logits else x[:, -1:], cfg)
+    return (logits if all_logits else logits[:, 0]), cache
+
+
+def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Shape):
+    """One token per row [B] at position `cache.length` -> (logits [B, V], cache)."""
+    positions = cache.length[:, None]
+    cache = write_positions(cache, positions, shape.sink, shape.window)
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    x = params["embed"][tokens[:, None]]
+    has_full, has_ring = cache.full_k.shape[0] > 0, cache.ring_k.shape[0] > 0
+
+    def step(carry, layer):
+        x, stacks = carry
+        lp, is_lazy, index = layer
+        q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
+        stacks = write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
+        full_k, full_v, ring_k, ring_v = stacks
+        sink, window = _layer_mask(is_lazy, shape, cfg, prefill=False)
+
+        def over_full():
+            return attend(q, full_k[index], full_v[index], positions, cache.full_pos, sink, window)
+
+        def over_ring():
+            return attend(q, ring_k[index], ring_v[index], positions, cache.ring_pos, sink, window)
+
+        if has_full and has_ring:
+            out = jax.lax.cond(is_lazy, over_ring, over_full)
+        else:
+            out = over_full() if has_full else over_ring()
+        x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
+        return (x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), stacks), None
+
+    stacks = (cache.full_k, cache.full_v, cache.ring_k, cache.ring_v)
+    (x, stacks), _ = jax.lax.scan(step, (x, stacks), (params["layers"], layers["is_lazy"], layers["index"]))
+    cache = dataclasses.replace(cache, full_k=stacks[0], full_v=stacks[1], ring_k=stacks[2], ring_v=stacks[3])
+    return unembed(params, x, cfg)[:, 0], cache
+
+
+decode_step = jax.jit(_decode, static_argnames=("cfg", "shape"), donate_argnames=("cache",))
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+
+def sample(logits, key, temperature, top_k, top_p):
+    """logits [B, V] -> token ids [B]. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters.
+    All three are data, so changing them does not recompile."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(logits.shape[-1])
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+    keep = ((top_k <= 0) | (rank < top_k)) & ((before < top_p) | (rank == 0))
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@partial(jax.jit, static_argnames=("cfg", "shape", "max_new_tokens"), donate_argnames=("cache",))
+def generate_loop(params, logits, cache: KVCache, layers: dict, stop_ids, key, temperature, top_k, top_p,
+                  cfg: Config, shape: Shape, max_new_tokens: int):
+    """Sample up to max_new_tokens per row inside one compiled loop; a row stops after a stop id.
+
+    Returns (tokens int32 [B, max_new_tokens], padded with -1 after a row stops; number generated per row [B])."""
+    B = logits.shape[0]
+    out = jnp.full((B, max_new_tokens), -1, jnp.int32)
+
+    def cond(state):
+        t, _, _, _, done, _ = state
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        t, logits, cache, out, done, key = state
+        key, sub = jax.random.split(key)
+        token = sample(logits, sub, temperature, top_k, top_p)
+        out = out.at[:, t].set(jnp.where(done, -1, token))
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = _decode(params, token, cache, layers, cfg, shape)
+        return t + 1, logits, cache, out, done, key
+
+    state = (jnp.int32(0), logits, cache, out, jnp.zeros((B,), bool), key)
+    t, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
+    return out, jnp.sum(out >= 0, axis=-1)

@@ -10,13 +10,16 @@ import numpy as np
 
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
+from lt_jax.cache import init_cache
+from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
 from lt_jax.model import default_positions, forward
+from lt_jax.plan import Plan, make_plan
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def token_nll(params, tokens, cfg: Config):
+@partial(jax.jit, static_argnames=("cfg", "plan"))
+def token_nll(params, tokens, cfg: Config, plan: Plan | None = None, prefix=None):
     """-log p(tokens[:, t] | tokens[:, :t]) for t >= 1: float32 [B, T-1]. Reduced inside jit: no [T, V] to host."""
-    logits = forward(params, tokens, default_positions(tokens), cfg)
+    logits = forward(params, tokens, default_positions(tokens), cfg, plan, prefix)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -32,6 +35,11 @@ def as_batch(ids, vocab_size: int) -> jnp.ndarray:
     if arr.min() < 0 or arr.max() >= vocab_size:
         raise LtJaxError(f"token ids must lie in 0..{vocab_size - 1}; got {arr.min()}..{arr.max()}.")
     return jnp.asarray(arr, jnp.int32)
+
+
+def bucket(n: int, step: int = 64) -> int:
+    """Round a length up to the next power of two (at least `step`): few distinct shapes, few compilations."""
+    return max(step, 1 << (max(n, 1) - 1).bit_length())
 
 
 class Model:
@@ -50,45 +58,117 @@ class Model:
             raise LtJaxError(f"model {self.path} has no tokenizer files; pass token ids instead of text.")
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
+    def chat_ids(self, text: str) -> list[int]:
+        """The prompt wrapped in the model's chat template, ready for generation."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise LtJaxError(f"model {self.path} has no chat template; drop --chat.")
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
     def decode(self, ids) -> str:
         if self.tokenizer is None:
             raise LtJaxError(f"model {self.path} has no tokenizer files; cannot decode ids to text.")
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def logits(self, ids) -> np.ndarray:
-        """ids int [B, T] or [T] -> float32 logits [B, T, V] (all layers full attention, no cache)."""
-        tokens = as_batch(ids, self.config.vocab_size)
-        return np.asarray(forward(self.params, tokens, default_positions(tokens), self.config))
+    def plan(self, plan: Plan | str | None = None, **flags) -> Plan:
+        """A Plan from a Plan, a spec (`full`, `streaming`, `first`, `last`, `random[:SEED]`, a .json path), or
+        None (all layers full); flags: lazy_fraction, sink, window, preset, prefill."""
+        if isinstance(plan, Plan):
+            return plan.validate(self.config)
+        return make_plan(plan or "full", self.config, **{k: v for k, v in flags.items() if v is not None})
 
-    def perplexity(self, ids, max_tokens: int | None = None) -> dict:
-        """{"ppl", "nll", "tokens"}: mean NLL over the predicted tokens (all but the first) of one sequence."""
+    def logits(self, ids, plan: Plan | str | None = None, prefix: int | None = None) -> np.ndarray:
+        """ids int [B, T] or [T] -> float32 logits [B, T, V]. With no prefix every layer uses its plan's mask over
+        the whole sequence (hybrid); with prefix=N, positions < N are an exact prefill and positions >= N are
+        scored as decode steps would score them."""
+        tokens = as_batch(ids, self.config.vocab_size)
+        return np.asarray(forward(self.params, tokens, default_positions(tokens), self.config, self.plan(plan),
+                                  prefix))
+
+    def perplexity(self, ids, max_tokens: int | None = None, plan: Plan | str | None = None,
+                   prefix: int | None = None) -> dict:
+        """{"ppl", "nll", "tokens"}: mean NLL over the predicted tokens (all but the first; with prefix=N, the
+        tokens at positions >= N) of one sequence."""
         limit = max_tokens or self.config.max_position_embeddings
         tokens = as_batch(ids, self.config.vocab_size)[:, :limit]
-        if tokens.shape[0] != 1 or tokens.shape[1] < 2:
+        T = tokens.shape[1]
+        if tokens.shape[0] != 1 or T < 2:
             raise LtJaxError(f"perplexity needs one sequence of at least 2 tokens; got shape {tokens.shape}.")
-        nll = float(jnp.mean(token_nll(self.params, tokens, self.config)))
-        return {"ppl": float(np.exp(nll)), "nll": nll, "tokens": int(tokens.shape[1] - 1)}
+        if prefix is not None and not 1 <= prefix < T:
+            raise LtJaxError(f"--prefix {prefix} must lie in 1..{T - 1} for a sequence of {T} tokens.")
+        nll = token_nll(self.params, tokens, self.config, self.plan(plan), prefix)[0]
+        scored = nll[(prefix or 1) - 1:]
+        mean = float(jnp.mean(scored))
+        return {"ppl": float(np.exp(mean)), "nll": mean, "tokens": int(scored.shape[0])}
+
+    def generate(self, prompts, plan: Plan | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None, **plan_flags) -> list[dict]:
+        """Continue one prompt or a batch: text, list of texts, ids [T], or a list of id lists (any lengths).
+
+        Returns one dict per prompt: {"ids": generated ids, "text": decoded text or None}. Rows are left padded
+        into one batch; lengths are bucketed so prompts of the same bucket reuse one compilation."""
+        plan = self.plan(plan, **plan_flags)
+        rows = self._prompt_rows(prompts)
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        longest = max(len(r) for r in rows)
+        context = self.config.max_position_embeddings
+        if longest + max_new_tokens > context:
+            raise LtJaxError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                             f"model's context of {context} tokens.")
+        T = min(bucket(longest), context)
+        tokens = np.zeros((len(rows), T), np.int32)
+        positions = np.full((len(rows), T), -1, np.int32)
+        for b, r in enumerate(rows):
+            tokens[b, T - len(r):] = r
+            positions[b, T - len(r):] = np.arange(len(r))
+        new_cap = bucket(max_new_tokens)
+        cache = init_cache(self.config, plan, len(rows), self.cache_len(longest, max_new_tokens))
+        shape, layers = Shape.of(plan), plan_arrays(plan)
+        logits, cache = prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, layers,
+                                self.config, shape)
+        stop = list(self.config.eos_token_ids if stop_ids is None else stop_ids) or [-2]
+        out, counts, _ = generate_loop(self.params, logits, cache, layers, jnp.int32(max_new_tokens),
+                                    jnp.asarray(stop, jnp.int32),
+                                    jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
+                                    jnp.float32(top_p), self.config, shape, new_cap)
+        out, counts = np.asarray(out), np.asarray(counts)
+        results = []
+        for b in range(len(rows)):
+            ids = [int(t) for t in out[b, :counts[b]]]
+            results.append({"ids": ids, "text": self.decode(ids) if self.tokenizer is not None else None})
+        return results
+
+    def cache_len(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Slots of a full layer's cache for a generate call (bucketed, at most the model's context)."""
+        return min(bucket(prompt_len + bucket(max_new_tokens)), self.config.max_position_embeddings)
 
     def greedy(self, ids, max_new_tokens: int) -> list[int]:
-        """Greedy continuation of one sequence without a KV cache: one compiled forward over a fixed-length
-        buffer, reused every step (causality makes the unfilled tail irrelevant)."""
-        prompt = np.asarray(as_batch(ids, self.config.vocab_size))
-        if prompt.shape[0] != 1:
-            raise LtJaxError("greedy takes one sequence.")
-        T = prompt.shape[1]
-        buf = np.zeros((1, T + max_new_tokens), np.int32)
-        buf[:, :T] = prompt
-        positions = default_positions(buf)
-        eos = set(self.config.eos_token_ids)
-        out = []
-        for t in range(T - 1, T - 1 + max_new_tokens):
-            logits = forward(self.params, jnp.asarray(buf), positions, self.config)
-            nxt = int(jnp.argmax(logits[0, t]))
-            out.append(nxt)
-            if nxt in eos:
-                break
-            buf[0, t + 1] = nxt
-        return out
+        """Greedy continuation of one sequence of ids (stops after EOS)."""
+        return self.generate([list(np.asarray(ids).reshape(-1))], max_new_tokens=max_new_tokens)[0]["ids"]
+
+    def _prompt_rows(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif len(prompts) and np.ndim(prompts[0]) == 0 and not isinstance(prompts[0], str):
+            prompts = [prompts]  # a single sequence of ids
+        rows = [self.encode(p) if isinstance(p, str) else [int(t) for t in np.asarray(p).reshape(-1)]
+                for p in prompts]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise LtJaxError("every prompt must hold at least one token.")
+        as_batch(np.concatenate([np.asarray(r) for r in rows]), self.config.vocab_size)  # range check
+        return rows
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if max_new_tokens < 1:
+        raise LtJaxError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    if temperature < 0:
+        raise LtJaxError(f"temperature={temperature} must be >= 0 (0 = greedy).")
+    if top_k < 0:
+        raise LtJaxError(f"top_k={top_k} must be >= 0 (0 = off).")
+    if not 0 < top_p <= 1:
+        raise LtJaxError(f"top_p={top_p} must lie in (0, 1].")
 
 
 def load(path: str | Path, dtype: str | None = None) -> Model:

@@ -35,11 +35,7 @@ def _read_text(path: str) -> str:
 
 
 def _read_ids(path: str) -> list[int]:
-    text = _read_text(path)
-    try:
-        return [int(tok) for tok in text.split()]
-    except ValueError as e:
-        raise LtJaxError(f"ids file {path} must hold whitespace-separated integers ({e}).") from None
+    return _parse_ids(_read_text(path), f"ids file {path}")
 
 
 def cmd_convert(args) -> dict:
@@ -65,7 +61,53 @@ def cmd_ppl(args) -> dict:
     import lt_jax
     model = lt_jax.load(args.model)
     ids = model.encode(_read_text(args.text_file)) if args.text_file else _read_ids(args.ids_file)
-    return model.perplexity(ids, args.max_tokens)
+    plan = _plan(model, args)
+    return {**model.perplexity(ids, args.max_tokens, plan=plan, prefix=args.prefix), "plan": _plan_json(plan)}
+
+
+def _plan(model, args):
+    return model.plan(args.plan, lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window,
+                      preset=args.stream_preset, prefill=args.prefill)
+
+
+def _plan_json(plan) -> dict:
+    return json.loads(plan.to_json())
+
+
+def cmd_generate(args) -> dict:
+    import lt_jax
+    from lt_jax.cache import expected_kv_bytes
+    from lt_jax.plan import Plan
+    model = lt_jax.load(args.model)
+    if args.ids is not None:
+        prompt = _parse_ids(args.ids, "--ids")
+    else:
+        text = args.prompt if args.prompt is not None else _read_text(args.prompt_file)
+        prompt = model.chat_ids(text) if args.chat else model.encode(text)
+    plan = _plan(model, args)
+    stop = None if args.stop_ids is None else _parse_ids(args.stop_ids, "--stop-ids")
+    t0 = time.perf_counter()
+    (result,) = model.generate([prompt], plan=plan, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               stop_ids=stop)
+    seconds = time.perf_counter() - t0
+    max_len = model.cache_len(len(prompt), args.max_new_tokens)
+    kv = expected_kv_bytes(model.config, plan, 1, max_len)
+    kv_full = expected_kv_bytes(model.config, Plan.full(model.config.num_layers), 1, max_len)
+    out = {**result, "prompt_tokens": len(prompt), "plan": _plan_json(plan), "kv_cache_bytes": kv,
+           "kv_cache_bytes_all_full": kv_full, "seconds": round(seconds, 2)}
+    if not args.json:
+        print(result["text"] if result["text"] is not None else " ".join(map(str, result["ids"])))
+        print(f"[{len(result['ids'])} tokens, {seconds:.1f} s; KV cache {kv / 2**20:.1f} MiB vs "
+              f"{kv_full / 2**20:.1f} MiB all-full, {max_len} slots]", file=sys.stderr)
+    return out
+
+
+def _parse_ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise LtJaxError(f"{flag} must be whitespace- or comma-separated integers; got {text!r}.") from None
 
 
 def transformers_ppl(hf_dir: Path, ids: list[int]) -> float:
@@ -111,6 +153,18 @@ def cmd_fetch(args) -> dict:
     return assets.fetch(qwen=args.qwen)
 
 
+def _plan_flags(s):
+    s.add_argument("--plan", default="full",
+                   help="full | streaming | first | last | random[:SEED] | PLAN.json (default: full)")
+    s.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
+    s.add_argument("--sink", type=int, default=None, help="sink tokens S of streaming layers (default 4)")
+    s.add_argument("--window", type=int, default=None, help="window W of streaming layers (default 1020)")
+    s.add_argument("--stream-preset", choices=["lighttrans-code"], default=None,
+                   help="lighttrans-code: S=129, W=1025 (the released LightTransfer training mask)")
+    s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
+                   help="exact: full attention over the prompt in every layer (default); hybrid: each layer's mask")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lt-jax", description="LightTransfer in JAX: hybrid streaming/full attention "
                                 "LLMs converted from Hugging Face checkpoints.")
@@ -135,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text-file")
     src.add_argument("--ids-file", help="whitespace-separated token ids")
     s.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: context)")
+    s.add_argument("--prefix", type=int, default=None,
+                   help="exact prefill of the first N tokens, the rest scored as decode steps (default: none)")
+    _plan_flags(s)
+    s = add("generate", cmd_generate, "generate a continuation with a full, streaming or hybrid layer plan")
+    s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    src.add_argument("--ids", help="prompt token ids, e.g. '1 2 3'")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0, help="0 = off")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop-ids", default=None, help="token ids that end a row (default: the model's EOS ids)")
+    _plan_flags(s)
     s = add("demo", cmd_demo, "fetch SmolLM2-135M-Instruct, compare perplexity with transformers, answer a question")
     s.add_argument("--tokens", type=int, default=DEMO_TOKENS)
     s.add_argument("--new-tokens", type=int, default=32)
@@ -154,7 +225,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps(result))
-    elif args.command not in ("demo",):
+    elif args.command not in ("demo", "generate"):
         print("\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 

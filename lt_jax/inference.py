@@ -132,17 +132,19 @@ def sample(logits, key, temperature, top_k, top_p):
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape", "max_new_tokens"), donate_argnames=("cache",))
-def generate_loop(params, logits, cache: KVCache, layers: dict, stop_ids, key, temperature, top_k, top_p,
+def generate_loop(params, logits, cache: KVCache, layers: dict, limit, stop_ids, key, temperature, top_k, top_p,
                   cfg: Config, shape: Shape, max_new_tokens: int):
-    """Sample up to max_new_tokens per row inside one compiled loop; a row stops after a stop id.
+    """Sample up to `limit` (data, <= max_new_tokens, the static buffer size) tokens per row inside one compiled
+    loop; a row stops after a stop id.
 
-    Returns (tokens int32 [B, max_new_tokens], padded with -1 after a row stops; number generated per row [B])."""
+    Returns (tokens int32 [B, max_new_tokens], -1 after a row stops; number generated per row [B]; the cache,
+    returned so the donated input buffers are reused in place rather than copied)."""
     B = logits.shape[0]
     out = jnp.full((B, max_new_tokens), -1, jnp.int32)
 
     def cond(state):
         t, _, _, _, done, _ = state
-        return (t < max_new_tokens) & ~jnp.all(done)
+        return (t < jnp.minimum(limit, max_new_tokens)) & ~jnp.all(done)
 
     def body(state):
         t, logits, cache, out, done, key = state
@@ -154,5 +156,5 @@ def generate_loop(params, logits, cache: KVCache, layers: dict, stop_ids, key, t
         return t + 1, logits, cache, out, done, key
 
     state = (jnp.int32(0), logits, cache, out, jnp.zeros((B,), bool), key)
-    t, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
-    return out, jnp.sum(out >= 0, axis=-1)
+    _, _, cache, out, _, _ = jax.lax.while_loop(cond, body, state)
+    return out, jnp.sum(out >= 0, axis=-1), cache

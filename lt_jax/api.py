@@ -24,8 +24,9 @@ def token_nll(params, tokens, cfg: Config, plan: Plan | None = None, prefix=None
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-def as_batch(ids, vocab_size: int) -> jnp.ndarray:
-    """int array [B, T] (a single sequence [T] becomes [1, T]), checked against the vocabulary."""
+def as_batch(ids, vocab_size: int) -> np.ndarray:
+    """int32 numpy [B, T] (a single sequence [T] becomes [1, T]), checked against the vocabulary on the host
+    (no device op, so checking never compiles anything)."""
     arr = np.asarray(ids)
     if arr.ndim == 1:
         arr = arr[None]
@@ -34,7 +35,7 @@ def as_batch(ids, vocab_size: int) -> jnp.ndarray:
                          f"dtype {arr.dtype}.")
     if arr.min() < 0 or arr.max() >= vocab_size:
         raise LtJaxError(f"token ids must lie in 0..{vocab_size - 1}; got {arr.min()}..{arr.max()}.")
-    return jnp.asarray(arr, jnp.int32)
+    return arr.astype(np.int32)
 
 
 def bucket(n: int, step: int = 64) -> int:

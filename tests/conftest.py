@@ -105,3 +105,17 @@ def assets() -> dict:
     if run.returncode != 0:
         pytest.fail(f"scripts/fetch_assets.py failed:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_lt(tiny_models, prompt_ids, tmp_path_factory):
+    """family -> lt_jax.Model converted from the tiny transformers model (no tokenizer)."""
+    import lt_jax
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model, _ = tiny_models(family, prompt_ids)
+            cache[family] = lt_jax.load(save_hf(model, tmp_path_factory.mktemp(family) / "hf", "safetensors"))
+        return cache[family]
+    return get

@@ -1,0 +1,252 @@
+"""Hybrid inference: the ring cache, prefill + decode against the no-cache masked forward, generation against
+transformers, compile counts, exact cache bytes, bad input."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
+from lt_jax.inference import Shape, decode_step, plan_arrays, prefill
+from lt_jax.mask import attention_mask
+from lt_jax.model import default_positions, forward
+from lt_jax.plan import Plan, make_plan
+
+
+def test_lighttrans_code_preset_equals_released_training_mask():
+    """The released code's `(q>=k and q-k<=1024) or (q>=128 and k<=128)`, transcribed as written."""
+    q = np.arange(1600)[:, None]
+    k = np.arange(1600)[None, :]
+    released = ((q >= k) & (q - k <= 1024)) | ((q >= 128) & (k <= 128))
+    S, W = 129, 1025
+    cfg_plan = Plan(num_layers=1, lazy_layers=(0,), sink=S, window=W)
+    assert (cfg_plan.sink, cfg_plan.window) == (129, 1025)
+    ours = np.asarray(attention_mask(np.arange(1600)[None], np.arange(1600)[None], S, W))[0]
+    np.testing.assert_array_equal(ours, released)
+
+
+def positions_after(cache, n_prompt, n_decode, sink, window):
+    prompt = jnp.arange(n_prompt, dtype=jnp.int32)[None]
+    cache = write_positions(cache, prompt, sink, window)
+    for _ in range(n_decode):
+        cache = write_positions(cache, cache.length[:, None], sink, window)
+    return cache
+
+
+@settings(max_examples=60, deadline=None)
+@given(sink=st.integers(0, 5), window=st.integers(1, 9), n_prompt=st.integers(1, 40), n_decode=st.integers(0, 30))
+def test_ring_holds_sink_and_last_window(sink, window, n_prompt, n_decode):
+    """Prefills shorter than S, between S and S+W and much longer, then decode steps: the stored positions are
+    exactly {0..S-1} and the last W positions, each once; a sink token never also sits in the ring."""
+    empty = KVCache(full_k=jnp.zeros((0,)), full_v=jnp.zeros((0,)), full_pos=jnp.full((1, 128), -1, jnp.int32),
+                    ring_k=jnp.zeros((0,)), ring_v=jnp.zeros((0,)),
+                    ring_pos=jnp.full((1, sink + window), -1, jnp.int32), length=jnp.zeros((1,), jnp.int32))
+    cache = positions_after(empty, n_prompt, n_decode, sink, window)
+    n = n_prompt + n_decode
+    stored = [int(p) for p in np.asarray(cache.ring_pos)[0] if p >= 0]
+    want = set(range(min(sink, n))) | set(range(max(sink, n - window), n))
+    assert sorted(stored) == sorted(want) and len(stored) == len(set(stored))
+    assert all(p < sink for p in np.asarray(cache.ring_pos)[0, :sink] if p >= 0)
+    assert int(cache.length[0]) == n
+    assert sorted(p for p in np.asarray(cache.full_pos)[0] if p >= 0) == list(range(n))
+
+
+def run_cached(model, plan, prompts, continuation):
+    """Prefill left-padded prompts, then decode `continuation` token by token (teacher forcing)."""
+    B, T = len(prompts), max(map(len, prompts))
+    tokens = np.zeros((B, T), np.int32)
+    positions = np.full((B, T), -1, np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p):], positions[b, T - len(p):] = p, np.arange(len(p))
+    cache = init_cache(model.config, plan, B, 128)
+    layers, shape = plan_arrays(plan), Shape.of(plan)
+    logits, cache = prefill(model.params, tokens, positions, cache, layers, model.config, shape, all_logits=True)
+    prompt_logits = [np.asarray(logits[b, T - len(p):]) for b, p in enumerate(prompts)]
+    steps = []
+    for t in range(continuation.shape[1]):
+        lg, cache = decode_step(model.params, jnp.asarray(continuation[:, t]), cache, layers, model.config, shape)
+        steps.append(np.asarray(lg))
+    return prompt_logits, np.stack(steps, 1), cache
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("prefill_mode", ["exact", "hybrid"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefill_decode_equals_masked_forward(family, prefill_mode, seed, tiny_lt):
+    """Random plans, left-padded rows of unequal length, a ring that wraps many times: every prompt position and
+    every decode step equals one no-cache forward of the row alone (fp32, <= 1e-5)."""
+    model = tiny_lt(family)
+    rng = np.random.default_rng(seed)
+    plan = dataclasses.replace(make_plan(f"random:{seed}", model.config, sink=3, window=8), prefill=prefill_mode)
+    lengths = [23, 41]
+    seqs = [rng.integers(0, 300, n + 25).astype(np.int32) for n in lengths]
+    prompts = [s[:n] for s, n in zip(seqs, lengths)]
+    continuation = np.stack([s[n:] for s, n in zip(seqs, lengths)])
+    prompt_logits, step_logits, _ = run_cached(model, plan, prompts, continuation[:, :24])
+    for b, (s, n) in enumerate(zip(seqs, lengths)):
+        ref = model.logits(s, plan=plan, prefix=n if prefill_mode == "exact" else None)[0]
+        assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
+        assert np.abs(step_logits[b] - ref[n:n + 24]).max() <= 1e-5
+
+
+def test_exact_prefix_differs_from_hybrid(tiny_lt):
+    """Guard: the two prefill modes really differ once the prompt is longer than S+W."""
+    model = tiny_lt("llama")
+    s = np.random.default_rng(5).integers(0, 300, 60).astype(np.int32)
+    plan = make_plan("streaming", model.config, sink=2, window=4)
+    assert np.abs(model.logits(s, plan=plan, prefix=40) - model.logits(s, plan=plan)).max() > 1e-3
+
+
+def test_cache_bytes_equal_formula():
+    from lt_jax.config import Config, Rope
+    cfg = Config(arch="llama", vocab_size=49152, dim=576, ffn_dim=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                 head_dim=64, norm_eps=1e-5, rope=Rope(), max_position_embeddings=8192, tie_embeddings=True,
+                 qkv_bias=False)
+    plan = make_plan("last", cfg, lazy_fraction=0.5)
+    shapes = jax.eval_shape(lambda: init_cache(cfg, plan, 8, 8192))
+    kv = sum(np.prod(a.shape) * a.dtype.itemsize for a in (shapes.full_k, shapes.full_v, shapes.ring_k, shapes.ring_v))
+    by_hand = 2 * 8 * 3 * 64 * 4 * (15 * 8192 + 15 * (4 + 1020))
+    assert kv == expected_kv_bytes(cfg, plan, 8, 8192) == by_hand == 1_698_693_120
+    full = expected_kv_bytes(cfg, Plan.full(30), 8, 8192)
+    assert full == 2 * 8 * 3 * 64 * 4 * 30 * 8192
+    small = init_cache(cfg, plan, 1, 256)
+    assert small.kv_bytes == expected_kv_bytes(cfg, plan, 1, 256)
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+def test_second_generate_of_same_bucket_compiles_nothing(tiny_lt):
+    model = tiny_lt("llama")
+    counter = CompileCounter()
+    plan_a = make_plan("first", model.config, lazy_fraction=0.34, sink=2, window=8)
+    plan_b = make_plan("last", model.config, lazy_fraction=0.34, sink=2, window=8)
+    assert plan_a.lazy_layers != plan_b.lazy_layers
+    model.generate([list(range(1, 40))], plan=plan_a, max_new_tokens=10)
+    first = counter.count
+    out = model.generate([list(range(50, 95))], plan=plan_b, max_new_tokens=12, temperature=0.7, seed=3)
+    assert first > 0 and counter.count == first, "a prompt of the same bucket (or another lazy set) recompiled"
+    assert len(out[0]["ids"]) == 12
+
+
+def test_sampling_filters(tiny_lt):
+    model = tiny_lt("qwen2")
+    prompt = [list(range(3, 30))]
+    greedy = model.generate(prompt, max_new_tokens=16, stop_ids=[])[0]["ids"]
+    assert model.generate(prompt, max_new_tokens=16, temperature=1.5, top_k=1, stop_ids=[])[0]["ids"] == greedy
+    assert model.generate(prompt, max_new_tokens=16, temperature=1.5, top_p=1e-6, stop_ids=[])[0]["ids"] == greedy
+    a = model.generate(prompt, max_new_tokens=16, temperature=2.0, seed=1, stop_ids=[])[0]["ids"]
+    assert a == model.generate(prompt, max_new_tokens=16, temperature=2.0, seed=1, stop_ids=[])[0]["ids"]
+    assert a != model.generate(prompt, max_new_tokens=16, temperature=2.0, seed=2, stop_ids=[])[0]["ids"]
+
+
+def test_batch_generation_equals_one_by_one(tiny_lt):
+    model = tiny_lt("mistral")
+    prompts = [list(range(5, 25)), list(range(40, 140)), [7, 8, 9]]
+    plan = make_plan("first", model.config, sink=2, window=16)
+    batch = model.generate(prompts, plan=plan, max_new_tokens=20, stop_ids=[])
+    for p, got in zip(prompts, batch):
+        assert got["ids"] == model.generate([p], plan=plan, max_new_tokens=20, stop_ids=[])[0]["ids"]
+
+
+def test_stop_ids_end_a_row(tiny_lt):
+    model = tiny_lt("qwen2")
+    prompt = [list(range(3, 30))]
+    free = model.generate(prompt, max_new_tokens=16, stop_ids=[])[0]["ids"]
+    stop = free[5]
+    cut = model.generate(prompt, max_new_tokens=16, stop_ids=[stop])[0]["ids"]
+    assert cut == free[: free.index(stop) + 1]
+
+
+def test_mistral_native_window_generation_matches_transformers(tiny_models, prompt_ids, tiny_lt):
+    """Prompt of 150 tokens, native window 100: greedy tokens equal transformers' generate."""
+    hf, _ = tiny_models("mistral", prompt_ids)
+    model = tiny_lt("mistral")
+    prompt = prompt_ids[0, :150]
+    with torch.no_grad():
+        want = hf.generate(torch.from_numpy(prompt[None]).long(), max_new_tokens=40, min_new_tokens=40,
+                           do_sample=False)[0, 150:].tolist()
+    assert model.generate([prompt], max_new_tokens=40, stop_ids=[])[0]["ids"] == want
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_models, prompt_ids, tmp_path_factory):
+    from conftest import save_hf
+    from lt_jax.cli import main
+    hf = save_hf(tiny_models("llama", prompt_ids)[0], tmp_path_factory.mktemp("gen") / "hf", "safetensors")
+    out = hf.parent / "ckpt"
+    assert main(["convert", str(hf), str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--ids", " ".join(["5"] * 1000), "--max-new-tokens", "64"], ["1000 tokens", "context of 1024"]),
+    (["--ids", ""], ["at least one token"]),
+    (["--ids", "1 2 x"], ["--ids"]),
+    (["--ids", "1 2 3", "--temperature", "-1"], ["temperature=-1"]),
+    (["--ids", "1 2 3", "--top-p", "0"], ["top_p=0"]),
+    (["--ids", "1 2 3", "--top-k", "-2"], ["top_k=-2"]),
+    (["--ids", "1 2 3", "--max-new-tokens", "0"], ["max_new_tokens=0"]),
+    (["--ids", "1 2 3", "--plan", "sideways"], ["unknown plan 'sideways'"]),
+    (["--ids", "1 2 3", "--plan", "random:x"], ["random:x"]),
+    (["--ids", "1 2 3", "--lazy-fraction", "1.5"], ["--lazy-fraction 1.5"]),
+    (["--ids", "1 2 3", "--plan", "streaming", "--window", "0"], ["window=0"]),
+])
+def test_generate_bad_input(tiny_ckpt, argv, words, capsys):
+    from lt_jax.cli import main
+    capsys.readouterr()
+    assert main(["generate", str(tiny_ckpt), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lt-jax generate: error:"), err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_plan_file_that_does_not_fit(tiny_ckpt, tmp_path, capsys):
+    import json
+    from lt_jax.cli import main
+    for plan, words in [({"num_layers": 3, "lazy_layers": [0, 7]}, "[7] outside 0..2"),
+                        ({"num_layers": 30, "lazy_layers": [0]}, "for 30 layers but the model has 3"),
+                        ({"lazy_layers": [0]}, "cannot read plan file")]:
+        f = tmp_path / "plan.json"
+        f.write_text(json.dumps(plan))
+        capsys.readouterr()
+        assert main(["generate", str(tiny_ckpt), "--ids", "1 2 3", "--plan", str(f)]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_generate_json_reports_plan_and_cache_bytes(tiny_ckpt, capsys):
+    import json
+    from lt_jax.cli import main
+    capsys.readouterr()
+    assert main(["generate", str(tiny_ckpt), "--ids", "1 2 3 4", "--plan", "last", "--lazy-fraction", "0.34",
+                 "--sink", "2", "--window", "8", "--max-new-tokens", "5", "--stop-ids", "", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["plan"]["lazy_layers"] == [2] and len(got["ids"]) == 5
+    per_slot = 2 * 2 * 16 * 4  # K and V, 2 kv heads, head dim 16, fp32
+    assert got["kv_cache_bytes"] == per_slot * (2 * 128 + 1 * (2 + 8))
+    assert got["kv_cache_bytes_all_full"] == per_slot * 3 * 128
+
+
+def test_ppl_prefix_equals_cached_decode(tiny_lt):
+    """ppl with prefix N: exact prefill of N tokens (its last logits score token N), then tokens N+1.. scored
+    by decode steps: the single masked forward gives the same NLL."""
+    model = tiny_lt("llama")
+    plan = make_plan("streaming", model.config, sink=2, window=6)
+    s = np.random.default_rng(9).integers(0, 300, 50).astype(np.int32)
+    prompt_logits, steps, _ = run_cached(model, plan, [s[:30]], s[None, 30:49])
+    logits = np.concatenate([prompt_logits[0][-1:], steps[0]])  # predict s[30..49]
+    logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+    nll_cached = -float(jnp.mean(logp[jnp.arange(20), s[30:50]]))
+    got = model.perplexity(s, plan=plan, prefix=30)
+    assert got["tokens"] == 20 and abs(got["nll"] - nll_cached) <= 1e-5

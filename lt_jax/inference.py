@@ -17,7 +17,7 @@ import numpy as np
 from lt_jax.cache import KVCache, layer_slots, write_layer_kv, write_positions
 from lt_jax.config import Config
 from lt_jax.mask import FULL
-from lt_jax.model import attend, attend_causal, mlp, qkv, rms_norm, rope_inv_freq, unembed
+from lt_jax.model import attend, attend_causal, attend_streaming, mlp, qkv, rms_norm, rope_inv_freq, unembed
 from lt_jax.plan import Plan
 
 
@@ -40,12 +40,9 @@ def plan_arrays(plan: Plan) -> dict:
     return {"is_lazy": jnp.asarray(is_lazy), "index": jnp.asarray(index)}
 
 
-def _layer_mask(is_lazy, shape: Shape, cfg: Config, prefill: bool):
+def _layer_mask(is_lazy, shape: Shape, cfg: Config):
     """(sink, window) of a layer as data. Full layers: causal, or Mistral's native window."""
-    native = cfg.sliding_window or FULL
-    if prefill and shape.prefill == "exact":
-        return 0, native
-    return jnp.where(is_lazy, shape.sink, 0), jnp.where(is_lazy, shape.window, native)
+    return jnp.where(is_lazy, shape.sink, 0), jnp.where(is_lazy, shape.window, cfg.sliding_window or FULL)
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape", "all_logits"), donate_argnames=("cache",))
@@ -61,8 +58,12 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
         x, stacks = carry
         lp, is_lazy, index = layer
         q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
-        sink, window = _layer_mask(is_lazy, shape, cfg, prefill=True)
-        out = attend_causal(q, k, v, positions, sink, window)
+        if shape.prefill == "hybrid" and shape.num_lazy:
+            full = lambda: attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)  # noqa: E731
+            stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window)  # noqa: E731
+            out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < cfg.num_layers else stream()
+        else:  # exact prefill: every layer attends like a full layer over the prompt
+            out = attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)
         stacks = write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
         x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
         return (x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), stacks), None
@@ -89,7 +90,7 @@ def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Sh
         q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
         stacks = write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
         full_k, full_v, ring_k, ring_v = stacks
-        sink, window = _layer_mask(is_lazy, shape, cfg, prefill=False)
+        sink, window = _layer_mask(is_lazy, shape, cfg)
 
         def over_full():
             return attend(q, full_k[index], full_v[index], positions, cache.full_pos, sink, window)

@@ -85,6 +85,33 @@ def attend_causal(q, k, v, positions, sink, window):
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
+def attend_streaming(q, k, v, positions, sink: int, window: int):
+    """Self-attention of a streaming layer in O(T * (S + W)): each query block sees the row's S sink keys
+    (gathered per row, since left padding shifts them) plus the W + Q_CHUNK - 1 keys ending at the block's end;
+    the rest is never computed. Keys with position < S are hidden in the window part, so none counts twice.
+    sink, window: static ints (the layer plan's S and W)."""
+    B, T = positions.shape
+    span = window + Q_CHUNK - 1
+    if T <= sink + span:
+        return attend_causal(q, k, v, positions, sink, window)
+    pad = jnp.sum(positions < 0, axis=1, keepdims=True)  # [B, 1]
+    at = pad + jnp.arange(sink)  # index of position j of each row
+    idx = jnp.minimum(at, T - 1)
+    sink_k = jnp.take_along_axis(k, idx[:, :, None, None], axis=1)
+    sink_v = jnp.take_along_axis(v, idx[:, :, None, None], axis=1)
+    sink_pos = jnp.where(at < T, jnp.take_along_axis(positions, idx, axis=1), -1)
+    outs = []
+    for start in range(0, T, Q_CHUNK):
+        end = min(start + Q_CHUNK, T)
+        lo = max(0, end - span)
+        win_pos = positions[:, lo:end]
+        keys_pos = jnp.concatenate([sink_pos, jnp.where(win_pos < sink, -1, win_pos)], axis=1)
+        outs.append(attend(q[:, start:end], jnp.concatenate([sink_k, k[:, lo:end]], axis=1),
+                           jnp.concatenate([sink_v, v[:, lo:end]], axis=1), positions[:, start:end], keys_pos,
+                           sink, window))
+    return jnp.concatenate(outs, axis=1)
+
+
 def qkv(lp, x, positions, inv_freq):
     """Projections of the normed input x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], keys after RoPE."""
     q = jnp.einsum("BTD,DNH->BTNH", x, lp["q"])

@@ -61,7 +61,7 @@ def run_cached(model, plan, prompts, continuation):
     positions = np.full((B, T), -1, np.int32)
     for b, p in enumerate(prompts):
         tokens[b, T - len(p):], positions[b, T - len(p):] = p, np.arange(len(p))
-    cache = init_cache(model.config, plan, B, 128)
+    cache = init_cache(model.config, plan, B, T + continuation.shape[1])
     layers, shape = plan_arrays(plan), Shape.of(plan)
     logits, cache = prefill(model.params, tokens, positions, cache, layers, model.config, shape, all_logits=True)
     prompt_logits = [np.asarray(logits[b, T - len(p):]) for b, p in enumerate(prompts)]
@@ -250,3 +250,21 @@ def test_ppl_prefix_equals_cached_decode(tiny_lt):
     nll_cached = -float(jnp.mean(logp[jnp.arange(20), s[30:50]]))
     got = model.perplexity(s, plan=plan, prefix=30)
     assert got["tokens"] == 20 and abs(got["nll"] - nll_cached) <= 1e-5
+
+
+@pytest.mark.parametrize("spec", ["random:3", "streaming"])
+def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, tiny_lt):
+    """Prompts longer than S + W + Q_CHUNK take the O(T (S+W)) streaming path: still equal to the masked forward,
+    with left padding shifting the sink tokens of the shorter row."""
+    from lt_jax.model import Q_CHUNK
+    model = tiny_lt("llama")
+    plan = dataclasses.replace(make_plan(spec, model.config, sink=3, window=8), prefill="hybrid")
+    rng = np.random.default_rng(11)
+    lengths = [Q_CHUNK + 40, Q_CHUNK + 95]
+    seqs = [rng.integers(0, 300, n + 6).astype(np.int32) for n in lengths]
+    prompt_logits, step_logits, _ = run_cached(model, plan, [s[:n] for s, n in zip(seqs, lengths)],
+                                               np.stack([s[n:n + 5] for s, n in zip(seqs, lengths)]))
+    for b, (s, n) in enumerate(zip(seqs, lengths)):
+        ref = model.logits(s, plan=plan)[0]
+        assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
+        assert np.abs(step_logits[b] - ref[n:n + 5]).max() <= 1e-5

@@ -1,7 +1,7 @@
 """The KV cache: one preallocated pytree, stacked by layer kind.
 
-- full layers:      `full_k`, `full_v` [Lf, B, M, K, H]; slot = the token's position (M = max length).
-- streaming layers: `ring_k`, `ring_v` [Ls, B, S+W, K, H]; S sink slots (positions 0..S-1) then a ring of W slots
+- full layers:      `full_k`, `full_v` [Lf, B, K, M, H]; slot = the token's position (M = max length).
+- streaming layers: `ring_k`, `ring_v` [Ls, B, K, S+W, H]; S sink slots (positions 0..S-1) then a ring of W slots
                     (position p >= S lives in slot S + (p - S) % W). A token in the sink never enters the ring.
 - `full_pos` [B, M] and `ring_pos` [B, S+W]: the position stored in each slot (-1 = empty), shared by all layers
   of a kind; masks are built from them with the one rule, never from slot order.
@@ -52,11 +52,11 @@ def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
     K, H, dt = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
     ring = plan.sink + plan.window
     return KVCache(
-        full_k=jnp.zeros((cfg.num_layers - lazy, batch, max_len, K, H), dt),
-        full_v=jnp.zeros((cfg.num_layers - lazy, batch, max_len, K, H), dt),
+        full_k=jnp.zeros((cfg.num_layers - lazy, batch, K, max_len, H), dt),
+        full_v=jnp.zeros((cfg.num_layers - lazy, batch, K, max_len, H), dt),
         full_pos=jnp.full((batch, max_len), -1, jnp.int32),
-        ring_k=jnp.zeros((lazy, batch, ring, K, H), dt),
-        ring_v=jnp.zeros((lazy, batch, ring, K, H), dt),
+        ring_k=jnp.zeros((lazy, batch, K, ring, H), dt),
+        ring_v=jnp.zeros((lazy, batch, K, ring, H), dt),
         ring_pos=jnp.full((batch, ring), -1, jnp.int32),
         length=jnp.zeros((batch,), jnp.int32),
     )
@@ -100,21 +100,22 @@ def write_positions(cache: KVCache, positions, sink: int, window: int) -> KVCach
 
 
 def write_layer_kv(stacks, k, v, positions, is_lazy, index, sink: int, window: int):
-    """Write one layer's new k, v [B, T, K, H] into its stack; the other kind's stack gets dropped writes.
+    """Write one layer's new k, v [B, K, T, H] into its stack; the other kind's stack gets dropped writes.
 
     stacks: (full_k, full_v, ring_k, ring_v). Branch-free, so a plan's kinds can be data inside `lax.scan`.
     """
     full_k, full_v, ring_k, ring_v = stacks
     B = k.shape[0]
     rows = jnp.arange(B)[:, None]
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, T, K, H]: the order advanced indexing yields below
     f_layer = jnp.where(is_lazy, full_k.shape[0], index)  # out of range -> dropped
     r_layer = jnp.where(is_lazy, index, ring_k.shape[0])
-    f_slot = full_slots(positions, full_k.shape[2])
+    f_slot = full_slots(positions, full_k.shape[3])
     r_slot = ring_slots(positions, sink, window)
     if full_k.shape[0]:
-        full_k = full_k.at[f_layer, rows, f_slot].set(k, mode="drop")
-        full_v = full_v.at[f_layer, rows, f_slot].set(v, mode="drop")
+        full_k = full_k.at[f_layer, rows, :, f_slot].set(k, mode="drop")
+        full_v = full_v.at[f_layer, rows, :, f_slot].set(v, mode="drop")
     if ring_k.shape[0]:
-        ring_k = ring_k.at[r_layer, rows, r_slot].set(k, mode="drop")
-        ring_v = ring_v.at[r_layer, rows, r_slot].set(v, mode="drop")
+        ring_k = ring_k.at[r_layer, rows, :, r_slot].set(k, mode="drop")
+        ring_v = ring_v.at[r_layer, rows, :, r_slot].set(v, mode="drop")
     return full_k, full_v, ring_k, ring_v

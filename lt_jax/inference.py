@@ -118,18 +118,20 @@ decode_step = jax.jit(_decode, static_argnames=("cfg", "shape"), donate_argnames
 
 def sample(logits, key, temperature, top_k, top_p):
     """logits [B, V] -> token ids [B]. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters.
-    All three are data, so changing them does not recompile."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(logits.shape[-1])
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
-    keep = ((top_k <= 0) | (rank < top_k)) & ((before < top_p) | (rank == 0))
-    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    All three are data, so changing them does not recompile; greedy skips the sort (a cond, not a select)."""
+
+    def sampled():
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        rank = jnp.arange(logits.shape[-1])
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
+        keep = ((top_k <= 0) | (rank < top_k)) & ((before < top_p) | (rank == 0))
+        choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape", "max_new_tokens"), donate_argnames=("cache",))

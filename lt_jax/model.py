@@ -52,17 +52,18 @@ def rms_norm(x, weight, eps):
 
 
 def attend(q, k, v, q_pos, k_pos, sink, window):
-    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, S, K, H]; -> [B, T, N, H]."""
+    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, K, S, H] (heads before time: each head's
+    keys are contiguous, which decode's matrix-vector products need to run at memory speed); -> [B, T, N, H]."""
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K = k.shape[1]
     q = (q * H ** -0.5).reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
     mask = attention_mask(q_pos, k_pos, sink, window)[:, None, None]
     # A finite floor keeps fully masked rows (padding queries) finite instead of NaN.
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     # Normalize after the value product: a pass over [T, H] instead of [T, S].
-    out = jnp.einsum("BKGTS,BSKH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = out / jnp.sum(probs, axis=-1, keepdims=True)
     return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(v.dtype)
 
@@ -80,7 +81,7 @@ def attend_causal(q, k, v, positions, sink, window):
     outs = []
     for start in range(0, T, Q_CHUNK):
         end = min(start + Q_CHUNK, T)
-        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], positions[:, start:end], positions[:, :end],
+        outs.append(attend(q[:, start:end], k[:, :, :end], v[:, :, :end], positions[:, start:end], positions[:, :end],
                            per_query(sink, start, end), per_query(window, start, end)))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
@@ -97,8 +98,8 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
     pad = jnp.sum(positions < 0, axis=1, keepdims=True)  # [B, 1]
     at = pad + jnp.arange(sink)  # index of position j of each row
     idx = jnp.minimum(at, T - 1)
-    sink_k = jnp.take_along_axis(k, idx[:, :, None, None], axis=1)
-    sink_v = jnp.take_along_axis(v, idx[:, :, None, None], axis=1)
+    sink_k = jnp.take_along_axis(k, idx[:, None, :, None], axis=2)
+    sink_v = jnp.take_along_axis(v, idx[:, None, :, None], axis=2)
     sink_pos = jnp.where(at < T, jnp.take_along_axis(positions, idx, axis=1), -1)
     outs = []
     for start in range(0, T, Q_CHUNK):
@@ -106,20 +107,22 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
         lo = max(0, end - span)
         win_pos = positions[:, lo:end]
         keys_pos = jnp.concatenate([sink_pos, jnp.where(win_pos < sink, -1, win_pos)], axis=1)
-        outs.append(attend(q[:, start:end], jnp.concatenate([sink_k, k[:, lo:end]], axis=1),
-                           jnp.concatenate([sink_v, v[:, lo:end]], axis=1), positions[:, start:end], keys_pos,
+        outs.append(attend(q[:, start:end], jnp.concatenate([sink_k, k[:, :, lo:end]], axis=2),
+                           jnp.concatenate([sink_v, v[:, :, lo:end]], axis=2), positions[:, start:end], keys_pos,
                            sink, window))
     return jnp.concatenate(outs, axis=1)
 
 
 def qkv(lp, x, positions, inv_freq):
-    """Projections of the normed input x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], keys after RoPE."""
+    """Projections of the normed input x [B, T, D] -> q [B, T, N, H]; k, v [B, K, T, H] (the cache layout);
+    RoPE at each token's position, keys cached after RoPE."""
     q = jnp.einsum("BTD,DNH->BTNH", x, lp["q"])
     k = jnp.einsum("BTD,DKH->BTKH", x, lp["k"])
     v = jnp.einsum("BTD,DKH->BTKH", x, lp["v"])
     if "q_bias" in lp:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
-    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+    k = apply_rope(k, positions, inv_freq)
+    return apply_rope(q, positions, inv_freq), k.swapaxes(1, 2), v.swapaxes(1, 2)
 
 
 def mlp(lp, x):

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Hybrid-inference benchmark on SmolLM2-135M-Instruct, fp32, this machine; every ratio measured side by side in
+one run.
+
+1. Decode tokens/s, plan `full` versus a 50 % hybrid (`last`, S=4, W=1020), at contexts 2K/4K/8K and batch 1/4/8,
+   next to the bytes one decode step must read (weights + the KV buffers it attends over). The cache is filled to
+   the context synthetically (decode speed does not depend on the values); the cache holds context + new tokens.
+2. Our decode versus transformers' cached decode (greedy, its own KV cache, the steps `generate` runs) on the
+   same 2K prompt, batch 1.
+3. Prefill time versus transformers' forward at 2K and 8K (batch 1), our exact and hybrid modes; peak RSS of a
+   fresh process that prefills 8K tokens.
+Compile times (first call minus a warm call) are reported next to each.
+
+Usage: python scripts/bench_inference.py [--contexts 2048,4096,8192] [--batches 1,4,8] [--steps 16] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+RSS_CHILD = r"""
+import resource, sys, numpy as np, jax.numpy as jnp, lt_jax
+from lt_jax.cache import init_cache
+from lt_jax.inference import Shape, plan_arrays, prefill
+m = lt_jax.load(sys.argv[1]); T = int(sys.argv[2]); plan = m.plan(sys.argv[3], prefill=sys.argv[4])
+ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, T)).astype(np.int32)
+cache = init_cache(m.config, plan, 1, T)
+logits, cache = prefill(m.params, ids, np.arange(T, dtype=np.int32)[None], cache, plan_arrays(plan), m.config,
+                        Shape.of(plan))
+logits.block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def block(tree):
+    import jax
+    return jax.block_until_ready(tree)
+
+
+def filled_cache(model, plan, batch, context, max_len):
+    """A cache holding `context` positions per row (values zero), as after a prefill of that length."""
+    import jax.numpy as jnp
+    from lt_jax.cache import init_cache, write_positions
+    cache = init_cache(model.config, plan, batch, max_len)
+    positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    return write_positions(cache, positions, plan.sink, plan.window)
+
+
+def decode_rows(model, contexts, batches, steps):
+    import jax
+    import jax.numpy as jnp
+    from lt_jax.cache import expected_kv_bytes
+    from lt_jax.inference import Shape, generate_loop, plan_arrays
+    cfg = model.config
+    weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(model.params))
+    plans = {"full": model.plan("full"), "hybrid-50%": model.plan("last", lazy_fraction=0.5)}
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            row = {"context": context, "batch": batch}
+            for name, plan in plans.items():
+                max_len = context + steps
+                logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+                args = lambda: (model.params, logits, filled_cache(model, plan, batch, context, max_len),  # noqa
+                                plan_arrays(plan), jnp.int32(steps), jnp.asarray([-2], jnp.int32),
+                                jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
+                run = lambda a: block(generate_loop(*a, cfg, Shape.of(plan), steps))  # noqa: E731
+                _, first = timed(lambda: run(args()))
+                a = block(args())
+                _, warm = timed(lambda: run(a))
+                kv = expected_kv_bytes(cfg, plan, batch, max_len)
+                row[name] = {"tokens_per_s": round(batch * steps / warm, 1), "bytes_per_step": weight_bytes + kv,
+                             "kv_bytes": kv, "compile_s": round(first - warm, 1)}
+            f, h = row["full"], row["hybrid-50%"]
+            row["speed_ratio"] = round(h["tokens_per_s"] / f["tokens_per_s"], 3)
+            row["bytes_ratio"] = round(f["bytes_per_step"] / h["bytes_per_step"], 3)
+            row["speed_over_bytes"] = round(row["speed_ratio"] / row["bytes_ratio"], 3)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def vs_transformers(model, hf_dir, steps, prefill_lengths):
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM
+    from lt_jax.cache import init_cache
+    from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    cfg = model.config
+    out = {"prefill": []}
+    for T in prefill_lengths:
+        ids = np.random.default_rng(T).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
+        pos = np.arange(T, dtype=np.int32)[None]
+        row = {"tokens": T}
+        for mode in ("exact", "hybrid"):
+            plan = model.plan("last", lazy_fraction=0.5, prefill=mode) if mode == "hybrid" else model.plan("full")
+            shape, layers = Shape.of(plan), plan_arrays(plan)
+            run = lambda: block(prefill(model.params, ids, pos, init_cache(cfg, plan, 1, T + steps), layers,  # noqa
+                                        cfg, shape))
+            _, first = timed(run)
+            _, warm = timed(run)
+            row[f"lt_jax_{mode}_s"] = round(warm, 2)
+            row[f"lt_jax_{mode}_compile_s"] = round(first - warm, 1)
+        with torch.no_grad():
+            x = torch.from_numpy(ids).long()
+            ref(x)
+            _, row["transformers_s"] = timed(lambda: ref(x))
+        row["transformers_s"] = round(row["transformers_s"], 2)
+        row["speedup_exact"] = round(row["transformers_s"] / row["lt_jax_exact_s"], 2)
+        out["prefill"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    # decode speed on a 2K prompt, batch 1: our compiled loop vs transformers' generate minus its prefill
+    T = 2048
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
+    plan = model.plan("full")
+    shape, layers = Shape.of(plan), plan_arrays(plan)
+    logits, cache = prefill(model.params, ids, np.arange(T, dtype=np.int32)[None],
+                            init_cache(cfg, plan, 1, T + steps), layers, cfg, shape)
+    loop_args = lambda c: (model.params, logits, c, layers, jnp.int32(steps), jnp.asarray([-2], jnp.int32),  # noqa
+                           __import__("jax").random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    _, _, cache = block(generate_loop(*loop_args(cache), cfg, shape, steps))  # compile
+    cache = block(prefill(model.params, ids, np.arange(T, dtype=np.int32)[None],
+                          init_cache(cfg, plan, 1, T + steps), layers, cfg, shape)[1])
+    _, ours = timed(lambda: block(generate_loop(*loop_args(cache), cfg, shape, steps)))
+    with torch.no_grad():  # transformers' own cached decode, step by step (what generate runs, minus its overhead)
+        past = ref(torch.from_numpy(ids).long(), use_cache=True).past_key_values
+        token = torch.zeros((1, 1), dtype=torch.long)
+
+        def hf_steps():
+            nonlocal past, token
+            for _ in range(steps):
+                out = ref(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _, hf_decode = timed(hf_steps)
+    out["decode_2k_batch1"] = {"lt_jax_tokens_per_s": round(steps / ours, 1),
+                               "transformers_tokens_per_s": round(steps / hf_decode, 1),
+                               "speedup": round(hf_decode / ours, 2)}
+    return out
+
+
+def peak_rss(ckpt, T, plan, mode):
+    run = subprocess.run([sys.executable, "-c", RSS_CHILD, str(ckpt), str(T), plan, mode], capture_output=True,
+                         text=True, check=True)
+    return int(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="2048,4096,8192")
+    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--prefill-lengths", default="2048,8192")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    import lt_jax
+    from lt_jax import assets
+    ckpt, hf_dir = assets.checkpoint(assets.SMOLLM2), assets.hf_dir(assets.SMOLLM2)
+    model = lt_jax.load(ckpt)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    result = {"decode": decode_rows(model, ints(args.contexts), ints(args.batches), args.steps)}
+    result.update(vs_transformers(model, hf_dir, args.steps, ints(args.prefill_lengths)))
+    longest = max(ints(args.prefill_lengths))
+    result["prefill_peak_rss_bytes"] = {mode: peak_rss(ckpt, longest, plan, mode)
+                                        for plan, mode in (("full", "exact"), ("last", "hybrid"))}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print("| context | batch | full tok/s | hybrid tok/s | speed ratio | bytes/step ratio | speed / bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["decode"]:
+        print(f"| {r['context']} | {r['batch']} | {r['full']['tokens_per_s']} | {r['hybrid-50%']['tokens_per_s']} | "
+              f"{r['speed_ratio']} | {r['bytes_ratio']} | {r['speed_over_bytes']} |")
+    d = result["decode_2k_batch1"]
+    print(f"\ndecode at 2K, batch 1: lt-jax {d['lt_jax_tokens_per_s']} tok/s vs transformers "
+          f"{d['transformers_tokens_per_s']} tok/s ({d['speedup']}x)")
+    print("\n| prompt | lt-jax exact prefill (s) | lt-jax hybrid prefill (s) | transformers forward (s) | speed-up |")
+    print("|---|---|---|---|---|")
+    for r in result["prefill"]:
+        print(f"| {r['tokens']} | {r['lt_jax_exact_s']} (compile {r['lt_jax_exact_compile_s']}) | "
+              f"{r['lt_jax_hybrid_s']} (compile {r['lt_jax_hybrid_compile_s']}) | {r['transformers_s']} | "
+              f"{r['speedup_exact']}x |")
+    rss = result["prefill_peak_rss_bytes"]
+    print(f"\npeak RSS of a process prefilling {longest} tokens: exact {rss['exact'] / 2**30:.2f} GiB, "
+          f"hybrid {rss['hybrid'] / 2**30:.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ from lt_jax.errors import LtJaxError
 
 DEMO_ESSAY = "addiction.txt"
 DEMO_TOKENS = 1024
-DEMO_QUESTION = "What is the capital of France? Answer in one sentence."
+DEMO_QUESTION = "In one sentence: what is this essay about?"
 
 
 def _enable_compilation_cache():
@@ -123,28 +123,44 @@ def transformers_ppl(hf_dir: Path, ids: list[int]) -> float:
 def cmd_demo(args) -> dict:
     import lt_jax
     from lt_jax import assets
+    from lt_jax.cache import expected_kv_bytes
+    from lt_jax.plan import Plan
     paths = assets.fetch()
     model = lt_jax.load(paths["smollm2"])
-    essay = Path(paths["essays"]) / DEMO_ESSAY
-    ids = model.encode(essay.read_text())[:args.tokens]
+    essay_text = (Path(paths["essays"]) / DEMO_ESSAY).read_text()
+    ids = model.encode(essay_text)[:args.tokens]
     t0 = time.perf_counter()
     ours = model.perplexity(ids)
     t_ours = time.perf_counter() - t0
     reference = transformers_ppl(Path(paths["smollm2_hf"]), ids)
-    chat = [{"role": "user", "content": DEMO_QUESTION}]
-    prompt = model.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
-    answer = model.decode(model.greedy(prompt, args.new_tokens))
+
+    # A question about the essay, answered with half of the layers streaming (S=4 sinks + a 1020-token window).
+    plan = model.plan(args.plan, lazy_fraction=0.5)
+    essay = model.decode(model.encode(essay_text)[:args.essay_tokens])
+    prompt = model.chat_ids(f"{essay}\n\n{DEMO_QUESTION}")
+    t0 = time.perf_counter()
+    (answer,) = model.generate([prompt], plan=plan, max_new_tokens=args.new_tokens)
+    t_gen = time.perf_counter() - t0
+    slots = model.cache_len(len(prompt), args.new_tokens)
+    kv = expected_kv_bytes(model.config, plan, 1, slots)
+    kv_full = expected_kv_bytes(model.config, Plan.full(model.config.num_layers), 1, slots)
     result = {"model": str(model.path), "essay": DEMO_ESSAY, "tokens": ours["tokens"] + 1,
               "ppl_lt_jax": ours["ppl"], "ppl_transformers": reference,
-              "ppl_rel_diff": abs(ours["ppl"] - reference) / reference, "seconds_lt_jax": round(t_ours, 2),
-              "question": DEMO_QUESTION, "answer": answer}
+              "ppl_rel_diff": abs(ours["ppl"] - reference) / reference, "seconds_ppl": round(t_ours, 2),
+              "question": DEMO_QUESTION, "prompt_tokens": len(prompt), "plan": _plan_json(plan),
+              "answer": answer["text"], "seconds_generate": round(t_gen, 2),
+              "kv_cache_bytes": kv, "kv_cache_bytes_all_full": kv_full}
     if not args.json:
+        mib = 1 / 2**20
         print(f"model       {result['model']} ({model.config.arch}, {model.config.num_layers} layers)")
         print(f"perplexity  {ours['ppl']:.4f} lt-jax  vs  {reference:.4f} transformers  "
               f"on {result['tokens']} tokens of {DEMO_ESSAY} (relative difference {result['ppl_rel_diff']:.1e})")
-        print(f"question    {DEMO_QUESTION}")
-        print(f"answer      {answer.strip()}")
+        print(f"question    {DEMO_QUESTION}  (after {len(prompt)} tokens of the essay)")
+        print(f"plan        {plan.source}: layers {list(plan.lazy_layers)} streaming (S={plan.sink}, "
+              f"W={plan.window}), the rest full")
+        print(f"answer      {answer['text'].strip()}")
+        print(f"KV cache    {kv * mib:.1f} MiB vs {kv_full * mib:.1f} MiB with every layer full "
+              f"({1 - kv / kv_full:.0%} saved; {t_gen:.1f} s)")
     return result
 
 
@@ -206,9 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop-ids", default=None, help="token ids that end a row (default: the model's EOS ids)")
     _plan_flags(s)
-    s = add("demo", cmd_demo, "fetch SmolLM2-135M-Instruct, compare perplexity with transformers, answer a question")
-    s.add_argument("--tokens", type=int, default=DEMO_TOKENS)
-    s.add_argument("--new-tokens", type=int, default=32)
+    s = add("demo", cmd_demo, "fetch SmolLM2-135M-Instruct, compare perplexity with transformers, answer a question about an essay "
+                "with half of the layers streaming")
+    s.add_argument("--tokens", type=int, default=DEMO_TOKENS, help="tokens of the essay scored for perplexity")
+    s.add_argument("--essay-tokens", type=int, default=1800, help="tokens of the essay put before the question")
+    s.add_argument("--new-tokens", type=int, default=48)
+    s.add_argument("--plan", default="last", help="layer plan for the answer (default: last, 50%% lazy)")
     s = add("fetch", cmd_fetch, "fetch and convert the real model and the essays (idempotent)")
     s.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-0.5B-Instruct (about 500 MB)")
     return p

@@ -66,3 +66,14 @@ def test_unknown_asset_name_is_a_clear_error(capsys):
     capsys.readouterr()
     assert main(["ppl", "no-such-model", "--ids-file", "x"]) == 2
     assert "no-such-model does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_json(assets, capsys):
+    """The README's main job: perplexity next to transformers', an answer from a hybrid plan, KV bytes saved."""
+    capsys.readouterr()
+    assert main(["demo", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["ppl_rel_diff"] <= 1e-4 and got["tokens"] == 1024
+    assert got["answer"].strip() and len(got["plan"]["lazy_layers"]) == 15
+    assert got["kv_cache_bytes"] < got["kv_cache_bytes_all_full"]

@@ -35,6 +35,14 @@ class KVCache:
     length: jax.Array
 
     @property
+    def stacks(self) -> tuple:
+        """(full_k, full_v, ring_k, ring_v): what a layer loop carries and writes."""
+        return self.full_k, self.full_v, self.ring_k, self.ring_v
+
+    def with_stacks(self, stacks) -> "KVCache":
+        return dataclasses.replace(self, full_k=stacks[0], full_v=stacks[1], ring_k=stacks[2], ring_v=stacks[3])
+
+    @property
     def kv_bytes(self) -> int:
         """Bytes of the K/V buffers (what the formula counts; positions are per row, not per layer)."""
         return sum(a.size * a.dtype.itemsize for a in (self.full_k, self.full_v, self.ring_k, self.ring_v))

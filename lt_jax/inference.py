@@ -17,7 +17,7 @@ import numpy as np
 from lt_jax.cache import KVCache, layer_slots, write_layer_kv, write_positions
 from lt_jax.config import Config
 from lt_jax.mask import FULL
-from lt_jax.model import attend, attend_causal, attend_streaming, mlp, qkv, rms_norm, rope_inv_freq, unembed
+from lt_jax.model import attend, attend_causal, attend_streaming, decoder_layer, rope_inv_freq, unembed
 from lt_jax.plan import Plan
 
 
@@ -57,21 +57,20 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
     def step(carry, layer):
         x, stacks = carry
         lp, is_lazy, index = layer
-        q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
-        if shape.prefill == "hybrid" and shape.num_lazy:
-            full = lambda: attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)  # noqa: E731
-            stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window)  # noqa: E731
-            out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < cfg.num_layers else stream()
-        else:  # exact prefill: every layer attends like a full layer over the prompt
-            out = attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)
-        stacks = write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
-        x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
-        return (x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), stacks), None
 
-    stacks = (cache.full_k, cache.full_v, cache.ring_k, cache.ring_v)
-    (x, stacks), _ = jax.lax.scan(step, (x, stacks), (params["layers"], layers["is_lazy"], layers["index"]))
-    cache = write_positions(dataclasses.replace(cache, full_k=stacks[0], full_v=stacks[1], ring_k=stacks[2],
-                                                ring_v=stacks[3]), positions, shape.sink, shape.window)
+        def attention(q, k, v):
+            if shape.prefill == "hybrid" and shape.num_lazy:
+                full = lambda: attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)  # noqa: E731
+                stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window)  # noqa: E731
+                out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < cfg.num_layers else stream()
+            else:  # exact prefill: every layer attends like a full layer over the prompt
+                out = attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)
+            return out, write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
+
+        return decoder_layer(lp, x, positions, cfg, inv_freq, attention), None
+
+    (x, stacks), _ = jax.lax.scan(step, (x, cache.stacks), (params["layers"], layers["is_lazy"], layers["index"]))
+    cache = write_positions(cache.with_stacks(stacks), positions, shape.sink, shape.window)
     logits = unembed(params, x if all_logits else x[:, -1:], cfg)
     return (logits if all_logits else logits[:, 0]), cache
 
@@ -87,28 +86,26 @@ def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Sh
     def step(carry, layer):
         x, stacks = carry
         lp, is_lazy, index = layer
-        q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
-        stacks = write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
-        full_k, full_v, ring_k, ring_v = stacks
-        sink, window = _layer_mask(is_lazy, shape, cfg)
 
-        def over_full():
-            return attend(q, full_k[index], full_v[index], positions, cache.full_pos, sink, window)
+        def attention(q, k, v):
+            full_k, full_v, ring_k, ring_v = written = write_layer_kv(stacks, k, v, positions, is_lazy, index,
+                                                                      shape.sink, shape.window)
+            sink, window = _layer_mask(is_lazy, shape, cfg)
 
-        def over_ring():
-            return attend(q, ring_k[index], ring_v[index], positions, cache.ring_pos, sink, window)
+            def over_full():
+                return attend(q, full_k[index], full_v[index], positions, cache.full_pos, sink, window)
 
-        if has_full and has_ring:
-            out = jax.lax.cond(is_lazy, over_ring, over_full)
-        else:
-            out = over_full() if has_full else over_ring()
-        x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
-        return (x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), stacks), None
+            def over_ring():
+                return attend(q, ring_k[index], ring_v[index], positions, cache.ring_pos, sink, window)
 
-    stacks = (cache.full_k, cache.full_v, cache.ring_k, cache.ring_v)
-    (x, stacks), _ = jax.lax.scan(step, (x, stacks), (params["layers"], layers["is_lazy"], layers["index"]))
-    cache = dataclasses.replace(cache, full_k=stacks[0], full_v=stacks[1], ring_k=stacks[2], ring_v=stacks[3])
-    return unembed(params, x, cfg)[:, 0], cache
+            if has_full and has_ring:
+                return jax.lax.cond(is_lazy, over_ring, over_full), written
+            return (over_full() if has_full else over_ring()), written
+
+        return decoder_layer(lp, x, positions, cfg, inv_freq, attention), None
+
+    (x, stacks), _ = jax.lax.scan(step, (x, cache.stacks), (params["layers"], layers["is_lazy"], layers["index"]))
+    return unembed(params, x, cfg)[:, 0], cache.with_stacks(stacks)
 
 
 decode_step = jax.jit(_decode, static_argnames=("cfg", "shape"), donate_argnames=("cache",))

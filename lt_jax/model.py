@@ -131,12 +131,13 @@ def mlp(lp, x):
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["down"])
 
 
-def block(lp, x, positions, sink, window, cfg: Config, inv_freq):
-    """One decoder layer without a cache: keys are this call's own tokens."""
+def decoder_layer(lp, x, positions, cfg: Config, inv_freq, attention):
+    """One decoder layer. `attention(q, k, v) -> (out, aux)` is where callers differ (which keys, which mask,
+    cache writes); the rest of the layer is written once, here."""
     q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
-    out = attend_causal(q, k, v, positions, sink, window)
+    out, aux = attention(q, k, v)
     x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
-    return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps))
+    return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), aux
 
 
 def unembed(params, x, cfg: Config):
@@ -164,7 +165,8 @@ def forward(params, tokens, positions, cfg: Config, plan: Plan | None = None, pr
         lp, sink, window = layer
         if before is not None:
             sink, window = jnp.where(before, 0, sink), jnp.where(before, native, window)
-        return block(lp, x, positions, sink, window, cfg, inv_freq), None
+        return decoder_layer(lp, x, positions, cfg, inv_freq,
+                             lambda q, k, v: (attend_causal(q, k, v, positions, sink, window), None))
 
     x, _ = jax.lax.scan(step, x, (params["layers"], sinks, windows))
     return unembed(params, x, cfg)

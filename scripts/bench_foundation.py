@@ -21,13 +21,15 @@ import time
 from pathlib import Path
 
 MEASURE_CHILD = r"""
-import json, resource, sys, time
+def peak_rss():  # VmHWM: ru_maxrss survives exec on Linux and would report the parent's peak
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+import json, sys, time
 import checkpoints_conv, orbax.checkpoint, lt_jax  # the same imports in both runs
 t0 = time.perf_counter()
 if sys.argv[1] == "convert":
     checkpoints_conv.convert(sys.argv[2], sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss()}))
 """
 
 

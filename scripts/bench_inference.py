@@ -24,7 +24,9 @@ import time
 import numpy as np
 
 RSS_CHILD = r"""
-import resource, sys, numpy as np, jax.numpy as jnp, lt_jax
+def peak_rss():  # VmHWM: ru_maxrss survives exec on Linux and would report the parent's peak
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+import sys, numpy as np, jax.numpy as jnp, lt_jax
 from lt_jax.cache import init_cache
 from lt_jax.inference import Shape, plan_arrays, prefill
 m = lt_jax.load(sys.argv[1]); T = int(sys.argv[2]); plan = m.plan(sys.argv[3], prefill=sys.argv[4])
@@ -33,7 +35,7 @@ cache = init_cache(m.config, plan, 1, T)
 logits, cache = prefill(m.params, ids, np.arange(T, dtype=np.int32)[None], cache, plan_arrays(plan), m.config,
                         Shape.of(plan))
 logits.block_until_ready()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(peak_rss())
 """
 
 
@@ -92,14 +94,16 @@ def decode_rows(model, contexts, batches, steps):
 
 
 def vs_transformers(model, hf_dir, steps, prefill_lengths):
+    """All of our timings first, then transformers' (torch's idle OpenMP threads spin for a while after each op
+    and would slow whatever runs next in this process)."""
+    import jax
     import jax.numpy as jnp
     import torch
     from transformers import AutoModelForCausalLM
     from lt_jax.cache import init_cache
     from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
-    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     cfg = model.config
-    out = {"prefill": []}
+    rows = []
     for T in prefill_lengths:
         ids = np.random.default_rng(T).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
         pos = np.arange(T, dtype=np.int32)[None]
@@ -113,29 +117,34 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
             _, warm = timed(run)
             row[f"lt_jax_{mode}_s"] = round(warm, 2)
             row[f"lt_jax_{mode}_compile_s"] = round(first - warm, 1)
-        with torch.no_grad():
-            x = torch.from_numpy(ids).long()
-            ref(x)
-            _, row["transformers_s"] = timed(lambda: ref(x))
-        row["transformers_s"] = round(row["transformers_s"], 2)
-        row["speedup_exact"] = round(row["transformers_s"] / row["lt_jax_exact_s"], 2)
-        out["prefill"].append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    # decode speed on a 2K prompt, batch 1: our compiled loop vs transformers' generate minus its prefill
+        rows.append(row)
+    # decode speed on a 2K prompt, batch 1: our compiled loop
     T = 2048
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
     plan = model.plan("full")
     shape, layers = Shape.of(plan), plan_arrays(plan)
-    logits, cache = prefill(model.params, ids, np.arange(T, dtype=np.int32)[None],
-                            init_cache(cfg, plan, 1, T + steps), layers, cfg, shape)
-    loop_args = lambda c: (model.params, logits, c, layers, jnp.int32(steps), jnp.asarray([-2], jnp.int32),  # noqa
-                           __import__("jax").random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
-    _, _, cache = block(generate_loop(*loop_args(cache), cfg, shape, steps))  # compile
-    cache = block(prefill(model.params, ids, np.arange(T, dtype=np.int32)[None],
-                          init_cache(cfg, plan, 1, T + steps), layers, cfg, shape)[1])
-    _, ours = timed(lambda: block(generate_loop(*loop_args(cache), cfg, shape, steps)))
-    with torch.no_grad():  # transformers' own cached decode, step by step (what generate runs, minus its overhead)
-        past = ref(torch.from_numpy(ids).long(), use_cache=True).past_key_values
+    fresh = lambda: block(prefill(model.params, ids, np.arange(T, dtype=np.int32)[None],  # noqa: E731
+                                  init_cache(cfg, plan, 1, T + steps), layers, cfg, shape))
+    loop = lambda lc: block(generate_loop(model.params, lc[0], lc[1], layers, jnp.int32(steps),  # noqa: E731
+                                          jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0),
+                                          jnp.int32(0), jnp.float32(1), cfg, shape, steps))
+    loop(fresh())  # compile
+    logits_cache = fresh()
+    _, ours = timed(lambda: loop(logits_cache))
+
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for row in rows:
+            x = torch.from_numpy(np.random.default_rng(row["tokens"]).integers(0, cfg.vocab_size,
+                                                                                 (1, row["tokens"]))).long()
+            ref(x)
+            _, t = timed(lambda: ref(x))
+            row["transformers_s"] = round(t, 2)
+            row["speedup_exact"] = round(t / row["lt_jax_exact_s"], 2)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        # transformers' own cached decode, step by step (what generate runs, minus its overhead) ...
+        x = torch.from_numpy(ids).long()
+        past = ref(x, use_cache=True).past_key_values
         token = torch.zeros((1, 1), dtype=torch.long)
 
         def hf_steps():
@@ -144,20 +153,19 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
                 out = ref(token, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         _, hf_decode = timed(hf_steps)
-        # and `generate` itself, with its per-step overheads: (N + 1 new tokens) minus (1 new token)
-        x = torch.from_numpy(ids).long()
+        # ... and `generate` itself, with its per-step overheads: (N + 1 new tokens) minus (1 new token)
         gen = lambda n: ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
         _, one = timed(lambda: gen(1))
         _, many = timed(lambda: gen(steps + 1))
-    out["decode_2k_batch1"] = {"lt_jax_tokens_per_s": round(steps / ours, 1),
-                               "transformers_tokens_per_s": round(steps / hf_decode, 1),
-                               "transformers_generate_tokens_per_s": round(steps / (many - one), 1),
-                               "speedup": round(hf_decode / ours, 2),
-                               "speedup_vs_generate": round((many - one) / ours, 2)}
-    return out
+    return {"prefill": rows,
+            "decode_2k_batch1": {"lt_jax_tokens_per_s": round(steps / ours, 1),
+                                 "transformers_tokens_per_s": round(steps / hf_decode, 1),
+                                 "transformers_generate_tokens_per_s": round(steps / (many - one), 1),
+                                 "speedup": round(hf_decode / ours, 2),
+                                 "speedup_vs_generate": round((many - one) / ours, 2)}}
 
 
-def peak_rss(ckpt, T, plan, mode):
+def prefill_peak_rss(ckpt, T, plan, mode):
     run = subprocess.run([sys.executable, "-c", RSS_CHILD, str(ckpt), str(T), plan, mode], capture_output=True,
                          text=True, check=True)
     return int(run.stdout.strip().splitlines()[-1])
@@ -179,7 +187,7 @@ def main() -> int:
     result = {"decode": decode_rows(model, ints(args.contexts), ints(args.batches), args.steps)}
     result.update(vs_transformers(model, hf_dir, args.steps, ints(args.prefill_lengths)))
     longest = max(ints(args.prefill_lengths))
-    result["prefill_peak_rss_bytes"] = {mode: peak_rss(ckpt, longest, plan, mode)
+    result["prefill_peak_rss_bytes"] = {mode: prefill_peak_rss(ckpt, longest, plan, mode)
                                         for plan, mode in (("full", "exact"), ("last", "hybrid"))}
     if args.json:
         print(json.dumps(result))

@@ -173,7 +173,7 @@ def test_interrupted_conversion_leaves_nothing(qwen_hf, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", boom)
+    monkeypatch.setattr(ocp.Checkpointer, "save", boom)
     from checkpoints_conv import convert
     with pytest.raises(OSError):
         convert(qwen_hf[2], tmp_path / "out")

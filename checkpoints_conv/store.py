@@ -3,7 +3,6 @@ directory that convert and export write into (a failure leaves nothing at the de
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile

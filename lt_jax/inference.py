@@ -12,7 +12,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lt_jax.cache import KVCache, layer_slots, write_layer_kv, write_positions
 from lt_jax.config import Config

@@ -6,7 +6,6 @@ Positions are each token's index in its own sequence; -1 marks padding and empty
 attention is sink=0, window=FULL; Mistral's native window is sink=0, window=sliding_window. Masks are always built
 from stored positions, never from slot order, so the same rule serves contiguous buffers and ring caches.
 """
-import jax.numpy as jnp
 
 FULL = 2**30  # a window no sequence reaches: plain causal attention
 

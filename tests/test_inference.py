@@ -12,7 +12,6 @@ from hypothesis import given, settings, strategies as st
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
 from lt_jax.inference import Shape, decode_step, plan_arrays, prefill
 from lt_jax.mask import attention_mask
-from lt_jax.model import default_positions, forward
 from lt_jax.plan import Plan, make_plan
 
 
@@ -21,9 +20,8 @@ def test_lighttrans_code_preset_equals_released_training_mask():
     q = np.arange(1600)[:, None]
     k = np.arange(1600)[None, :]
     released = ((q >= k) & (q - k <= 1024)) | ((q >= 128) & (k <= 128))
-    S, W = 129, 1025
-    cfg_plan = Plan(num_layers=1, lazy_layers=(0,), sink=S, window=W)
-    assert (cfg_plan.sink, cfg_plan.window) == (129, 1025)
+    from lt_jax.plan import PRESETS
+    S, W = PRESETS["lighttrans-code"]  # what --stream-preset lighttrans-code sets
     ours = np.asarray(attention_mask(np.arange(1600)[None], np.arange(1600)[None], S, W))[0]
     np.testing.assert_array_equal(ours, released)
 

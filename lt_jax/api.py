@@ -1,4 +1,5 @@
-"""The small facade users call: `lt_jax.load(path)` -> Model with `.logits`, `.perplexity`, `.greedy`."""
+"""The small facade users call: `lt_jax.load(path)` -> Model with `.logits`, `.perplexity`, `.generate`,
+`.lazy_ratios`."""
 from __future__ import annotations
 
 from functools import partial
@@ -43,6 +44,16 @@ def bucket(n: int, step: int = 64) -> int:
     return max(step, 1 << (max(n, 1) - 1).bit_length())
 
 
+def left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ids -> (tokens, positions) int32 [B, width], right-aligned; padding has token 0 and position -1."""
+    tokens = np.zeros((len(rows), width), np.int32)
+    positions = np.full((len(rows), width), -1, np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, width - len(r):] = r
+        positions[b, width - len(r):] = np.arange(len(r))
+    return tokens, positions
+
+
 class Model:
     def __init__(self, config: Config, params, tokenizer=None, path: Path | None = None):
         self.config = config
@@ -73,8 +84,8 @@ class Model:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def plan(self, plan: Plan | str | None = None, **flags) -> Plan:
-        """A Plan from a Plan, a spec (`full`, `streaming`, `first`, `last`, `random[:SEED]`, a .json path), or
-        None (all layers full); flags: lazy_fraction, sink, window, preset, prefill."""
+        """A Plan from a Plan, a spec (`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer`, a
+        .json path), or None (all layers full); flags: lazy_fraction, sink, window, preset, prefill, w_last."""
         if isinstance(plan, Plan):
             return plan.validate(self.config)
         return make_plan(plan or "full", self.config, **{k: v for k, v in flags.items() if v is not None})
@@ -84,13 +95,48 @@ class Model:
         the whole sequence (hybrid); with prefix=N, positions < N are an exact prefill and positions >= N are
         scored as decode steps would score them."""
         tokens = as_batch(ids, self.config.vocab_size)
-        return np.asarray(forward(self.params, tokens, default_positions(tokens), self.config, self.plan(plan),
-                                  prefix))
+        plan, _ = self.select(tokens[:, :prefix], plan)
+        return np.asarray(forward(self.params, tokens, default_positions(tokens), self.config, plan, prefix))
+
+    def select(self, ids, plan: Plan | str | None = None, **flags) -> tuple[Plan, np.ndarray | None]:
+        """(fixed plan, ratios): `plan` itself and None, or for `lighttransfer` the lazy layers its priority queue
+        picks during an exact prefill of these prompts (one set per batch, from the row-averaged ratios) and
+        those ratios [L]."""
+        plan = self.plan(plan, **flags)
+        if plan.select_lazy is None:
+            return plan, None
+        rows = self._prompt_rows(ids)
+        _, _, layers = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
+        ratios = np.asarray(layers["ratios"]).mean(axis=(1, 2))
+        return plan.resolve(np.flatnonzero(np.asarray(layers["is_lazy"]))), ratios
+
+    def lazy_ratios(self, ids, sink: int = 4, window: int = 1020, w_last: int = 32,
+                    per_head: bool = False) -> np.ndarray:
+        """Every layer's lazy ratio for one prompt ([L], or [L, N] per query head) or a batch of prompts of any
+        lengths ([B, L] or [B, L, N]): the attention mass of the last `w_last` queries on the first `sink` and last
+        `window` positions of the prompt, from one exact prefill whose caches are all rings (little memory)."""
+        rows = self._prompt_rows(ids)
+        plan = Plan(self.config.num_layers, sink=sink, window=window, select_lazy=self.config.num_layers,
+                    w_last=w_last, source="lazy_ratios").validate(self.config)
+        _, _, layers = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
+        ratios = np.asarray(layers["ratios"]).transpose(1, 0, 2)  # [B, L, N]
+        ratios = ratios if per_head else ratios.mean(axis=-1)
+        single = isinstance(ids, str) or (len(ids) and np.ndim(ids[0]) == 0)
+        return ratios[0] if single else ratios
+
+    def _prefill(self, rows: list[list[int]], plan: Plan, max_len: int):
+        """Left-pad rows into one bucketed batch and prefill a fresh cache of max_len slots under `plan`."""
+        context = self.config.max_position_embeddings
+        tokens, positions = left_pad(rows, min(bucket(max(len(r) for r in rows)), context))
+        cache = init_cache(self.config, plan, len(rows), max_len)
+        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, plan_arrays(plan),
+                       self.config, Shape.of(plan))
 
     def perplexity(self, ids, max_tokens: int | None = None, plan: Plan | str | None = None,
                    prefix: int | None = None) -> dict:
-        """{"ppl", "nll", "tokens"}: mean NLL over the predicted tokens (all but the first; with prefix=N, the
-        tokens at positions >= N) of one sequence."""
+        """{"ppl", "nll", "tokens", "plan"}: mean NLL over the predicted tokens (all but the first; with prefix=N,
+        the tokens at positions >= N) of one sequence, and the fixed plan used (lighttransfer: chosen on the
+        prefix, or on the whole sequence without one, then also "lazy_ratios")."""
         limit = max_tokens or self.config.max_position_embeddings
         tokens = as_batch(ids, self.config.vocab_size)[:, :limit]
         T = tokens.shape[1]
@@ -98,17 +144,21 @@ class Model:
             raise LtJaxError(f"perplexity needs one sequence of at least 2 tokens; got shape {tokens.shape}.")
         if prefix is not None and not 1 <= prefix < T:
             raise LtJaxError(f"--prefix {prefix} must lie in 1..{T - 1} for a sequence of {T} tokens.")
-        nll = token_nll(self.params, tokens, self.config, self.plan(plan), prefix)[0]
+        plan, ratios = self.select(tokens[:, :prefix], plan)
+        nll = token_nll(self.params, tokens, self.config, plan, prefix)[0]
         scored = nll[(prefix or 1) - 1:]
         mean = float(jnp.mean(scored))
-        return {"ppl": float(np.exp(mean)), "nll": mean, "tokens": int(scored.shape[0])}
+        out = {"ppl": float(np.exp(mean)), "nll": mean, "tokens": int(scored.shape[0]), "plan": plan}
+        return out if ratios is None else {**out, "lazy_ratios": [float(r) for r in ratios]}
 
     def generate(self, prompts, plan: Plan | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None, **plan_flags) -> list[dict]:
         """Continue one prompt or a batch: text, list of texts, ids [T], or a list of id lists (any lengths).
 
-        Returns one dict per prompt: {"ids": generated ids, "text": decoded text or None}. Rows are left padded
-        into one batch; lengths are bucketed so prompts of the same bucket reuse one compilation."""
+        Returns one dict per prompt: {"ids": generated ids, "text": decoded text or None, "plan": the fixed plan
+        decoded with}, and for `lighttransfer` "lazy_ratios" (the row's ratio per layer; the lazy set is one per
+        batch, from the row-averaged ratios). Rows are left padded into one batch; lengths are bucketed so prompts
+        of the same bucket, whatever layers they choose, reuse one compilation."""
         plan = self.plan(plan, **plan_flags)
         rows = self._prompt_rows(prompts)
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -117,27 +167,24 @@ class Model:
         if longest + max_new_tokens > context:
             raise LtJaxError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                              f"model's context of {context} tokens.")
-        T = min(bucket(longest), context)
-        tokens = np.zeros((len(rows), T), np.int32)
-        positions = np.full((len(rows), T), -1, np.int32)
-        for b, r in enumerate(rows):
-            tokens[b, T - len(r):] = r
-            positions[b, T - len(r):] = np.arange(len(r))
-        new_cap = bucket(max_new_tokens)
-        cache = init_cache(self.config, plan, len(rows), self.cache_len(longest, max_new_tokens))
-        shape, layers = Shape.of(plan), plan_arrays(plan)
-        logits, cache = prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, layers,
-                                self.config, shape)
+        logits, cache, layers = self._prefill(rows, plan, self.cache_len(longest, max_new_tokens))
         stop = list(self.config.eos_token_ids if stop_ids is None else stop_ids) or [-2]
-        out, counts, _ = generate_loop(self.params, logits, cache, layers, jnp.int32(max_new_tokens),
-                                    jnp.asarray(stop, jnp.int32),
-                                    jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
-                                    jnp.float32(top_p), self.config, shape, new_cap)
+        fixed = {"is_lazy": layers["is_lazy"], "index": layers["index"]}
+        out, counts, _ = generate_loop(self.params, logits, cache, fixed, jnp.int32(max_new_tokens),
+                                       jnp.asarray(stop, jnp.int32), jax.random.key(seed), jnp.float32(temperature),
+                                       jnp.int32(top_k), jnp.float32(top_p), self.config, Shape.of(plan).decoding,
+                                       bucket(max_new_tokens))
         out, counts = np.asarray(out), np.asarray(counts)
+        extra = [{}] * len(rows)
+        if plan.select_lazy is not None:
+            ratios = np.asarray(layers["ratios"]).mean(axis=-1).T  # [B, L]
+            extra = [{"lazy_ratios": [float(r) for r in row]} for row in ratios]
+            plan = plan.resolve(np.flatnonzero(np.asarray(layers["is_lazy"])))
         results = []
         for b in range(len(rows)):
             ids = [int(t) for t in out[b, :counts[b]]]
-            results.append({"ids": ids, "text": self.decode(ids) if self.tokenizer is not None else None})
+            results.append({"ids": ids, "text": self.decode(ids) if self.tokenizer is not None else None,
+                            "plan": plan, **extra[b]})
         return results
 
     def cache_len(self, prompt_len: int, max_new_tokens: int) -> int:

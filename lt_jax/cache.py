@@ -51,12 +51,12 @@ class KVCache:
 def expected_kv_bytes(cfg: Config, plan: Plan, batch: int, max_len: int) -> int:
     """DESIGN.md's formula: full layers `max_len` entries, streaming layers `S + W` entries, K and V each."""
     per_entry = 2 * batch * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
-    lazy = len(plan.lazy_layers)
+    lazy = plan.lazy_count
     return per_entry * ((cfg.num_layers - lazy) * max_len + lazy * (plan.sink + plan.window))
 
 
 def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
-    lazy = len(plan.lazy_layers)
+    lazy = plan.lazy_count
     K, H, dt = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
     ring = plan.sink + plan.window
     return KVCache(
@@ -105,6 +105,33 @@ def write_positions(cache: KVCache, positions, sink: int, window: int) -> KVCach
         ring_pos=cache.ring_pos.at[rows, ring_slots(positions, sink, window)].set(positions, mode="drop"),
         length=jnp.maximum(cache.length, jnp.max(positions, axis=-1) + 1),
     )
+
+
+def full_to_ring(stack, index, ring_pos):
+    """What a ring holds, read from a full layer's buffer: stack [Lf, B, K, M, H], index (data), ring_pos [B, S+W]
+    -> [B, K, S+W, H]. Slot = position in a full buffer, so the ring's stored positions say where to read; empty
+    ring slots (-1) read slot 0, which their position hides from every mask."""
+    rows = jnp.arange(stack.shape[1])[:, None]
+    return stack[index, rows, :, jnp.maximum(ring_pos, 0)].swapaxes(1, 2)  # advanced dims first: [B, S+W, K, H]
+
+
+def restrict(cache: KVCache, plan: Plan, positions) -> KVCache:
+    """From the cache of an all-full exact prefill of `positions` [B, T], the cache an exact prefill under the
+    fixed `plan` leaves (each lazy layer keeps its sinks and window): many plans share one prefill. The input is
+    left intact."""
+    is_lazy, _ = layer_slots(plan)
+    B, S, W = positions.shape[0], plan.sink, plan.window
+    empty = dataclasses.replace(cache, ring_pos=jnp.full((B, S + W), -1, jnp.int32), length=jnp.zeros((B,), jnp.int32))
+    ring_pos = write_positions(empty, positions, S, W).ring_pos
+
+    def rings(stack):
+        kept = [full_to_ring(stack, i, ring_pos) for i in np.flatnonzero(is_lazy)]
+        return jnp.stack(kept) if kept else jnp.zeros((0, B, stack.shape[2], S + W, stack.shape[4]), stack.dtype)
+
+    full = np.flatnonzero(~is_lazy)
+    return KVCache(full_k=cache.full_k[full], full_v=cache.full_v[full], full_pos=jnp.array(cache.full_pos),
+                   ring_k=rings(cache.full_k), ring_v=rings(cache.full_v), ring_pos=ring_pos,
+                   length=jnp.array(cache.length))  # new buffers throughout: the result may be donated
 
 
 def write_layer_kv(stacks, k, v, positions, is_lazy, index, sink: int, window: int):

@@ -28,10 +28,8 @@ def _progress_bar(total: int, desc: str):
 
 
 def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LtJaxError(f"cannot read text file {path}: {e}.") from None
+    from lt_jax.texts import read_text
+    return read_text(path)
 
 
 def _read_ids(path: str) -> list[int]:
@@ -61,13 +59,13 @@ def cmd_ppl(args) -> dict:
     import lt_jax
     model = lt_jax.load(args.model)
     ids = model.encode(_read_text(args.text_file)) if args.text_file else _read_ids(args.ids_file)
-    plan = _plan(model, args)
-    return {**model.perplexity(ids, args.max_tokens, plan=plan, prefix=args.prefix), "plan": _plan_json(plan)}
+    result = model.perplexity(ids, args.max_tokens, plan=_plan(model, args), prefix=args.prefix)
+    return {**result, "plan": _plan_json(result["plan"])}
 
 
 def _plan(model, args):
     return model.plan(args.plan, lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window,
-                      preset=args.stream_preset, prefill=args.prefill)
+                      preset=args.stream_preset, prefill=args.prefill, w_last=args.w_last)
 
 
 def _plan_json(plan) -> dict:
@@ -94,10 +92,13 @@ def cmd_generate(args) -> dict:
     max_len = model.cache_len(len(prompt), args.max_new_tokens)
     kv = expected_kv_bytes(model.config, plan, 1, max_len)
     kv_full = expected_kv_bytes(model.config, Plan.full(model.config.num_layers), 1, max_len)
-    out = {**result, "prompt_tokens": len(prompt), "plan": _plan_json(plan), "kv_cache_bytes": kv,
+    out = {**result, "prompt_tokens": len(prompt), "plan": _plan_json(result["plan"]), "kv_cache_bytes": kv,
            "kv_cache_bytes_all_full": kv_full, "seconds": round(seconds, 2)}
     if not args.json:
         print(result["text"] if result["text"] is not None else " ".join(map(str, result["ids"])))
+        if "lazy_ratios" in result:
+            print(f"[lighttransfer: layers {list(result['plan'].lazy_layers)} streaming; ratios "
+                  f"{' '.join(f'{r:.2f}' for r in result['lazy_ratios'])}]", file=sys.stderr)
         print(f"[{len(result['ids'])} tokens, {seconds:.1f} s; KV cache {kv / 2**20:.1f} MiB vs "
               f"{kv_full / 2**20:.1f} MiB all-full, {max_len} slots]", file=sys.stderr)
     return out
@@ -141,13 +142,15 @@ def cmd_demo(args) -> dict:
     t0 = time.perf_counter()
     (answer,) = model.generate([prompt], plan=plan, max_new_tokens=args.new_tokens)
     t_gen = time.perf_counter() - t0
+    chosen = answer["plan"]
     slots = model.cache_len(len(prompt), args.new_tokens)
     kv = expected_kv_bytes(model.config, plan, 1, slots)
     kv_full = expected_kv_bytes(model.config, Plan.full(model.config.num_layers), 1, slots)
     result = {"model": str(model.path), "essay": DEMO_ESSAY, "tokens": ours["tokens"] + 1,
               "ppl_lt_jax": ours["ppl"], "ppl_transformers": reference,
               "ppl_rel_diff": abs(ours["ppl"] - reference) / reference, "seconds_ppl": round(t_ours, 2),
-              "question": DEMO_QUESTION, "prompt_tokens": len(prompt), "plan": _plan_json(plan),
+              "question": DEMO_QUESTION, "prompt_tokens": len(prompt), "plan": _plan_json(chosen),
+              "lazy_ratios": answer.get("lazy_ratios"),
               "answer": answer["text"], "seconds_generate": round(t_gen, 2),
               "kv_cache_bytes": kv, "kv_cache_bytes_all_full": kv_full}
     if not args.json:
@@ -156,12 +159,62 @@ def cmd_demo(args) -> dict:
         print(f"perplexity  {ours['ppl']:.4f} lt-jax  vs  {reference:.4f} transformers  "
               f"on {result['tokens']} tokens of {DEMO_ESSAY} (relative difference {result['ppl_rel_diff']:.1e})")
         print(f"question    {DEMO_QUESTION}  (after {len(prompt)} tokens of the essay)")
-        print(f"plan        {plan.source}: layers {list(plan.lazy_layers)} streaming (S={plan.sink}, "
-              f"W={plan.window}), the rest full")
+        print(f"plan        {chosen.source}: layers {list(chosen.lazy_layers)} streaming (S={chosen.sink}, "
+              f"W={chosen.window}), the rest full")
+        if answer.get("lazy_ratios"):
+            print(f"ratios      {' '.join(f'{r:.2f}' for r in answer['lazy_ratios'])}  (per layer; higher = lazier)")
         print(f"answer      {answer['text'].strip()}")
         print(f"KV cache    {kv * mib:.1f} MiB vs {kv_full * mib:.1f} MiB with every layer full "
               f"({1 - kv / kv_full:.0%} saved; {t_gen:.1f} s)")
     return result
+
+
+def cmd_identify(args) -> dict:
+    """Offline lazy-layer identification over many samples -> a plan file (and a plot)."""
+    import numpy as np
+    import lt_jax
+    from tqdm import tqdm
+    from lt_jax.lazy import calibrate
+    from lt_jax.plan import Plan, num_lazy
+    from lt_jax.texts import read_samples
+    out = Path(args.out)
+    for path in [out] + ([Path(args.plot)] if args.plot else []):
+        if path.is_dir() or not path.parent.is_dir():
+            raise LtJaxError(f"cannot write {path}: it is a directory or its folder does not exist.")
+    if not 0 <= args.lazy_fraction <= 1:
+        raise LtJaxError(f"--lazy-fraction {args.lazy_fraction} is outside [0, 1].")
+    texts = read_samples(args.files, args.field)
+    model = lt_jax.load(args.model)
+    sink = 4 if args.sink is None else args.sink
+    window = 1020 if args.window is None else args.window
+    context = min(args.context, model.config.max_position_embeddings)
+    samples = []  # consecutive chunks of `context` tokens; a chunk no longer than S + W has every ratio 1
+    for text in texts:
+        ids = model.encode(text) if isinstance(text, str) else text
+        samples += [ids[i:i + context] for i in range(0, len(ids), context) if len(ids) - i > sink + window]
+    samples = samples[:args.max_samples]
+    if not samples:
+        raise LtJaxError(f"no sample is longer than S + W = {sink + window} tokens; give longer texts or a "
+                         f"smaller --window.")
+    ratios = [model.lazy_ratios(ids, sink=sink, window=window, w_last=args.w_last)
+              for ids in tqdm(samples, desc="lazy ratios", unit="sample", file=sys.stderr)]
+    stats = calibrate(np.stack(ratios), num_lazy(model.config.num_layers, args.lazy_fraction))
+    plan = Plan(model.config.num_layers, tuple(stats["lazy_layers"]), sink=sink, window=window, source="identify",
+                prefill=args.prefill or "exact", w_last=args.w_last)
+    record = {**json.loads(plan.to_json()),
+              "identify": {"model": str(model.path), "files": [str(f) for f in args.files], "context": context,
+                           "lazy_fraction": args.lazy_fraction, "tokens": int(sum(map(len, samples))), **stats}}
+    if args.plot:
+        from lt_jax.plots import plot_lazy_ratios
+        plot_lazy_ratios(stats, args.plot, f"{model.path.name}: lazy ratio over {len(samples)} samples of "
+                         f"<= {context} tokens (S={sink}, W={window}); lazy: {stats['lazy_layers']}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out)
+    if not args.json:
+        print(f"lazy layers {stats['lazy_layers']} from {len(samples)} samples -> {out}"
+              + (f" (plot: {args.plot})" if args.plot else ""))
+    return record
 
 
 def cmd_fetch(args) -> dict:
@@ -171,7 +224,8 @@ def cmd_fetch(args) -> dict:
 
 def _plan_flags(s):
     s.add_argument("--plan", default="full",
-                   help="full | streaming | first | last | random[:SEED] | PLAN.json (default: full)")
+                   help="full | streaming | first | last | random[:SEED] | lighttransfer (chosen per prompt from "
+                        "the lazy ratios) | PLAN.json (default: full)")
     s.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
     s.add_argument("--sink", type=int, default=None, help="sink tokens S of streaming layers (default 4)")
     s.add_argument("--window", type=int, default=None, help="window W of streaming layers (default 1020)")
@@ -179,6 +233,8 @@ def _plan_flags(s):
                    help="lighttrans-code: S=129, W=1025 (the released LightTransfer training mask)")
     s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
                    help="exact: full attention over the prompt in every layer (default); hybrid: each layer's mask")
+    s.add_argument("--w-last", type=int, default=None,
+                   help="lighttransfer: last prompt queries that measure the lazy ratios (default 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,12 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop-ids", default=None, help="token ids that end a row (default: the model's EOS ids)")
     _plan_flags(s)
-    s = add("demo", cmd_demo, "fetch SmolLM2-135M-Instruct, compare perplexity with transformers, answer a question about an essay "
-                "with half of the layers streaming")
+    s = add("demo", cmd_demo, "fetch SmolLM2-135M-Instruct, compare perplexity with transformers, answer a question "
+            "about an essay with half of the layers chosen lazy by LightTransfer-Test")
     s.add_argument("--tokens", type=int, default=DEMO_TOKENS, help="tokens of the essay scored for perplexity")
     s.add_argument("--essay-tokens", type=int, default=1800, help="tokens of the essay put before the question")
     s.add_argument("--new-tokens", type=int, default=48)
-    s.add_argument("--plan", default="last", help="layer plan for the answer (default: last, 50%% lazy)")
+    s.add_argument("--plan", default="lighttransfer",
+                   help="layer plan for the answer (default: lighttransfer, 50%% of the layers chosen lazy)")
+    s = add("identify", cmd_identify, "choose lazy layers offline from the lazy ratios over many samples "
+            "(LightTransfer-Train's selection) and write a plan file")
+    s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
+    s.add_argument("files", nargs="+", help="text files, or .jsonl files with a text field per line")
+    s.add_argument("--out", required=True, help="plan JSON to write")
+    s.add_argument("--plot", default=None, help="also draw the per-layer ratios (PNG or SVG)")
+    s.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
+    s.add_argument("--context", type=int, default=4096, help="tokens per sample; longer texts are split (default 4096)")
+    s.add_argument("--max-samples", type=int, default=64, help="at most this many samples (default 64)")
+    s.add_argument("--field", default="text",
+                   help="JSONL field holding the text, or a list of token ids (default: text)")
+    s.add_argument("--sink", type=int, default=None, help="sink tokens S (default 4)")
+    s.add_argument("--window", type=int, default=None, help="window W (default 1020)")
+    s.add_argument("--w-last", type=int, default=32, help="last queries that measure the ratios (default 32)")
+    s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
+                   help="prefill mode stored in the plan (default exact)")
     s = add("fetch", cmd_fetch, "fetch and convert the real model and the essays (idempotent)")
     s.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-0.5B-Instruct (about 500 MB)")
     return p

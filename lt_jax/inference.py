@@ -13,8 +13,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from lt_jax.cache import KVCache, layer_slots, write_layer_kv, write_positions
+from lt_jax.cache import KVCache, full_to_ring, layer_slots, write_layer_kv, write_positions
 from lt_jax.config import Config
+from lt_jax.lazy import init_queue, lazy_ratio, push
 from lt_jax.mask import FULL
 from lt_jax.model import attend, attend_causal, attend_streaming, decoder_layer, rope_inv_freq, unembed
 from lt_jax.plan import Plan
@@ -27,10 +28,17 @@ class Shape:
     sink: int
     window: int
     prefill: str  # "exact" | "hybrid"
+    select: bool = False  # LightTransfer-Test: the prefill picks the lazy layers from their lazy ratios
+    w_last: int = 32  # queries that measure the ratios
 
     @classmethod
     def of(cls, plan: Plan) -> "Shape":
-        return cls(len(plan.lazy_layers), plan.sink, plan.window, plan.prefill)
+        return cls(plan.lazy_count, plan.sink, plan.window, plan.prefill, plan.select_lazy is not None, plan.w_last)
+
+    @property
+    def decoding(self) -> "Shape":
+        """What decode compiles for: once the prefill has chosen, a selected plan decodes like a fixed one."""
+        return dataclasses.replace(self, select=False, w_last=32)
 
 
 def plan_arrays(plan: Plan) -> dict:
@@ -49,29 +57,53 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
             all_logits: bool = False):
     """Run a prompt chunk [B, T] (left padded: position -1) from an empty cache.
 
-    Returns (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache)."""
+    Returns (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache; the plan as
+    data for decode: `layers` itself, or with `shape.select` the layers the priority queue chose plus "ratios"
+    float32 [L, B, N], every layer's lazy ratio per row and query head)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    native = cfg.sliding_window or FULL
+    cache = write_positions(cache, positions, shape.sink, shape.window)  # evictions read the ring's positions
+    queue = init_queue(cfg.num_layers, cfg.num_layers - shape.num_lazy) if shape.select else None
     x = params["embed"][tokens]
 
     def step(carry, layer):
-        x, stacks = carry
-        lp, is_lazy, index = layer
+        x, stacks, queue = carry
+        lp, layer_id, is_lazy, index = layer
 
         def attention(q, k, v):
             if shape.prefill == "hybrid" and shape.num_lazy:
-                full = lambda: attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)  # noqa: E731
+                full = lambda: attend_causal(q, k, v, positions, 0, native)  # noqa: E731
                 stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window)  # noqa: E731
                 out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < cfg.num_layers else stream()
             else:  # exact prefill: every layer attends like a full layer over the prompt
-                out = attend_causal(q, k, v, positions, 0, cfg.sliding_window or FULL)
-            return out, write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window)
+                out = attend_causal(q, k, v, positions, 0, native)
+            if not shape.select:
+                return out, (write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window),
+                             queue, None)
+            ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
+            new_queue, lazy, at, slot, evict_to = push(queue, layer_id, jnp.mean(ratio))
+            full_k, full_v, ring_k, ring_v = stacks
+            if ring_k.shape[0] and full_k.shape[0]:  # the evicted layer keeps its sinks and window, then frees its slot
+                kept_k, kept_v = (full_to_ring(a, slot, cache.ring_pos) for a in (full_k, full_v))
+                ring_k = ring_k.at[evict_to].set(kept_k, mode="drop")
+                ring_v = ring_v.at[evict_to].set(kept_v, mode="drop")
+                # Make the overwrite of the evicted slot depend on what was read from it (a NaN key, which a
+                # finite model never makes, would drop the write): XLA then reads first and writes in place,
+                # where otherwise it would copy both full stacks at every layer.
+                at = jnp.where(jnp.isnan(kept_k[0, 0, 0, 0] + kept_v[0, 0, 0, 0]), cfg.num_layers, at)
+            written = write_layer_kv((full_k, full_v, ring_k, ring_v), k, v, positions, lazy, at, shape.sink,
+                                     shape.window)
+            return out, (written, new_queue, ratio)
 
-        return decoder_layer(lp, x, positions, cfg, inv_freq, attention), None
+        x, (stacks, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
+        return (x, stacks, queue), ratio
 
-    (x, stacks), _ = jax.lax.scan(step, (x, cache.stacks), (params["layers"], layers["is_lazy"], layers["index"]))
-    cache = write_positions(cache.with_stacks(stacks), positions, shape.sink, shape.window)
+    xs = (params["layers"], jnp.arange(cfg.num_layers), layers["is_lazy"], layers["index"])
+    (x, stacks, queue), ratios = jax.lax.scan(step, (x, cache.stacks, queue), xs)
+    if shape.select:
+        layers = {"is_lazy": queue.is_lazy, "index": queue.index, "ratios": ratios}
     logits = unembed(params, x if all_logits else x[:, -1:], cfg)
-    return (logits if all_logits else logits[:, 0]), cache
+    return (logits if all_logits else logits[:, 0]), cache.with_stacks(stacks), layers
 
 
 def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Shape):

@@ -12,7 +12,7 @@ from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.mask import FULL
 
-DEFAULT_SINK, DEFAULT_WINDOW = 4, 1020
+DEFAULT_SINK, DEFAULT_WINDOW, DEFAULT_W_LAST = 4, 1020, 32
 PREFILL_MODES = ("exact", "hybrid")
 PRESETS = {"lighttrans-code": (129, 1025)}  # the released LightTransfer training mask: S=129, W=1025
 
@@ -25,10 +25,23 @@ class Plan:
     window: int = DEFAULT_WINDOW
     source: str = "full"
     prefill: str = "exact"  # "exact": full attention over the prompt in every layer; "hybrid": each layer's mask
+    # LightTransfer-Test: choose this many lazy layers per prompt from the lazy ratios of its last `w_last` queries
+    # (lazy_layers is then empty until `resolve`); None = the lazy layers are fixed.
+    select_lazy: int | None = None
+    w_last: int = DEFAULT_W_LAST
 
     @classmethod
     def full(cls, num_layers: int) -> "Plan":
         return cls(num_layers=num_layers)
+
+    @property
+    def lazy_count(self) -> int:
+        """How many layers stream (static: it sizes the cache), whether fixed or chosen per prompt."""
+        return len(self.lazy_layers) if self.select_lazy is None else self.select_lazy
+
+    def resolve(self, lazy_layers) -> "Plan":
+        """The fixed plan a per-prompt selection chose."""
+        return dataclasses.replace(self, lazy_layers=tuple(sorted(int(i) for i in lazy_layers)), select_lazy=None)
 
     def validate(self, cfg: Config, where: str = "plan") -> "Plan":
         if self.num_layers != cfg.num_layers:
@@ -42,10 +55,21 @@ class Plan:
             raise LtJaxError(f"{where} has prefill={self.prefill!r}; expected one of {', '.join(PREFILL_MODES)}.")
         if len(set(self.lazy_layers)) != len(self.lazy_layers):
             raise LtJaxError(f"{where} lists a lazy layer twice: {list(self.lazy_layers)}.")
+        if self.select_lazy is not None:
+            if self.lazy_layers or not 0 <= self.select_lazy <= cfg.num_layers:
+                raise LtJaxError(f"{where} selects {self.select_lazy} lazy layers per prompt; need 0..{cfg.num_layers} "
+                                 f"and no fixed lazy_layers.")
+            if self.prefill != "exact":
+                raise LtJaxError(f"{where} chooses its lazy layers during prefill, which must then be exact "
+                                 f"(got prefill={self.prefill!r}).")
+            if self.w_last < 1:
+                raise LtJaxError(f"{where} has w_last={self.w_last}; need at least 1 query.")
         return self
 
     def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
         """Per-layer (sink, window) for the mask rule: int32 [L] each."""
+        if self.select_lazy is not None:
+            raise LtJaxError("a lighttransfer plan chooses its lazy layers per prompt; resolve it on the prompt first.")
         native = cfg.sliding_window or FULL
         sinks = np.zeros(cfg.num_layers, np.int32)
         windows = np.full(cfg.num_layers, native, np.int32)
@@ -57,6 +81,8 @@ class Plan:
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["lazy_layers"] = list(self.lazy_layers)
+        if d["select_lazy"] is None:
+            del d["select_lazy"]
         return json.dumps(d)
 
     @classmethod
@@ -65,7 +91,9 @@ class Plan:
             d = json.loads(Path(path).read_text())
             plan = cls(num_layers=int(d["num_layers"]), lazy_layers=tuple(sorted(int(i) for i in d["lazy_layers"])),
                        sink=int(d.get("sink", DEFAULT_SINK)), window=int(d.get("window", DEFAULT_WINDOW)),
-                       source=str(d.get("source", str(path))), prefill=str(d.get("prefill", "exact")))
+                       source=str(d.get("source", str(path))), prefill=str(d.get("prefill", "exact")),
+                       select_lazy=None if d.get("select_lazy") is None else int(d["select_lazy"]),
+                       w_last=int(d.get("w_last", DEFAULT_W_LAST)))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LtJaxError(f"cannot read plan file {path}: {e}.") from None
         return plan.validate(cfg, where=f"plan file {path}")
@@ -77,8 +105,10 @@ def num_lazy(num_layers: int, lazy_fraction: float) -> int:
 
 
 def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | None = None,
-              window: int | None = None, preset: str | None = None, prefill: str | None = None) -> Plan:
-    """`full`, `streaming`, `first`, `last`, `random[:SEED]`, or a plan JSON path; flags override S/W/prefill."""
+              window: int | None = None, preset: str | None = None, prefill: str | None = None,
+              w_last: int | None = None) -> Plan:
+    """`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer` (chosen per prompt), or a plan JSON
+    path; flags override S/W/prefill."""
     if not 0.0 <= lazy_fraction <= 1.0:
         raise LtJaxError(f"--lazy-fraction {lazy_fraction} is outside [0, 1].")
     if preset is not None and preset not in PRESETS:
@@ -94,6 +124,9 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
         layers = tuple(range(n))
     elif name == "last":
         layers = tuple(range(L - n, L))
+    elif name == "lighttransfer":
+        plan = Plan(num_layers=L, select_lazy=n, source=f"lighttransfer:{lazy_fraction:g}")
+        return _override(plan, sink, window, preset, prefill, w_last).validate(cfg)
     elif name == "random":
         try:
             seed = int(arg or 0)
@@ -102,15 +135,16 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
         layers = tuple(sorted(int(i) for i in np.random.default_rng(seed).choice(L, n, replace=False)))
     elif Path(spec).suffix == ".json" or Path(spec).exists():
         plan = Plan.from_json(spec, cfg)
-        return _override(plan, sink, window, preset, prefill).validate(cfg, where=f"plan file {spec}")
+        return _override(plan, sink, window, preset, prefill, w_last).validate(cfg, where=f"plan file {spec}")
     else:
-        raise LtJaxError(f"unknown plan {spec!r} (full, streaming, first, last, random[:SEED], or a .json file).")
+        raise LtJaxError(f"unknown plan {spec!r} (full, streaming, first, last, random[:SEED], lighttransfer, "
+                         f"or a .json file).")
     plan = Plan(num_layers=L, lazy_layers=layers, source=spec)
-    return _override(plan, sink, window, preset, prefill).validate(cfg)
+    return _override(plan, sink, window, preset, prefill, w_last).validate(cfg)
 
 
-def _override(plan: Plan, sink, window, preset, prefill) -> Plan:
+def _override(plan: Plan, sink, window, preset, prefill, w_last=None) -> Plan:
     if preset is not None:
         plan = dataclasses.replace(plan, sink=PRESETS[preset][0], window=PRESETS[preset][1])
-    changes = {k: v for k, v in dict(sink=sink, window=window, prefill=prefill).items() if v is not None}
+    changes = {k: v for k, v in dict(sink=sink, window=window, prefill=prefill, w_last=w_last).items() if v is not None}
     return dataclasses.replace(plan, **changes)

@@ -32,8 +32,8 @@ from lt_jax.inference import Shape, plan_arrays, prefill
 m = lt_jax.load(sys.argv[1]); T = int(sys.argv[2]); plan = m.plan(sys.argv[3], prefill=sys.argv[4])
 ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, T)).astype(np.int32)
 cache = init_cache(m.config, plan, 1, T)
-logits, cache = prefill(m.params, ids, np.arange(T, dtype=np.int32)[None], cache, plan_arrays(plan), m.config,
-                        Shape.of(plan))
+logits, cache, _ = prefill(m.params, ids, np.arange(T, dtype=np.int32)[None], cache, plan_arrays(plan), m.config,
+                           Shape.of(plan))
 logits.block_until_ready()
 print(peak_rss())
 """

@@ -61,7 +61,7 @@ def run_cached(model, plan, prompts, continuation):
         tokens[b, T - len(p):], positions[b, T - len(p):] = p, np.arange(len(p))
     cache = init_cache(model.config, plan, B, T + continuation.shape[1])
     layers, shape = plan_arrays(plan), Shape.of(plan)
-    logits, cache = prefill(model.params, tokens, positions, cache, layers, model.config, shape, all_logits=True)
+    logits, cache, _ = prefill(model.params, tokens, positions, cache, layers, model.config, shape, all_logits=True)
     prompt_logits = [np.asarray(logits[b, T - len(p):]) for b, p in enumerate(prompts)]
     steps = []
     for t in range(continuation.shape[1]):

@@ -62,6 +62,37 @@ def test_ppl_cli_on_essay_matches_transformers(assets, smol, essay_ids, capsys):
     assert got["tokens"] == 599 and abs(got["nll"] - want) <= 1e-4
 
 
+def test_lazy_ratios_on_essay_are_reproducible_and_tell_layers_apart(smol, essay_ids):
+    """SmolLM2 on 1536 essay tokens (S + W = 1024): one ratio per layer in (0, 1], the same twice, spread across
+    layers; the queue's lighttransfer choice is the top half of them."""
+    from lt_jax.lazy import top_lazy
+    ours, _ = smol
+    ids = essay_ids[:1536]
+    ratios = ours.lazy_ratios(ids)
+    np.testing.assert_array_equal(ratios, ours.lazy_ratios(ids))
+    print(f"\nSmolLM2 lazy ratios (1536 essay tokens): {np.round(ratios, 3).tolist()}")
+    assert ratios.shape == (30,) and np.all((ratios > 0) & (ratios <= 1 + 1e-6))
+    assert ratios.max() - ratios.min() > 0.1
+    plan, chosen_ratios = ours.select(ids, "lighttransfer")
+    np.testing.assert_allclose(chosen_ratios, ratios, atol=1e-6)
+    assert list(plan.lazy_layers) == top_lazy(ratios, 15).tolist()
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_needle_prompt_places_the_number_at_its_depth(smol, essay_ids, depth):
+    from lt_jax.tasks import ANSWER_PREFIX, NEEDLE, first_number, needle_prompt
+    ours, _ = smol
+    ids = needle_prompt(ours, essay_ids, 1000, depth, 31337)
+    assert abs(len(ids) - 1000) <= 4
+    text = ours.decode(ids)
+    needle = NEEDLE.format(number=31337)
+    assert text.count(needle) == 1 and text.rstrip().endswith(ANSWER_PREFIX)
+    before, after = text.split(needle)
+    body = len(before) + len(after.split("What is the special magic number")[0])
+    assert abs(len(before) / body - depth) < 0.03
+    assert first_number(" 31,337.") == "31337" and first_number("none") is None
+
+
 def test_unknown_asset_name_is_a_clear_error(capsys):
     capsys.readouterr()
     assert main(["ppl", "no-such-model", "--ids-file", "x"]) == 2
@@ -76,4 +107,5 @@ def test_demo_json(assets, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["ppl_rel_diff"] <= 1e-4 and got["tokens"] == 1024
     assert got["answer"].strip() and len(got["plan"]["lazy_layers"]) == 15
+    assert got["plan"]["source"] == "lighttransfer:0.5" and len(got["lazy_ratios"]) == 30
     assert got["kv_cache_bytes"] < got["kv_cache_bytes_all_full"]

@@ -1,0 +1,298 @@
+"""LightTransfer-Test: lazy ratios against transformers' attention probabilities, the priority queue against the
+global top-k, the selecting prefill against the fixed plan it chose (caches, logits, decode), its memory as
+XLA plans the buffers, compile counts, and `lt-jax identify`."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lt_jax.cache import expected_kv_bytes, init_cache
+from lt_jax.inference import Shape, decode_step, plan_arrays, prefill
+from lt_jax.lazy import init_queue, push, top_lazy
+from lt_jax.plan import Plan, make_plan
+
+S, W, W_LAST = 3, 20, 8
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """(transformers model, lt_jax model): a tiny llama with 6 layers, GQA 4/2, every weight perturbed."""
+    import lt_jax
+    from conftest import TINY, save_hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": LAYERS})).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf, lt_jax.load(save_hf(hf, tmp_path_factory.mktemp("deep") / "hf", "safetensors"))
+
+
+def reference_ratios(hf, ids, sink, window, w_last):
+    """Brute force from transformers' own softmax probabilities (eager attention, fp32, GQA expanded):
+    [L, N] for one unpadded prompt."""
+    with torch.no_grad():
+        att = hf(torch.from_numpy(np.asarray(ids)[None]).long(), output_attentions=True).attentions
+    n = len(ids)
+    kept = np.zeros(n, bool)
+    kept[:sink] = True
+    kept[max(0, n - window):] = True
+    out = []
+    for a in att:  # [1, N, T, T]
+        probs = a[0].double().numpy()[:, n - min(w_last, n):]  # last w_last queries
+        out.append(probs[..., kept].sum(-1).mean(-1) if n > sink + window else np.ones(probs.shape[0]))
+    return np.stack(out)
+
+
+def test_ratios_equal_brute_force_from_transformers(deep):
+    hf, model = deep
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 300, n).astype(np.int32) for n in (97, 60, 5, 23)]  # 23 = S + W: all ratios 1
+    got = model.lazy_ratios(prompts, sink=S, window=W, w_last=W_LAST, per_head=True)  # one left-padded batch
+    assert got.shape == (4, LAYERS, 4)
+    for b, ids in enumerate(prompts):
+        want = reference_ratios(hf, ids, S, W, W_LAST)
+        assert np.abs(got[b] - want).max() <= 1e-5, b
+    assert np.all(got[2:] == 1.0)
+    assert got[0].std() > 0.01  # the ratios do tell the layers apart
+    single = model.lazy_ratios(prompts[0], sink=S, window=W, w_last=W_LAST)
+    np.testing.assert_allclose(single, got[0].mean(-1), atol=1e-6)
+
+
+def test_ratios_under_mistral_native_window(tiny_models, prompt_ids, tiny_lt):
+    """A full Mistral layer attends within its native window (100): the ratio is of that attention."""
+    hf, _ = tiny_models("mistral", prompt_ids)
+    ids = prompt_ids[0, :150]
+    got = tiny_lt("mistral").lazy_ratios(ids, sink=S, window=30, w_last=W_LAST, per_head=True)
+    assert np.abs(got - reference_ratios(hf, ids, S, 30, W_LAST)).max() <= 1e-5
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), num_layers=st.integers(1, 12))
+def test_queue_reaches_the_global_top_k(data, num_layers):
+    """Ratios drawn from a few values (many ties): the queue's lazy set is the global top-k with ties to the
+    higher index, and its plan-as-data is a valid placement (full slots 0..P-1, rings 0..L-P-1, each once)."""
+    num_lazy = data.draw(st.integers(0, num_layers))
+    ratios = np.asarray(data.draw(st.lists(st.sampled_from([0.1, 0.5, 0.5, 0.9]), min_size=num_layers,
+                                           max_size=num_layers)), np.float32)
+    queue = init_queue(num_layers, num_layers - num_lazy)
+    for layer in range(num_layers):
+        queue, *_ = push(queue, jnp.int32(layer), jnp.float32(ratios[layer]))
+    lazy = np.flatnonzero(np.asarray(queue.is_lazy))
+    np.testing.assert_array_equal(lazy, top_lazy(ratios, num_lazy))
+    index = np.asarray(queue.index)
+    assert sorted(index[lazy]) == list(range(num_lazy))
+    assert sorted(np.delete(index, lazy)) == list(range(num_layers - num_lazy))
+
+
+def lighttransfer_prefill(model, prompts, fraction, max_len, plan=None):
+    from lt_jax.api import left_pad
+    plan = plan or make_plan("lighttransfer", model.config, lazy_fraction=fraction, sink=S, window=W,
+                             w_last=W_LAST)
+    tokens, positions = left_pad(prompts, max(map(len, prompts)))
+    cache = init_cache(model.config, plan, len(prompts), max_len)
+    return prefill(model.params, tokens, positions, cache, plan_arrays(plan), model.config, Shape.of(plan),
+                   all_logits=True)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.34])
+def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
+    """A left-padded batch: the chosen set is the global top-k of the row-averaged ratios; every layer's cache
+    (full, or the sinks + window an eviction copied out) equals a prefill under the fixed plan it chose; the
+    prompt's logits are the full model's (exact prefill); decode steps equal the masked forward of that plan."""
+    _, model = deep
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 300, n + 6).astype(np.int32) for n in (90, 71)]
+    prompts = [s[:-6] for s in seqs]
+    logits, cache, layers = lighttransfer_prefill(model, prompts, fraction, 100)
+    ratios = np.asarray(layers["ratios"])  # [L, B, N]
+    num_lazy = int(np.floor(fraction * LAYERS + 0.5))
+    chosen = np.flatnonzero(np.asarray(layers["is_lazy"]))
+    np.testing.assert_array_equal(chosen, top_lazy(ratios.mean(axis=(1, 2)), num_lazy))
+
+    fixed = Plan(LAYERS, tuple(int(i) for i in chosen), sink=S, window=W)
+    want_logits, want_cache, _ = lighttransfer_prefill(model, prompts, fraction, 100, plan=fixed)
+    index, fixed_index = np.asarray(layers["index"]), plan_arrays(fixed)["index"]
+    for layer in range(LAYERS):
+        kind = ("ring_k", "ring_v") if layer in chosen else ("full_k", "full_v")
+        for name in kind:
+            got = np.asarray(getattr(cache, name)[index[layer]])
+            want = np.asarray(getattr(want_cache, name)[fixed_index[layer]])
+            pos = np.asarray(cache.ring_pos if name.startswith("ring") else cache.full_pos)
+            np.testing.assert_array_equal(got.swapaxes(1, 2)[pos >= 0], want.swapaxes(1, 2)[pos >= 0])
+
+    full_logits = model.logits(seqs[0][:90])[0]
+    assert np.abs(np.asarray(logits[0, -90:]) - full_logits).max() <= 1e-5
+    assert np.abs(np.asarray(logits) - np.asarray(want_logits)).max() == 0
+
+    shape = Shape.of(fixed)
+    step_logits = []
+    for t in range(6):
+        token = jnp.asarray([s[-6 + t] for s in seqs])
+        lg, cache = decode_step(model.params, token, cache, {k: layers[k] for k in ("is_lazy", "index")},
+                                model.config, shape)
+        step_logits.append(np.asarray(lg))
+    for b, s in enumerate(seqs):
+        ref = model.logits(s, plan=fixed, prefix=len(s) - 6)[0]
+        assert np.abs(np.stack(step_logits)[:, b] - ref[-6:]).max() <= 1e-5
+
+
+def test_selecting_prefill_holds_at_most_p_plus_one_full_caches(deep):
+    """XLA's own buffer plan (compiled memory analysis: arguments + outputs + temporaries - donated aliases) for
+    6 layers, P = 3, 8192-slot caches: besides the weights, the selecting prefill's peak is under P + 1 full layer
+    caches (P held, plus the arriving layer's keys and the attention's temporaries), within half a layer cache of a
+    prefill under a fixed plan with the same P, and L - P - 1 layer caches under an all-full prefill."""
+    _, model = deep
+    cfg, B, T, M = model.config, 2, 128, 8192
+    layer_bytes = 2 * B * cfg.num_kv_heads * M * cfg.head_dim * 4
+    weights = sum(a.nbytes for a in jax.tree.leaves(model.params))
+
+    def peak(plan):
+        cache = jax.eval_shape(lambda: init_cache(cfg, plan, B, M))
+        tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+        s = prefill.lower(model.params, tokens, tokens, cache, plan_arrays(plan), cfg,
+                          Shape.of(plan)).compile().memory_analysis()
+        return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
+
+    lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=S, window=W)
+    assert expected_kv_bytes(cfg, lt, B, M) > 3 * layer_bytes  # P = 3 full layers plus the rings
+    lt_peak = peak(lt)
+    assert 3 * layer_bytes < lt_peak - weights < 4 * layer_bytes
+    assert abs(lt_peak - peak(make_plan("last", cfg, lazy_fraction=0.5, sink=S, window=W))) < layer_bytes / 2
+    assert peak(Plan.full(LAYERS)) - lt_peak >= (LAYERS - 3 - 1) * layer_bytes
+
+
+def test_another_lazy_set_of_the_same_bucket_compiles_nothing(deep):
+    from test_inference import CompileCounter
+    _, model = deep
+    rng = np.random.default_rng(7)
+    candidates = [rng.integers(0, 300, 50 + i).astype(np.int32) for i in range(6)]
+    plan = make_plan("lighttransfer", model.config, lazy_fraction=0.5, sink=S, window=W, w_last=W_LAST)
+    sets = [tuple(top_lazy(r, 3)) for r in model.lazy_ratios(candidates, sink=S, window=W, w_last=W_LAST)]
+    a, b = 0, next(i for i in range(1, 6) if sets[i] != sets[0])
+    counter = CompileCounter()
+    first = model.generate([candidates[a]], plan=plan, max_new_tokens=8, stop_ids=[])[0]
+    compiled = counter.count
+    second = model.generate([candidates[b]], plan=plan, max_new_tokens=8, stop_ids=[])[0]
+    assert compiled > 0 and counter.count == compiled, "another lazy set recompiled"
+    assert first["plan"].lazy_layers == sets[a] and second["plan"].lazy_layers == sets[b]
+    assert len(second["lazy_ratios"]) == LAYERS
+
+
+def test_short_prompt_truncates_nothing(deep):
+    """No longer than S + W: every ratio is 1, and the lighttransfer answer is the full model's."""
+    _, model = deep
+    prompt = list(range(10, 30))
+    got = model.generate([prompt], plan="lighttransfer", sink=S, window=W, max_new_tokens=10, stop_ids=[])[0]
+    assert got["lazy_ratios"] == [1.0] * LAYERS
+    assert got["ids"] == model.generate([prompt], max_new_tokens=10, stop_ids=[])[0]["ids"]
+
+
+def test_lighttransfer_logits_and_ppl_choose_on_the_prefix(deep):
+    _, model = deep
+    s = np.random.default_rng(4).integers(0, 300, 80).astype(np.int32)
+    chosen, ratios = model.select(s[:60], "lighttransfer", sink=S, window=W)
+    assert chosen.source == "lighttransfer:0.5" and len(chosen.lazy_layers) == 3 and len(ratios) == LAYERS
+    got = model.logits(s, plan=make_plan("lighttransfer", model.config, sink=S, window=W), prefix=60)
+    np.testing.assert_array_equal(got, model.logits(s, plan=chosen, prefix=60))
+    ppl = model.perplexity(s, plan=make_plan("lighttransfer", model.config, sink=S, window=W), prefix=60)
+    assert ppl["plan"] == chosen and ppl["tokens"] == 20
+
+
+def test_lighttransfer_plan_validation(deep):
+    from lt_jax.errors import LtJaxError
+    _, model = deep
+    with pytest.raises(LtJaxError, match="must then be exact"):
+        make_plan("lighttransfer", model.config, prefill="hybrid")
+    with pytest.raises(LtJaxError, match="w_last=0"):
+        make_plan("lighttransfer", model.config, w_last=0)
+    with pytest.raises(LtJaxError, match="resolve it on the prompt"):
+        make_plan("lighttransfer", model.config).layer_windows(model.config)
+    assert dataclasses.replace(make_plan("lighttransfer", model.config), select_lazy=None).lazy_count == 0
+    assert json.loads(make_plan("lighttransfer", model.config).to_json())["select_lazy"] == 3
+
+
+@pytest.fixture(scope="module")
+def deep_ckpt(deep, tmp_path_factory):
+    from lt_jax.cli import main
+    out = tmp_path_factory.mktemp("deep_ckpt") / "ckpt"
+    assert main(["convert", str(deep[1].path), str(out)]) == 0
+    return out
+
+
+def test_identify_writes_the_calibrated_plan_and_a_plot(deep, deep_ckpt, tmp_path, capsys):
+    """Pre-tokenized JSONL + a second file; long samples are split into --context chunks and chunks no longer than
+    S + W are skipped; the plan is the most frequent per-sample lazy sets; the plan file loads as a plan."""
+    from lt_jax.cli import main
+    from lt_jax.lazy import calibrate
+    _, model = deep
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(0, 300, n).tolist() for n in (150, 70, 20)]
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"ids": s}) for s in seqs[:2]) + "\n\n")
+    more = tmp_path / "more.jsonl"
+    more.write_text(json.dumps({"ids": seqs[2]}) + "\n")
+    plan_file, png = tmp_path / "plan.json", tmp_path / "lazy.png"
+    capsys.readouterr()
+    assert main(["identify", str(deep_ckpt), str(data), str(more), "--field", "ids", "--context", "100",
+                 "--sink", str(S), "--window", str(W), "--w-last", str(W_LAST), "--out", str(plan_file),
+                 "--plot", str(png), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    chunks = [seqs[0][:100], seqs[0][100:], seqs[1]]  # seqs[2] (20 tokens <= S + W) is skipped
+    ratios = np.stack([model.lazy_ratios(c, sink=S, window=W, w_last=W_LAST) for c in chunks])
+    want = calibrate(ratios, 3)
+    assert got["identify"]["samples"] == 3 and got["lazy_layers"] == want["lazy_layers"]
+    np.testing.assert_allclose(got["identify"]["ratio_mean"], ratios.mean(0), atol=1e-6)
+    assert json.loads(plan_file.read_text()) == got
+    plan = make_plan(str(plan_file), model.config)
+    assert plan.lazy_layers == tuple(want["lazy_layers"]) and (plan.sink, plan.window) == (S, W)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_counts_how_often_a_layer_is_lazy():
+    from lt_jax.lazy import calibrate
+    ratios = np.array([[0.9, 0.1, 0.5, 0.2], [0.8, 0.7, 0.1, 0.3], [0.1, 0.6, 0.9, 0.3]])
+    got = calibrate(ratios, 2)  # per-sample sets {0, 2}, {0, 1}, {1, 2}: each layer twice -> the mean decides
+    assert got["frequency"] == pytest.approx([2 / 3, 2 / 3, 2 / 3, 0])
+    assert got["lazy_layers"] == [0, 2] and got["mean_ratio_ranking"] == [0, 2, 1, 3]
+    assert got["mean_ratio_lazy"] == [0, 2] and got["ratio_max"] == [0.9, 0.7, 0.9, 0.3]
+
+
+@pytest.mark.parametrize("content,words", [
+    ('{"ids": [1, 2, 3]}\n{"ids": [1, 2\n', "line 2 is not valid JSON"),
+    ('{"ids": [1, 2, 3]}\n{"text": 5}\n', "record 2 has no field 'ids'"),
+    ('{"ids": [1, 2, 3]}\n', "no sample is longer than S + W = 1024"),
+    (None, "cannot read text file"),
+])
+def test_identify_bad_input(deep_ckpt, tmp_path, content, words, capsys):
+    from lt_jax.cli import main
+    data = tmp_path / "bad.jsonl"
+    if content is not None:
+        data.write_text(content)
+    capsys.readouterr()
+    assert main(["identify", str(deep_ckpt), str(data), "--field", "ids", "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "lt-jax identify: error:" in err, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_restricting_an_all_full_cache_equals_the_fixed_plan_prefill(deep):
+    """Evaluations prefill once with every layer full and restrict the cache per plan: the same cache as an
+    exact prefill under that plan (a left-padded batch)."""
+    from lt_jax.cache import restrict
+    _, model = deep
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 300, n).astype(np.int32) for n in (64, 41)]
+    _, full_cache, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=Plan.full(LAYERS))
+    plan = Plan(LAYERS, (1, 4, 5), sink=S, window=W)
+    _, want, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=plan)
+    from lt_jax.api import left_pad
+    got = restrict(full_cache, plan, jnp.asarray(left_pad(prompts, 64)[1]))
+    for name in ("full_k", "full_v", "ring_k", "ring_v", "full_pos", "ring_pos", "length"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)

@@ -1,9 +1,11 @@
 """Prefill, decode and generation over the KV cache of `lt_jax.cache`.
 
 One token's path through `generate`: `prefill` runs the prompt through every layer (exact mode: full attention on
-the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its stack; then
-a compiled `lax.while_loop` samples a token, and `decode_step` writes its keys (write, then attend: the slot it
-overwrites in a ring holds a position the mask hides anyway) and attends over the layer's cache.
+the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its stack (with a
+`lighttransfer` plan it also measures each layer's lazy ratio, and the priority queue of `lt_jax.lazy` decides,
+layer by layer, which caches stay full); then a compiled `lax.while_loop` samples a token, and `decode_step`
+writes its keys (write, then attend: the slot it overwrites in a ring holds a position the mask hides anyway) and
+attends over the layer's cache.
 """
 from __future__ import annotations
 
@@ -81,19 +83,10 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
                 return out, (write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window),
                              queue, None)
             ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
-            new_queue, lazy, at, slot, evict_to = push(queue, layer_id, jnp.mean(ratio))
-            full_k, full_v, ring_k, ring_v = stacks
-            if ring_k.shape[0] and full_k.shape[0]:  # the evicted layer keeps its sinks and window, then frees its slot
-                kept_k, kept_v = (full_to_ring(a, slot, cache.ring_pos) for a in (full_k, full_v))
-                ring_k = ring_k.at[evict_to].set(kept_k, mode="drop")
-                ring_v = ring_v.at[evict_to].set(kept_v, mode="drop")
-                # Make the overwrite of the evicted slot depend on what was read from it (a NaN key, which a
-                # finite model never makes, would drop the write): XLA then reads first and writes in place,
-                # where otherwise it would copy both full stacks at every layer.
-                at = jnp.where(jnp.isnan(kept_k[0, 0, 0, 0] + kept_v[0, 0, 0, 0]), cfg.num_layers, at)
-            written = write_layer_kv((full_k, full_v, ring_k, ring_v), k, v, positions, lazy, at, shape.sink,
-                                     shape.window)
-            return out, (written, new_queue, ratio)
+            queue_after, lazy, at, slot, evict_to = push(queue, layer_id, jnp.mean(ratio))
+            after_eviction, at = _evict(stacks, slot, evict_to, cache.ring_pos, at)
+            return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window),
+                         queue_after, ratio)
 
         x, (stacks, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
         return (x, stacks, queue), ratio
@@ -104,6 +97,22 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
         layers = {"is_lazy": queue.is_lazy, "index": queue.index, "ratios": ratios}
     logits = unembed(params, x if all_logits else x[:, -1:], cfg)
     return (logits if all_logits else logits[:, 0]), cache.with_stacks(stacks), layers
+
+
+def _evict(stacks, slot, evict_to, ring_pos, at):
+    """Move what a ring keeps of full slot `slot` (its sinks and window) into ring `evict_to`; out of range: no
+    eviction. Returns (stacks, at), `at` being where the arriving layer writes next, into that freed slot."""
+    full_k, full_v, ring_k, ring_v = stacks
+    if not (full_k.shape[0] and ring_k.shape[0]):
+        return stacks, at
+    kept_k, kept_v = (full_to_ring(a, slot, ring_pos) for a in (full_k, full_v))
+    ring_k = ring_k.at[evict_to].set(kept_k, mode="drop")
+    ring_v = ring_v.at[evict_to].set(kept_v, mode="drop")
+    # Make the overwrite of the freed slot depend on what was read from it (a NaN key, which a finite model never
+    # makes, would drop the write): XLA then reads first and writes in place, where otherwise it copies both full
+    # stacks at every layer (the P + 1 test measures this).
+    at = jnp.where(jnp.isnan(kept_k[0, 0, 0, 0] + kept_v[0, 0, 0, 0]), full_k.shape[0] + ring_k.shape[0], at)
+    return (full_k, full_v, ring_k, ring_v), at
 
 
 def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Shape):

@@ -107,8 +107,8 @@ class Model:
             return plan, None
         rows = self._prompt_rows(ids)
         _, _, layers = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
-        ratios = np.asarray(layers["ratios"]).mean(axis=(1, 2))
-        return plan.resolve(np.flatnonzero(np.asarray(layers["is_lazy"]))), ratios
+        plan, ratios = _chosen(plan, layers)
+        return plan, ratios.mean(axis=0)
 
     def lazy_ratios(self, ids, sink: int = 4, window: int = 1020, w_last: int = 32,
                     per_head: bool = False) -> np.ndarray:
@@ -121,8 +121,7 @@ class Model:
         _, _, layers = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
         ratios = np.asarray(layers["ratios"]).transpose(1, 0, 2)  # [B, L, N]
         ratios = ratios if per_head else ratios.mean(axis=-1)
-        single = isinstance(ids, str) or (len(ids) and np.ndim(ids[0]) == 0)
-        return ratios[0] if single else ratios
+        return ratios[0] if _is_single(ids) else ratios
 
     def _prefill(self, rows: list[list[int]], plan: Plan, max_len: int):
         """Left-pad rows into one bucketed batch and prefill a fresh cache of max_len slots under `plan`."""
@@ -175,16 +174,14 @@ class Model:
                                        jnp.int32(top_k), jnp.float32(top_p), self.config, Shape.of(plan).decoding,
                                        bucket(max_new_tokens))
         out, counts = np.asarray(out), np.asarray(counts)
-        extra = [{}] * len(rows)
-        if plan.select_lazy is not None:
-            ratios = np.asarray(layers["ratios"]).mean(axis=-1).T  # [B, L]
-            extra = [{"lazy_ratios": [float(r) for r in row]} for row in ratios]
-            plan = plan.resolve(np.flatnonzero(np.asarray(layers["is_lazy"])))
+        plan, ratios = _chosen(plan, layers)
         results = []
         for b in range(len(rows)):
             ids = [int(t) for t in out[b, :counts[b]]]
             results.append({"ids": ids, "text": self.decode(ids) if self.tokenizer is not None else None,
-                            "plan": plan, **extra[b]})
+                            "plan": plan})
+            if ratios is not None:
+                results[-1]["lazy_ratios"] = [float(r) for r in ratios[b]]
         return results
 
     def cache_len(self, prompt_len: int, max_new_tokens: int) -> int:
@@ -196,16 +193,28 @@ class Model:
         return self.generate([list(np.asarray(ids).reshape(-1))], max_new_tokens=max_new_tokens)[0]["ids"]
 
     def _prompt_rows(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str):
+        if _is_single(prompts):
             prompts = [prompts]
-        elif len(prompts) and np.ndim(prompts[0]) == 0 and not isinstance(prompts[0], str):
-            prompts = [prompts]  # a single sequence of ids
         rows = [self.encode(p) if isinstance(p, str) else [int(t) for t in np.asarray(p).reshape(-1)]
                 for p in prompts]
         if not rows or any(len(r) == 0 for r in rows):
             raise LtJaxError("every prompt must hold at least one token.")
         as_batch(np.concatenate([np.asarray(r) for r in rows]), self.config.vocab_size)  # range check
         return rows
+
+
+def _is_single(prompts) -> bool:
+    """One text or one sequence of ids (rather than a batch of them)."""
+    return isinstance(prompts, str) or bool(len(prompts) and np.ndim(prompts[0]) == 0)
+
+
+def _chosen(plan: Plan, layers: dict) -> tuple[Plan, np.ndarray | None]:
+    """After a prefill under `plan`: the fixed plan it decoded with, and for a selecting plan every row's ratio per
+    layer [B, L] (mean over query heads)."""
+    if plan.select_lazy is None:
+        return plan, None
+    ratios = np.asarray(layers["ratios"]).mean(axis=-1).T
+    return plan.resolve(np.flatnonzero(np.asarray(layers["is_lazy"]))), ratios
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from lt_jax.errors import LtJaxError
+from lt_jax.texts import read_text
 
 DEMO_ESSAY = "addiction.txt"
 DEMO_TOKENS = 1024
@@ -27,13 +28,8 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="tensor")
 
 
-def _read_text(path: str) -> str:
-    from lt_jax.texts import read_text
-    return read_text(path)
-
-
 def _read_ids(path: str) -> list[int]:
-    return _parse_ids(_read_text(path), f"ids file {path}")
+    return _parse_ids(read_text(path), f"ids file {path}")
 
 
 def cmd_convert(args) -> dict:
@@ -58,7 +54,7 @@ def cmd_export(args) -> dict:
 def cmd_ppl(args) -> dict:
     import lt_jax
     model = lt_jax.load(args.model)
-    ids = model.encode(_read_text(args.text_file)) if args.text_file else _read_ids(args.ids_file)
+    ids = model.encode(read_text(args.text_file)) if args.text_file else _read_ids(args.ids_file)
     result = model.perplexity(ids, args.max_tokens, plan=_plan(model, args), prefix=args.prefix)
     return {**result, "plan": _plan_json(result["plan"])}
 
@@ -80,7 +76,7 @@ def cmd_generate(args) -> dict:
     if args.ids is not None:
         prompt = _parse_ids(args.ids, "--ids")
     else:
-        text = args.prompt if args.prompt is not None else _read_text(args.prompt_file)
+        text = args.prompt if args.prompt is not None else read_text(args.prompt_file)
         prompt = model.chat_ids(text) if args.chat else model.encode(text)
     plan = _plan(model, args)
     stop = None if args.stop_ids is None else _parse_ids(args.stop_ids, "--stop-ids")

@@ -20,7 +20,7 @@ from lt_jax.config import Config
 from lt_jax.lazy import init_queue, lazy_ratio, push
 from lt_jax.mask import FULL
 from lt_jax.model import attend, attend_causal, attend_streaming, decoder_layer, rope_inv_freq, unembed
-from lt_jax.plan import Plan
+from lt_jax.plan import DEFAULT_W_LAST, Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Shape:
     window: int
     prefill: str  # "exact" | "hybrid"
     select: bool = False  # LightTransfer-Test: the prefill picks the lazy layers from their lazy ratios
-    w_last: int = 32  # queries that measure the ratios
+    w_last: int = DEFAULT_W_LAST  # queries that measure the ratios
 
     @classmethod
     def of(cls, plan: Plan) -> "Shape":
@@ -39,8 +39,9 @@ class Shape:
 
     @property
     def decoding(self) -> "Shape":
-        """What decode compiles for: once the prefill has chosen, a selected plan decodes like a fixed one."""
-        return dataclasses.replace(self, select=False, w_last=32)
+        """What decode compiles for: the counts and S/W only. How the prompt was prefilled (exact, hybrid, or
+        choosing its lazy layers) does not change a decode step, so all of them share one compilation."""
+        return Shape(self.num_lazy, self.sink, self.window, "exact")
 
 
 def plan_arrays(plan: Plan) -> dict:

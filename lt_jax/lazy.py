@@ -18,22 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.mask import attention_mask
+from lt_jax.model import masked_scores
 
 
 def lazy_ratio(q, k, positions, sink: int, window: int, w_last: int, full_window):
     """q [B, T, N, H] (after RoPE), k [B, K, T, H], positions [B, T] (left padding: -1) -> float32 [B, N], one ratio
     per row and query head. Only the last `w_last` queries are scored ([B, N, w_last, T] scores: w_last / T of the
     prefill's attention), and `full_window` is the full layer's own window (Mistral's native one, or none)."""
-    B, T, N, H = q.shape
-    K = k.shape[1]
+    B, T, N, _ = q.shape
     w = min(w_last, T)
     q_pos = positions[:, T - w:]  # rows are left padded: a row's last tokens are the last columns
     length = jnp.max(positions, axis=-1, keepdims=True) + 1  # [B, 1]
-    q_last = (q[:, T - w:] * H ** -0.5).reshape(B, w, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q_last, k, preferred_element_type=jnp.float32)
-    visible = attention_mask(q_pos, positions, 0, full_window)[:, None, None]
-    probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    probs = jax.nn.softmax(masked_scores(q[:, T - w:], k, q_pos, positions, 0, full_window), axis=-1)
     kept = (positions >= 0) & ((positions < sink) | (positions >= length - window))  # [B, T]
     mass = jnp.sum(jnp.where(kept[:, None, None, None], probs, 0.0), axis=-1)  # [B, K, G, w]
     valid = (q_pos >= 0)[:, None, None, :]  # padding queries do not count

@@ -51,16 +51,23 @@ def rms_norm(x, weight, eps):
     return weight * x32.astype(x.dtype)
 
 
-def attend(q, k, v, q_pos, k_pos, sink, window):
-    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, K, S, H] (heads before time: each head's
-    keys are contiguous, which decode's matrix-vector products need to run at memory speed); -> [B, T, N, H]."""
+def masked_scores(q, k, q_pos, k_pos, sink, window):
+    """Scaled dot products under the mask rule, GQA heads grouped: q [B, T, N, H], k [B, K, S, H] -> float32
+    [B, K, N/K, T, S]; masked entries hold float32's minimum, a finite floor that keeps fully masked rows (padding
+    queries) finite instead of NaN after the softmax."""
     B, T, N, H = q.shape
     K = k.shape[1]
     q = (q * H ** -0.5).reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
     mask = attention_mask(q_pos, k_pos, sink, window)[:, None, None]
-    # A finite floor keeps fully masked rows (padding queries) finite instead of NaN.
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+
+
+def attend(q, k, v, q_pos, k_pos, sink, window):
+    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, K, S, H] (heads before time: each head's
+    keys are contiguous, which decode's matrix-vector products need to run at memory speed); -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    scores = masked_scores(q, k, q_pos, k_pos, sink, window)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     # Normalize after the value product: a pass over [T, H] instead of [T, S].
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)

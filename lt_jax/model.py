@@ -153,16 +153,22 @@ def unembed(params, x, cfg: Config):
     return jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "plan"))
 def forward(params, tokens, positions, cfg: Config, plan: Plan | None = None, prefix=None):
     """No-cache forward. tokens, positions int32 [B, T] (padding: position -1) -> logits float32 [B, T, V].
 
     Each layer masks with its own (sink, window) from the plan; layers are scanned, so the model compiles once
-    whatever its depth. `prefix` N (int or [B], data): queries at positions < N attend as in a full layer, which
-    is what an exact prefill of N tokens followed by decode steps computes (teacher-forced scoring).
+    whatever its depth, and the plan enters as data (`Plan.layer_windows`), so plans differing only in which
+    layers are lazy share that compilation. `prefix` N (int or [B], data): queries at positions < N attend as in
+    a full layer, which is what an exact prefill of N tokens followed by decode steps computes (teacher-forced
+    scoring).
     """
-    plan = plan or Plan.full(cfg.num_layers)
-    sinks, windows = plan.layer_windows(cfg)
+    return forward_masked(params, tokens, positions, (plan or Plan.full(cfg.num_layers)).layer_windows(cfg), cfg,
+                          prefix)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def forward_masked(params, tokens, positions, layer_windows, cfg: Config, prefix=None):
+    """`forward` with the plan as per-layer (sinks, windows) int32 [L] each."""
     native = cfg.sliding_window or FULL
     before = None if prefix is None else (positions < jnp.reshape(jnp.asarray(prefix), (-1, 1)))[:, :, None]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
@@ -175,7 +181,7 @@ def forward(params, tokens, positions, cfg: Config, plan: Plan | None = None, pr
         return decoder_layer(lp, x, positions, cfg, inv_freq,
                              lambda q, k, v: (attend_causal(q, k, v, positions, sink, window), None))
 
-    x, _ = jax.lax.scan(step, x, (params["layers"], sinks, windows))
+    x, _ = jax.lax.scan(step, x, (params["layers"], *layer_windows))
     return unembed(params, x, cfg)
 
 

@@ -6,13 +6,26 @@ import os
 from pathlib import Path
 
 
-def plot_lazy_ratios(stats: dict, path: str | Path, title: str) -> None:
-    """Per-layer lazy ratio: mean with the min..max range and +-1 std, lazy layers marked (stats from
-    `lt_jax.lazy.calibrate`)."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot_lazy_ratios(stats: dict, path: str | Path, title: str) -> None:
+    """Per-layer lazy ratio: mean with the min..max range and +-1 std, lazy layers marked (stats from
+    `lt_jax.lazy.calibrate`)."""
     import numpy as np
+    plt = _pyplot()
 
     mean, std = np.asarray(stats["ratio_mean"]), np.asarray(stats["ratio_std"])
     lo, hi = np.asarray(stats["ratio_min"]), np.asarray(stats["ratio_max"])
@@ -30,8 +43,42 @@ def plot_lazy_ratios(stats: dict, path: str | Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
+
+
+def plot_heat_maps(maps: dict, path: str | Path, title: str) -> None:
+    """One depth x length accuracy map per method (`lt_jax.evaluate.heat_maps`), side by side, one color scale."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(maps), figsize=(2.2 + 2.0 * len(maps), 3.4), dpi=120, squeeze=False,
+                             sharey=True)
+    for ax, (method, (lengths, depths, grid)) in zip(axes[0], maps.items()):
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths],
+                      fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_title(method, fontsize=8)
+        ax.set_xlabel("prompt tokens", fontsize=7)
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if grid[i, j] == grid[i, j]:  # not NaN
+                    ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=6)
+    axes[0][0].set_ylabel("needle depth", fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="accuracy")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_bars(values: dict, path: str | Path, title: str, ylabel: str) -> None:
+    """One bar per method (perplexity, LongBench average)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(values)), 3.2), dpi=120)
+    bars = ax.bar(range(len(values)), list(values.values()), color="tab:blue")
+    ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(values)), list(values), rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    lo, hi = min(values.values()), max(values.values())
+    if ylabel == "perplexity":  # differences of a few percent: start the axis near the values
+        ax.set_ylim(lo - 0.5 * (hi - lo + 1e-9) - 0.02 * lo, hi + 0.3 * (hi - lo + 1e-9) + 0.02 * hi)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

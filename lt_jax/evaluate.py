@@ -1,0 +1,329 @@
+"""`lt-jax eval`: every method on the same examples in one run, one JSONL row per (example, method), resumable.
+
+Methods with an exact prefill (all but hybrid-prefill plan files) share one prefill per example: every layer
+full, every lazy ratio measured (`Plan(select_lazy=0)`); each method's cache is that cache restricted to its plan
+(`cache.restrict`, tested equal to the plan's own prefill), and `lighttransfer` takes the top-k of the measured
+ratios (tested equal to the priority queue's choice). So methods differ only in which layers are lazy, and a
+prompt is prefilled once however many methods run. Perplexity examples are scored by one masked forward per
+method (`forward_masked`: the plan is data, so per-prompt lazy sets never recompile).
+
+Rows are appended and flushed one at a time; the first line records what the file was made with. A rerun skips
+the (example, method) pairs already written, drops a row a killed run left half-written, and refuses a file made
+with other settings, so an interrupted run loses at most one row and never counts one twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lt_jax import tasks
+from lt_jax.api import bucket, left_pad, token_nll
+from lt_jax.cache import init_cache, restrict
+from lt_jax.errors import LtJaxError
+from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
+from lt_jax.lazy import top_lazy
+from lt_jax.plan import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    id: str
+    cell: dict              # where it counts in the summary, e.g. {"length": 4096, "depth": 0.5}
+    ids: list[int]          # the prompt; for perplexity the whole scored window
+    max_new_tokens: int = 0  # 0: a perplexity example, scored from `prefix` on
+    prefix: int = 0
+    target: object = None   # what `score` compares the answer with
+
+
+# ---- tasks -----------------------------------------------------------------------------------------------
+
+class Retrieval:
+    """niah (RULER single- or multi-key needles in the essays) and passkey: exact match of the hidden number,
+    summarized per prompt length, with a depth x length heat map."""
+    percent = True
+
+    def __init__(self, name, lengths, depths, samples, keys=1, max_new_tokens=16, seed=0, haystack=None):
+        if not all(0 <= d <= 1 for d in depths):
+            raise LtJaxError(f"--depths must lie in [0, 1]; got {depths}.")
+        if keys < 1 or samples < 1 or min(lengths) < 64:
+            raise LtJaxError(f"need --keys >= 1, --samples >= 1 and lengths >= 64 tokens; got keys={keys}, "
+                             f"samples={samples}, lengths={lengths}.")
+        self.name, self.lengths, self.depths, self.samples = name, lengths, depths, samples
+        self.keys, self.max_new_tokens, self.seed, self.haystack = keys, max_new_tokens, seed, haystack
+        self.settings = dict(lengths=lengths, depths=depths, samples=samples, keys=keys,
+                             max_new_tokens=max_new_tokens, seed=seed)
+
+    def examples(self, model):
+        hay = None if self.name == "passkey" else model.encode("\n\n".join(self.haystack))
+        for length in self.lengths:
+            if hay is not None and len(hay) < length:
+                raise LtJaxError(f"the haystack holds {len(hay)} tokens, too few for {length}-token prompts.")
+            for d, depth in enumerate(self.depths):
+                for s in range(self.samples):
+                    rng = np.random.default_rng([self.seed, length, d, s])
+                    if hay is None:
+                        passkey = int(rng.integers(10_000, 100_000))
+                        ids, target = tasks.passkey_prompt(model, length, depth, passkey), str(passkey)
+                    else:
+                        offset = int(rng.integers(0, len(hay) - length + 1))
+                        ids, target = tasks.niah_prompt(model, hay[offset:] + hay[:offset], length, depth, rng,
+                                                        self.keys)
+                    yield Example(f"{length}/{depth:g}/{s}", {"length": length, "depth": depth}, ids,
+                                  self.max_new_tokens, target=target)
+
+    def score(self, example, answer: str) -> float:
+        return float(tasks.first_number(answer) == example.target)
+
+    def column(self, row) -> str:
+        return str(row["cell"]["length"])
+
+
+class Perplexity:
+    """Decode-mode perplexity over the essays: windows of prefix + scored tokens; exp(total NLL / tokens)."""
+    name, percent = "ppl", False
+
+    def __init__(self, prefix, score_tokens, samples, haystack):
+        if prefix < 1 or score_tokens < 1 or samples < 1:
+            raise LtJaxError(f"need --prefix, --score-tokens and --samples >= 1; got {prefix}, {score_tokens}, "
+                             f"{samples}.")
+        self.prefix, self.score_tokens, self.samples, self.haystack = prefix, score_tokens, samples, haystack
+        self.settings = dict(prefix=prefix, score_tokens=score_tokens, samples=samples)
+
+    def examples(self, model):
+        hay = model.encode("\n\n".join(self.haystack))
+        span = self.prefix + self.score_tokens
+        if len(hay) < span:
+            raise LtJaxError(f"the text holds {len(hay)} tokens, fewer than --prefix + --score-tokens = {span}.")
+        stride = max(1, (len(hay) - span) // max(1, self.samples - 1))
+        for k in range(self.samples):
+            start = min(k * stride, len(hay) - span)
+            yield Example(f"w{k}", {"prefix": self.prefix}, hay[start:start + span], prefix=self.prefix)
+
+    def column(self, row) -> str:
+        return f"ppl ({self.prefix} + {self.score_tokens})"
+
+    @staticmethod
+    def aggregate(rows) -> float:
+        return float(np.exp(sum(r["nll_sum"] for r in rows) / sum(r["tokens"] for r in rows)))
+
+
+class LongBench:
+    """LongBench v1 from its JSONL files: official templates, generation lengths, middle truncation, chat
+    template where LongBench applies one, official metrics; summarized per dataset and as their mean."""
+    name, percent = "longbench", True
+
+    def __init__(self, paths, max_length=None, limit=None):
+        from lt_jax import longbench
+        self.data = [longbench.load(p) for p in paths]  # fails early, naming the file and line
+        self.max_length, self.limit = max_length, limit
+        self.settings = dict(data=[str(p) for p in paths], max_length=max_length, limit=limit)
+
+    def examples(self, model):
+        from lt_jax import longbench
+        context = model.config.max_position_embeddings
+        chat = bool(model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None))
+        template = len(model.chat_ids("")) if chat else 0
+        for ds, records in self.data:
+            budget = min(self.max_length or context, context) - ds.max_new_tokens - template - 8
+            for i, record in enumerate(records[:self.limit]):
+                raw = model.tokenizer(longbench.prompt_text(ds, record), add_special_tokens=False)["input_ids"]
+                text = model.decode(longbench.truncate_middle(raw, budget))
+                ids = model.chat_ids(text) if chat and ds.chat else model.encode(text)
+                yield Example(f"{ds.name}/{record.get('_id', i)}", {"dataset": ds.name}, ids, ds.max_new_tokens,
+                              target=(ds, record))
+
+    def score(self, example, answer: str) -> float:
+        from lt_jax import longbench
+        ds, record = example.target
+        return longbench.score(ds, answer, record)
+
+    def column(self, row) -> str:
+        return row["cell"]["dataset"]
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+
+class Results:
+    """The JSONL file: a first line {"meta": ...}, then one row per (example, method)."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.rows: list[dict] = []
+        if path.exists() and path.stat().st_size:
+            raw = path.read_bytes()
+            if not raw.endswith(b"\n"):  # a killed run's half-written row: drop it
+                cut = raw.rfind(b"\n") + 1
+                print(f"[lt-jax eval] {path}: dropping an incomplete last row", file=sys.stderr)
+                with open(path, "r+b") as f:
+                    f.truncate(cut)
+                raw = raw[:cut]
+            lines = [_parse(path, number, line) for number, line in enumerate(raw.decode().splitlines(), 1)
+                     if line.strip()]
+            if lines and lines[0].get("meta") != meta:
+                old = lines[0].get("meta") or {}
+                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+                raise LtJaxError(f"{path} holds results made with other settings ({', '.join(diff)} differ); "
+                                 f"give another --out or delete it.")
+            self.rows = lines[1:]
+        if not self.rows and not (path.exists() and path.stat().st_size):
+            path.write_text(json.dumps({"meta": meta}) + "\n")
+        self.done = {(r["example"], r["method"]) for r in self.rows}
+
+    def add(self, row: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+        self.done.add((row["example"], row["method"]))
+
+
+def _parse(path: Path, number: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LtJaxError(f"{path} line {number} is not valid JSON ({e.msg}): not a results file of lt-jax eval?")
+    if not isinstance(row, dict) or (number > 1 and not {"example", "method"} <= set(row)):
+        raise LtJaxError(f"{path} line {number} is not a result row of lt-jax eval.")
+    return row
+
+
+def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: bool = True) -> list[dict]:
+    """Run every method on every example of `task`, appending to `out`; returns the rows of these methods."""
+    from tqdm import tqdm
+    results = Results(Path(out), meta)
+    examples = list(task.examples(model))
+    todo = [(e, [m for m in methods if (e.id, m) not in results.done]) for e in examples]
+    todo = [(e, ms) for e, ms in todo if ms]
+    bar = tqdm(total=sum(len(ms) for _, ms in todo), desc=f"eval {task.name}", unit="run", file=sys.stderr,
+               disable=not progress)
+    for example, names in todo:
+        for row in run_example(model, example, {m: methods[m] for m in names}, task):
+            results.add(row)
+            bar.update()
+    bar.close()
+    ids = {e.id for e in examples}
+    return [r for r in results.rows if r["method"] in methods and r["example"] in ids]
+
+
+def run_example(model, example: Example, methods: dict[str, Plan], task):
+    """Yields one row per method, as soon as it is done."""
+    cfg = model.config
+    selecting = [p for p in methods.values() if p.select_lazy is not None]
+    measure = Plan(cfg.num_layers, select_lazy=0, source="measure",
+                   **({k: getattr(selecting[0], k) for k in ("sink", "window", "w_last")} if selecting else {}))
+    base = {"example": example.id, "cell": example.cell}
+    if example.max_new_tokens == 0:  # perplexity
+        tokens = np.asarray([example.ids], np.int32)
+        ratios = model.lazy_ratios(example.ids[:example.prefix], measure.sink, measure.window,
+                                   measure.w_last) if selecting else None
+        for name, plan in methods.items():
+            t0 = time.perf_counter()
+            plan = _fixed(plan, ratios)
+            prefix = None if plan.prefill == "hybrid" else example.prefix  # hybrid: the prompt streams too
+            nll = token_nll(model.params, tokens, plan.layer_windows(cfg), cfg, prefix)[0, example.prefix - 1:]
+            yield {**base, "method": name, "lazy_layers": list(plan.lazy_layers), "nll_sum": float(jnp.sum(nll)),
+                   "tokens": int(nll.shape[0]), "seconds": round(time.perf_counter() - t0, 3),
+                   **({"ratios": _round(ratios)} if methods[name].select_lazy is not None else {})}
+        return
+    if len(example.ids) + example.max_new_tokens > cfg.max_position_embeddings:
+        raise LtJaxError(f"example {example.id}: {len(example.ids)} prompt tokens + {example.max_new_tokens} new "
+                         f"exceed the model's context of {cfg.max_position_embeddings}.")
+    shared, ratios = None, None
+    for name, plan in methods.items():
+        t0 = time.perf_counter()
+        if plan.prefill == "hybrid":  # its own prefill: lazy layers stream over the prompt too
+            result = model.generate([example.ids], plan=plan, max_new_tokens=example.max_new_tokens)[0]
+            ids, fixed = result["ids"], result["plan"]
+        else:
+            if shared is None:
+                shared, ratios = _measure(model, example, measure)
+            fixed = _fixed(plan, ratios)
+            ids = _generate(model, shared, fixed, example.max_new_tokens)
+        answer = model.decode(ids)
+        yield {**base, "method": name, "lazy_layers": list(fixed.lazy_layers), "answer": answer,
+               "target": example.target if isinstance(example.target, str) else None,
+               "score": task.score(example, answer), "seconds": round(time.perf_counter() - t0, 3),
+               **({"ratios": _round(ratios)} if plan.select_lazy is not None else {})}
+
+
+def _measure(model, example: Example, measure: Plan):
+    """One exact prefill, every layer full and its lazy ratio measured -> ((logits, cache, positions), ratios)."""
+    cfg = model.config
+    tokens, positions = left_pad([example.ids], bucket(len(example.ids)))
+    cache = init_cache(cfg, measure, 1, model.cache_len(len(example.ids), example.max_new_tokens))
+    logits, cache, layers = prefill(model.params, tokens, positions, cache, plan_arrays(measure), cfg,
+                                    Shape.of(measure))
+    return (logits, cache, jnp.asarray(positions)), np.asarray(layers["ratios"]).mean(axis=(1, 2))
+
+
+def _fixed(plan: Plan, ratios) -> Plan:
+    return plan if plan.select_lazy is None else plan.resolve(top_lazy(ratios, plan.select_lazy))
+
+
+def _generate(model, shared, plan: Plan, max_new_tokens: int) -> list[int]:
+    """Greedy decode under `plan` from the shared all-full prefill; stops at the model's EOS."""
+    logits, cache, positions = shared
+    stop = jnp.asarray(list(model.config.eos_token_ids) or [-2], jnp.int32)
+    out, counts, _ = generate_loop(model.params, logits, restrict(cache, plan, positions), plan_arrays(plan),
+                                   jnp.int32(max_new_tokens), stop, jax.random.key(0), jnp.float32(0), jnp.int32(0),
+                                   jnp.float32(1), model.config, Shape.of(plan).decoding, bucket(max_new_tokens))
+    return [int(t) for t in np.asarray(out)[0, :int(counts[0])]]
+
+
+def _round(ratios):
+    return None if ratios is None else [round(float(r), 5) for r in ratios]
+
+
+# ---- summary ---------------------------------------------------------------------------------------------
+
+def summarize(task, rows: list[dict], methods: list[str]) -> dict:
+    """{"columns": [...], "methods": {method: {column: value, "average": value, "examples": n}}}. Retrieval and
+    LongBench: mean score x 100 per column, the average over columns (LongBench's macro average); perplexity:
+    exp(total NLL / tokens)."""
+    columns = sorted({task.column(r) for r in rows}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else c))
+    value = getattr(task, "aggregate", None) or (lambda rs: 100 * float(np.mean([r["score"] for r in rs])))
+    table = {}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        cells = {c: value([r for r in mine if task.column(r) == c]) for c in columns
+                 if any(task.column(r) == c for r in mine)}
+        if cells:
+            table[m] = {**cells, "average": float(np.mean(list(cells.values()))), "examples": len(mine)}
+    return {"columns": columns, "methods": table}
+
+
+def markdown(task, summary: dict) -> str:
+    cols = summary["columns"]
+    ppl = task.name == "ppl"
+    head = [*cols, "vs full"] if ppl else [*(f"{task.name} {c}" for c in cols), "average"]
+    lines = [f"| method | {' | '.join(head)} | examples |", "|---|" + "---|" * (len(head) + 1)]
+    full = summary["methods"].get("full", {}).get("average")
+    for m, cells in summary["methods"].items():
+        values = [f"{cells[c]:.3f}" if ppl else f"{cells[c]:.1f}" if c in cells else "-" for c in cols]
+        extra = (f"{cells['average'] / full - 1:+.2%}" if full else "-") if ppl else f"{cells['average']:.1f}"
+        lines.append(f"| {m} | {' | '.join(values)} | {extra} | {cells['examples']} |")
+    return "\n".join(lines)
+
+
+def heat_maps(rows: list[dict], methods: list[str]) -> dict:
+    """method -> (lengths, depths, accuracy [depths, lengths]) for the retrieval tasks."""
+    lengths = sorted({r["cell"]["length"] for r in rows})
+    depths = sorted({r["cell"]["depth"] for r in rows})
+    out = {}
+    for m in methods:
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                hits = [r["score"] for r in rows if r["method"] == m and r["cell"] == {"length": n, "depth": d}]
+                grid[i, j] = np.mean(hits) if hits else np.nan
+        out[m] = (lengths, depths, grid)
+    return out

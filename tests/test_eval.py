@@ -1,0 +1,214 @@
+"""`lt-jax eval`: task builders on the real tokenizer, the shared-prefill runner against the model's own paths,
+resume after a killed run, summaries, and bad input. The runner tests use a tiny random llama that carries
+SmolLM2's tokenizer (compile time, not model size, dominates here)."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from lt_jax import evaluate, tasks
+from lt_jax.cli import main
+
+ESSAY = "addiction.txt"
+TINY_ARGS = ["--lengths", "300,400", "--depths", "0.2,0.8", "--samples", "2", "--sink", "4", "--window", "64",
+             "--max-new-tokens", "4", "--methods", "full,lighttransfer,streaming,last"]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenized(assets):
+    import lt_jax
+    return lt_jax.load(assets["smollm2"])
+
+
+@pytest.fixture(scope="module")
+def essay_ids(assets, smol_tokenized):
+    return smol_tokenized.encode((Path(assets["essays"]) / ESSAY).read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(assets, tmp_path_factory):
+    """A 2-layer random llama with SmolLM2's vocabulary, tokenizer and chat template, saved as an HF dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1))
+    out = tmp_path_factory.mktemp("tiny_chat") / "hf"
+    hf.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(assets["smollm2_hf"]) / name).exists():
+            shutil.copy(Path(assets["smollm2_hf"]) / name, out / name)
+    return out
+
+
+# ---- task builders (real tokenizer) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.9])
+def test_niah_multikey_places_the_asked_needle_at_its_depth(smol_tokenized, essay_ids, depth):
+    model = smol_tokenized
+    ids, value = tasks.niah_prompt(model, essay_ids, 1500, depth, np.random.default_rng(7), keys=4)
+    assert abs(len(ids) - 1500) <= 6
+    text = model.decode(ids)
+    sentences = re.findall(r"One of the special magic numbers for [a-z]+-[a-z]+ is: \d{7}\.", text)
+    assert len(sentences) == 4 and len(set(sentences)) == 4  # the asked needle and three distractors
+    asked = text.split("What is the special magic number for ")[1].split(" mentioned")[0]
+    sentence = tasks.KEYED_NEEDLE.format(key=asked, value=value)
+    assert sentence in sentences and text.rstrip().endswith(tasks.KEYED_ANSWER_PREFIX.format(key=asked))
+    assert sum(s.count(value) for s in sentences) == 1  # the value appears only in its own sentence
+    body = text[:text.index("What is the special magic number for")]
+    before = body[:body.index(sentence)]
+    for s in sentences:  # depth is measured in haystack characters, without the needles
+        body, before = body.replace(s, ""), before.replace(s, "")
+    assert abs(len(before) / len(body) - depth) < 0.03
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt_length_and_depth(smol_tokenized, depth):
+    model = smol_tokenized
+    ids = tasks.passkey_prompt(model, 2000, depth, 48213)
+    filler = len(model.encode(" " + tasks.PASSKEY_FILLER))
+    assert 2000 - filler <= len(ids) <= 2000
+    text = model.decode(ids)
+    line = tasks.PASSKEY_LINE.format(key=48213)
+    before, after = text.split(line)
+    n_before, n_after = before.count(tasks.PASSKEY_FILLER), after.count(tasks.PASSKEY_FILLER)
+    assert abs(n_before / (n_before + n_after) - depth) < 0.02
+    assert text.startswith(tasks.PASSKEY_TASK) and text.endswith(tasks.PASSKEY_QUESTION)
+
+
+def test_retrieval_examples_are_deterministic(smol_tokenized):
+    task = evaluate.Retrieval("passkey", [256], [0.5], 2)
+    a, b = list(task.examples(smol_tokenized)), list(task.examples(smol_tokenized))
+    assert [e.ids for e in a] == [e.ids for e in b] and a[0].target != a[1].target
+    assert task.score(a[0], f" {a[0].target}. Remember") == 1.0 and task.score(a[0], " 12.") == 0.0
+
+
+# ---- runner ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_chat):
+    import lt_jax
+    return lt_jax.load(tiny_chat)
+
+
+def test_shared_prefill_rows_equal_each_plans_own_generate(tiny_model, essay_ids, tmp_path):
+    """Every method's answer from the one shared prefill == `Model.generate` under that (chosen) plan."""
+    model = tiny_model
+    task = evaluate.Retrieval("niah", [400], [0.5], 1, max_new_tokens=6, haystack=[model.decode(essay_ids)])
+    plans = {m: model.plan(m, sink=4, window=64) for m in ("full", "lighttransfer", "streaming", "first")}
+    plans["hybrid"] = model.plan("last", sink=4, window=64, prefill="hybrid")
+    rows = evaluate.run(model, task, plans, tmp_path / "r.jsonl", {"t": 1}, progress=False)
+    (example,) = task.examples(model)
+    assert len(rows) == 5
+    for row in rows:
+        plan = plans[row["method"]]
+        want = model.generate([example.ids], plan=plan, max_new_tokens=6)[0]
+        assert row["answer"] == want["text"], row["method"]
+        assert row["lazy_layers"] == list(want["plan"].lazy_layers)  # lighttransfer: top-k == the queue's choice
+    assert len(next(r for r in rows if r["method"] == "lighttransfer")["ratios"]) == 4
+
+
+def test_ppl_rows_equal_model_perplexity(tiny_model, essay_ids, tmp_path):
+    model = tiny_model
+    text = model.decode(essay_ids)
+    task = evaluate.Perplexity(300, 100, 2, [text])
+    plans = {m: model.plan(m, sink=4, window=64) for m in ("full", "lighttransfer", "random:3")}
+    rows = evaluate.run(model, task, plans, tmp_path / "p.jsonl", {"t": 1}, progress=False)
+    summary = evaluate.summarize(task, rows, list(plans))
+    for name, plan in plans.items():
+        nll, n = 0.0, 0
+        for example in task.examples(model):
+            got = model.perplexity(example.ids, plan=plan, prefix=300)
+            nll, n = nll + got["nll"] * got["tokens"], n + got["tokens"]
+        assert n == 200
+        np.testing.assert_allclose(summary["methods"][name]["average"], np.exp(nll / n), rtol=1e-5)
+    assert "| full |" in evaluate.markdown(task, summary) and "+0.00%" in evaluate.markdown(task, summary)
+
+
+def _eval_cmd(model_dir, out, extra=()):
+    return [sys.executable, "-m", "lt_jax.cli", "eval", str(model_dir), "--task", "niah", "--out", str(out),
+            "--json", *TINY_ARGS, *extra]
+
+
+def test_resume_after_a_killed_run(tiny_chat, tmp_path):
+    """Kill the process mid-run (SIGKILL), leave a half-written row behind, rerun: no row lost or doubled, and the
+    summary equals that of an uninterrupted run."""
+    out = tmp_path / "niah.jsonl"
+    total = 2 * 2 * 2 * 4
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(_eval_cmd(tiny_chat, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= 1 + 5:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    written = out.read_text().splitlines()
+    assert proc.returncode == -signal.SIGKILL and 1 + 5 <= len(written) < 1 + total, "not killed mid-run"
+    with open(out, "a") as f:
+        f.write('{"example": "300/0.2/0", "method": "fu')  # what a kill during a write leaves
+    resumed = subprocess.run(_eval_cmd(tiny_chat, out), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dropping an incomplete last row" in resumed.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert rows[:len(written) - 1] == [json.loads(line) for line in written[1:]]  # kept as they were
+    assert len(rows) == total and len({(r["example"], r["method"]) for r in rows}) == total
+    again = tmp_path / "again.jsonl"
+    fresh = subprocess.run(_eval_cmd(tiny_chat, again), capture_output=True, text=True, env=env)
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads(resumed.stdout)["summary"] == json.loads(fresh.stdout)["summary"]
+    rerun = subprocess.run(_eval_cmd(tiny_chat, out), capture_output=True, text=True, env=env)  # nothing left
+    assert rerun.returncode == 0 and len(out.read_text().splitlines()) == 1 + total
+
+
+def test_eval_plots_and_table(tiny_chat, tmp_path, capsys):
+    out, plot, ratio_plot = tmp_path / "r.jsonl", tmp_path / "heat.png", tmp_path / "ratios.png"
+    capsys.readouterr()
+    assert main(["eval", str(tiny_chat), "--task", "passkey", "--out", str(out), "--plot", str(plot),
+                 "--ratio-plot", str(ratio_plot), *TINY_ARGS[:8], "--max-new-tokens", "3"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0] == "| method | passkey 300 | passkey 400 | average | examples |"
+    assert len(table.splitlines()) == 2 + 3  # full, lighttransfer, streaming (the default methods)
+    assert plot.read_bytes()[:4] == b"\x89PNG" and ratio_plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "niah", "--methods", "full,bogus"], "unknown plan 'bogus'"),
+    (["--task", "niah", "--methods", "full,full"], "names a method twice"),
+    (["--task", "niah", "--depths", "0.5,1.5"], "--depths must lie in [0, 1]"),
+    (["--task", "niah", "--lengths", "4k"], "--lengths must be a comma-separated list of int"),
+    (["--task", "longbench"], "--task longbench needs --data"),
+    (["--task", "longbench", "--data", "/no/such/hotpotqa.jsonl"], "/no/such/hotpotqa.jsonl"),
+    (["--task", "niah", "--out", "/no/such/dir/r.jsonl"], "cannot write --out /no/such/dir/r.jsonl"),
+])
+def test_bad_input_is_one_clear_sentence(tiny_chat, tmp_path, capsys, argv, message):
+    capsys.readouterr()
+    code = main(["eval", str(tiny_chat), *argv] + ([] if "--out" in argv else ["--out", str(tmp_path / "x.jsonl")]))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_unknown_task_and_foreign_results_file(tiny_chat, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(tiny_chat), "--task", "mmlu"])
+    assert exit_.value.code == 2 and "invalid choice: 'mmlu'" in capsys.readouterr().err
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"meta": {"task": "niah", "settings": {}}}\n')
+    assert main(["eval", str(tiny_chat), "--task", "niah", "--out", str(out), *TINY_ARGS]) == 2
+    assert "holds results made with other settings" in capsys.readouterr().err
+    out.write_text("not json\n")
+    assert main(["eval", str(tiny_chat), "--task", "niah", "--out", str(out), *TINY_ARGS]) == 2
+    assert f"{out} line 1 is not valid JSON" in capsys.readouterr().err

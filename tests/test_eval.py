@@ -212,3 +212,38 @@ def test_unknown_task_and_foreign_results_file(tiny_chat, tmp_path, capsys):
     out.write_text("not json\n")
     assert main(["eval", str(tiny_chat), "--task", "niah", "--out", str(out), *TINY_ARGS]) == 2
     assert f"{out} line 1 is not valid JSON" in capsys.readouterr().err
+
+
+def test_longbench_end_to_end(tiny_chat, tmp_path, capsys):
+    """LongBench's fixtures: chat template only where LongBench applies one, middle truncation to --max-length,
+    every row scored by the official metric, one table column per dataset."""
+    import lt_jax
+    from lt_jax import longbench
+    data = REPO / "tests" / "data" / "longbench"
+    model = lt_jax.load(tiny_chat)
+    task = evaluate.LongBench(sorted(data.glob("*.jsonl")), max_length=120, limit=2)
+    examples = {e.id.split("/")[0]: e for e in task.examples(model)}
+    template = model.chat_ids("")
+    for name, example in examples.items():
+        ds, record = example.target
+        assert (example.ids[:3] == template[:3]) == ds.chat, name  # trec and lcc: no chat template
+        raw = model.tokenizer(longbench.prompt_text(ds, record), add_special_tokens=False)["input_ids"]
+        budget = 120 - ds.max_new_tokens - len(template) - 8
+        assert len(example.ids) <= min(len(raw), budget) + len(template) + 4
+    capsys.readouterr()
+    out = tmp_path / "lb.jsonl"
+    assert main(["eval", str(tiny_chat), "--task", "longbench", "--data", str(data), "--limit", "2", "--max-length",
+                 "120", "--methods", "full,streaming", "--sink", "4", "--window", "16", "--out", str(out),
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["summary"]["columns"] == sorted(examples)
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert len(rows) == 2 * sum(min(2, len(longbench.load(f)[1])) for f in data.glob("*.jsonl"))
+    by_id = {f"{ds.name}/{r.get('_id', i)}": (ds, r) for f in data.glob("*.jsonl")
+             for ds, records in [longbench.load(f)] for i, r in enumerate(records)}
+    for row in rows:
+        ds, record = by_id[row["example"]]
+        assert row["score"] == longbench.score(ds, row["answer"], record)
+    mean = {c: 100 * np.mean([r["score"] for r in rows if r["method"] == "full" and r["cell"]["dataset"] == c])
+            for c in got["summary"]["columns"]}
+    assert got["summary"]["methods"]["full"]["average"] == pytest.approx(np.mean(list(mean.values())))

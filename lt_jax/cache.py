@@ -14,6 +14,7 @@ a padding token, or a token that will be overwritten within the same chunk write
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +155,16 @@ def write_layer_kv(stacks, k, v, positions, is_lazy, index, sink: int, window: i
         ring_k = ring_k.at[r_layer, rows, :, r_slot].set(k, mode="drop")
         ring_v = ring_v.at[r_layer, rows, :, r_slot].set(v, mode="drop")
     return full_k, full_v, ring_k, ring_v
+
+
+@partial(jax.jit, donate_argnames=("cache",))
+def insert_rows(cache: KVCache, small: KVCache, row) -> KVCache:
+    """Copy the b rows of `small` (a cache of the same plan and slots, e.g. one prefilled row) into rows
+    row..row+b-1 of `cache`, in place (`cache` is donated). `row` is data: one compilation per pair of shapes."""
+    def put(field):
+        big, part = getattr(cache, field.name), getattr(small, field.name)
+        axis = 1 if field.name.endswith(("_k", "_v")) else 0  # stacks [L, B, K, M, H]; positions [B, M]; length [B]
+        start = [jnp.int32(0)] * big.ndim
+        start[axis] = jnp.asarray(row, jnp.int32)
+        return jax.lax.dynamic_update_slice(big, part, start)
+    return KVCache(**{f.name: put(f) for f in dataclasses.fields(KVCache)})

@@ -286,6 +286,13 @@ def cmd_eval(args) -> dict:
             "plan_flags": meta["plan_flags"], "settings": task.settings}
 
 
+def cmd_bench(args) -> dict:
+    """Speed and memory per method (lt_jax.bench), or with --throughput the largest batch a memory budget fits."""
+    import lt_jax
+    from lt_jax import bench
+    return bench.run(args, lt_jax.load(args.model))
+
+
 def cmd_fetch(args) -> dict:
     from lt_jax import assets
     return assets.fetch(qwen=args.qwen)
@@ -395,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longbench: prompt tokens before middle truncation (default: the model's context)")
     s.add_argument("--limit", type=int, default=None, help="longbench: at most this many records per dataset")
     _plan_flags(s, with_plan=False)
+    s = add("bench", cmd_bench, "prefill/decode speed, time to first token, KV bytes, peak memory and compile times "
+            "per method; --throughput: the largest batch a memory budget fits and its throughput relative to full")
+    s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
+    _plan_flags(s, with_plan=False)
+    from lt_jax.bench import add_arguments
+    add_arguments(s)
     s = add("fetch", cmd_fetch, "fetch and convert the real model and the essays (idempotent)")
     s.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-0.5B-Instruct (about 500 MB)")
     return p
@@ -403,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "convert":
+        if args.command not in ("convert", "bench"):  # bench reports compile times: no persistent cache
             _enable_compilation_cache()
         result = args.fn(args)
     except LtJaxError as e:

@@ -19,9 +19,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
+
+from lt_jax.bench import block, hf_generate_decode_s, timed
 
 RSS_CHILD = r"""
 def peak_rss():  # VmHWM: ru_maxrss survives exec on Linux and would report the parent's peak
@@ -37,17 +38,6 @@ logits, cache, _ = prefill(m.params, ids, np.arange(T, dtype=np.int32)[None], ca
 logits.block_until_ready()
 print(peak_rss())
 """
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-def block(tree):
-    import jax
-    return jax.block_until_ready(tree)
 
 
 def filled_cache(model, plan, batch, context, max_len):
@@ -153,16 +143,14 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
                 out = ref(token, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         _, hf_decode = timed(hf_steps)
-        # ... and `generate` itself, with its per-step overheads: (N + 1 new tokens) minus (1 new token)
-        gen = lambda n: ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
-        _, one = timed(lambda: gen(1))
-        _, many = timed(lambda: gen(steps + 1))
+    # ... and `generate` itself, with its per-step overheads: (N + 1 new tokens) minus (1 new token)
+    generate_s = hf_generate_decode_s(ref, x, steps)
     return {"prefill": rows,
             "decode_2k_batch1": {"lt_jax_tokens_per_s": round(steps / ours, 1),
                                  "transformers_tokens_per_s": round(steps / hf_decode, 1),
-                                 "transformers_generate_tokens_per_s": round(steps / (many - one), 1),
+                                 "transformers_generate_tokens_per_s": round(steps / generate_s, 1),
                                  "speedup": round(hf_decode / ours, 2),
-                                 "speedup_vs_generate": round((many - one) / ours, 2)}}
+                                 "speedup_vs_generate": round(generate_s / ours, 2)}}
 
 
 def prefill_peak_rss(ckpt, T, plan, mode):

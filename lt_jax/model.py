@@ -16,6 +16,8 @@ from lt_jax.mask import FULL, attention_mask
 from lt_jax.plan import Plan
 
 Q_CHUNK = 256  # queries per attention block: scores are [B, N, Q_CHUNK, S], never [B, N, T, T]
+K_CHUNK = 512  # keys per block of the tiled (flash-style) path
+TILED_FROM = 2048  # prompts longer than this take the tiled path
 
 
 def rope_inv_freq(cfg: Config) -> np.ndarray:
@@ -81,9 +83,13 @@ def attend_causal(q, k, v, positions, sink, window):
     Block c sees only keys 0..end of its own block: later keys are later positions (rows are left padded,
     positions grow along the row), which the mask rule hides anyway. So no [T, T] score matrix exists, the
     masked upper triangle is never computed, and every softmax still spans every visible key: exact.
+    Past TILED_FROM tokens the blocks run one at a time over key blocks (`attend_tiled`), so the scores alive at
+    once are one [Q_CHUNK, K_CHUNK] block, not the whole triangle.
     sink, window: scalars, or per-query [B, T, 1] (teacher-forced scoring with an exact prefix).
     """
     T = q.shape[1]
+    if T > TILED_FROM:
+        return attend_tiled(q, k, v, positions, sink, window)
     per_query = lambda a, s, e: a[:, s:e] if jnp.ndim(a) == 3 else a  # noqa: E731
     outs = []
     for start in range(0, T, Q_CHUNK):
@@ -91,6 +97,52 @@ def attend_causal(q, k, v, positions, sink, window):
         outs.append(attend(q[:, start:end], k[:, :, :end], v[:, :, :end], positions[:, start:end], positions[:, :end],
                            per_query(sink, start, end), per_query(window, start, end)))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+def attend_tiled(q, k, v, positions, sink, window):
+    """`attend_causal` for long prompts, flash-style: a scan over query blocks; each block loops over the key
+    blocks up to its own end with a running max and sum (online softmax), normalizing once at the end. Memory:
+    one [Q_CHUNK, K_CHUNK] score block per head, whatever T (XLA otherwise keeps most of the triangle's blocks
+    alive at once: ~1.5 GiB of temporaries for 8K tokens on SmolLM2). Key blocks past a query block's end are
+    never computed; a block whose keys are all masked for a query adds nothing once a visible key has been seen
+    (its weights are rescaled by exp(floor - max) = 0), and every query sees at least itself."""
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
+    pad = -T % K_CHUNK  # K_CHUNK is a multiple of Q_CHUNK; padded queries and keys have position -1
+    if pad:
+        q, k, v = (jnp.pad(a, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (3 - axis)) for a, axis in ((q, 1), (k, 2), (v, 2)))
+        positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+        sink, window = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if jnp.ndim(a) == 3 else a for a in (sink, window))
+    n_q = (T + pad) // Q_CHUNK
+    block = lambda a, i, size, axis: jax.lax.dynamic_slice_in_dim(a, i * size, size, axis)  # noqa: E731
+    per_query = lambda a, i: block(a, i, Q_CHUNK, 1) if jnp.ndim(a) == 3 else a  # noqa: E731
+
+    def query_block(_, i):
+        q_i, q_pos = block(q, i, Q_CHUNK, 1), block(positions, i, Q_CHUNK, 1)
+        sink_i, window_i = per_query(sink, i), per_query(window, i)
+
+        def key_block(j, state):
+            top, total, acc = state
+            scores = masked_scores(q_i, block(k, j, K_CHUNK, 2), q_pos, block(positions, j, K_CHUNK, 1), sink_i,
+                                   window_i)  # [B, K, G, Qc, Kc]
+            new_top = jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True))
+            probs = jnp.exp(scores - new_top)
+            scale = jnp.exp(top - new_top)
+            acc = acc * scale + jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), block(v, j, K_CHUNK, 2),
+                                           preferred_element_type=jnp.float32)
+            return new_top, total * scale + jnp.sum(probs, axis=-1, keepdims=True), acc
+
+        floor = jnp.finfo(jnp.float32).min
+        init = (jnp.full((B, K, G, Q_CHUNK, 1), floor), jnp.zeros((B, K, G, Q_CHUNK, 1)),
+                jnp.zeros((B, K, G, Q_CHUNK, H), jnp.float32))
+        n_keys = ((i + 1) * Q_CHUNK + K_CHUNK - 1) // K_CHUNK  # the key blocks up to this query block's end
+        _, total, acc = jax.lax.fori_loop(0, n_keys, key_block, init)
+        out = (acc / total).astype(v.dtype)
+        return None, jnp.einsum("BKGTH->BTKGH", out).reshape(B, Q_CHUNK, N, H)
+
+    _, outs = jax.lax.scan(query_block, None, jnp.arange(n_q))  # [n_q, B, Qc, N, H]
+    return jnp.moveaxis(outs, 0, 1).reshape(B, n_q * Q_CHUNK, N, H)[:, :T]
 
 
 def attend_streaming(q, k, v, positions, sink: int, window: int):

@@ -266,3 +266,28 @@ def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, tiny_
         ref = model.logits(s, plan=plan)[0]
         assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
         assert np.abs(step_logits[b] - ref[n:n + 5]).max() <= 1e-5
+
+
+def test_long_prefill_keeps_one_score_block_alive(tiny_lt):
+    """XLA's buffer plan of a 4096-token exact prefill: the tiled path's temporaries stay under the scores of
+    ONE query block against all keys (N x Q_CHUNK x T floats), where the blockwise path holds several times more."""
+    from lt_jax import model as model_module
+    model = tiny_lt("llama")
+    cfg, T = model.config, 4096
+    plan = Plan.full(cfg.num_layers)
+    row_block = cfg.num_heads * model_module.Q_CHUNK * T * 4
+
+    def temp_bytes(T):  # a shape not traced before: TILED_FROM is read at trace time
+        tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
+        cache = jax.eval_shape(lambda: init_cache(cfg, plan, 1, T))
+        lowered = prefill.lower(model.params, tokens, tokens, cache, plan_arrays(plan), cfg=cfg, shape=Shape.of(plan))
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    tiled = temp_bytes(T)
+    saved = model_module.TILED_FROM
+    model_module.TILED_FROM = T  # the blockwise path, for contrast (one token shorter: a fresh trace)
+    try:
+        blockwise = temp_bytes(T - 1)
+    finally:
+        model_module.TILED_FROM = saved
+    assert tiled < row_block < blockwise / 2, (tiled, row_block, blockwise)

@@ -71,3 +71,25 @@ def test_left_padded_batch_equals_each_row_alone(tiny_models, prompt_ids, tmp_pa
     single = np.asarray(forward(params, alone, default_positions(alone), cfg))
     assert np.isfinite(batched).all()
     assert np.abs(batched[1, pad:] - single[0]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_long_prompts_take_the_tiled_path_and_still_match_transformers(family, tiny_models, tmp_path):
+    """Past TILED_FROM tokens attention runs flash-style over key blocks; a 2300-token left-padded batch (not a
+    multiple of the key block) against transformers, Mistral's window included."""
+    import torch
+    from lt_jax.model import TILED_FROM
+    model, _ = tiny_models(family, np.zeros((1, 1), np.int32))
+    T = TILED_FROM + 252
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, (2, T)).astype(np.int32)
+    cfg = read_hf_config(save_hf(model, tmp_path / "hf", "safetensors"))
+    params = read_hf_params(tmp_path / "hf", cfg)
+    positions = np.tile(np.arange(T, dtype=np.int32), (2, 1))
+    positions[1, :300], positions[1, 300:] = -1, np.arange(T - 300)  # row 1: 300 tokens of left padding
+    ours = np.asarray(forward(params, ids, positions, cfg))
+    with torch.no_grad():
+        mask = torch.from_numpy(positions >= 0).long()
+        ref = model(torch.from_numpy(ids).long(), attention_mask=mask,
+                    position_ids=torch.from_numpy(np.maximum(positions, 0)).long()).logits.numpy()
+    err = max(np.abs(ours[0] - ref[0]).max(), np.abs(ours[1, 300:] - ref[1, 300:]).max())
+    assert err <= FP32_TOL, f"{family}: max abs logit difference {err:.2e}"

@@ -247,3 +247,15 @@ def test_longbench_end_to_end(tiny_chat, tmp_path, capsys):
     mean = {c: 100 * np.mean([r["score"] for r in rows if r["method"] == "full" and r["cell"]["dataset"] == c])
             for c in got["summary"]["columns"]}
     assert got["summary"]["methods"]["full"]["average"] == pytest.approx(np.mean(list(mean.values())))
+
+
+def test_malformed_longbench_line_names_file_and_line(tiny_chat, tmp_path, capsys):
+    data = tmp_path / "hotpotqa.jsonl"
+    good = (REPO / "tests" / "data" / "longbench" / "hotpotqa.jsonl").read_text().splitlines()[0]
+    data.write_text(good + "\n{\"input\": \"half a record\n")
+    capsys.readouterr()
+    assert main(["eval", str(tiny_chat), "--task", "longbench", "--data", str(data), "--out",
+                 str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data} line 2 is not valid JSON" in err and err.count("\n") == 1
+    assert not (tmp_path / "r.jsonl").exists()

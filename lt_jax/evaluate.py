@@ -245,9 +245,9 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
             ids, fixed = result["ids"], result["plan"]
         else:
             if shared is None:
-                shared, ratios = _measure(model, example, measure)
+                shared, ratios = measure_prefill(model, example, measure)
             fixed = _fixed(plan, ratios)
-            ids = _generate(model, shared, fixed, example.max_new_tokens)
+            ids = generate_from(model, shared, fixed, example.max_new_tokens)
         answer = model.decode(ids)
         yield {**base, "method": name, "lazy_layers": list(fixed.lazy_layers), "answer": answer,
                "target": example.target if isinstance(example.target, str) else None,
@@ -255,7 +255,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
                **({"ratios": _round(ratios)} if plan.select_lazy is not None else {})}
 
 
-def _measure(model, example: Example, measure: Plan):
+def measure_prefill(model, example: Example, measure: Plan):
     """One exact prefill, every layer full and its lazy ratio measured -> ((logits, cache, positions), ratios)."""
     cfg = model.config
     tokens, positions = left_pad([example.ids], bucket(len(example.ids)))
@@ -269,10 +269,11 @@ def _fixed(plan: Plan, ratios) -> Plan:
     return plan if plan.select_lazy is None else plan.resolve(top_lazy(ratios, plan.select_lazy))
 
 
-def _generate(model, shared, plan: Plan, max_new_tokens: int) -> list[int]:
-    """Greedy decode under `plan` from the shared all-full prefill; stops at the model's EOS."""
+def generate_from(model, shared, plan: Plan, max_new_tokens: int, stop_ids=None) -> list[int]:
+    """Greedy decode under `plan` from the shared all-full prefill (`measure_prefill`); stops at the model's EOS
+    (or `stop_ids`; [-2] never stops)."""
     logits, cache, positions = shared
-    stop = jnp.asarray(list(model.config.eos_token_ids) or [-2], jnp.int32)
+    stop = jnp.asarray(list(model.config.eos_token_ids if stop_ids is None else stop_ids) or [-2], jnp.int32)
     out, counts, _ = generate_loop(model.params, logits, restrict(cache, plan, positions), plan_arrays(plan),
                                    jnp.int32(max_new_tokens), stop, jax.random.key(0), jnp.float32(0), jnp.int32(0),
                                    jnp.float32(1), model.config, Shape.of(plan).decoding, bucket(max_new_tokens))

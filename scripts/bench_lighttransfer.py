@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 import lt_jax
 from lt_jax import assets
-from lt_jax.api import bucket, left_pad
-from lt_jax.cache import init_cache, restrict
-from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
+from lt_jax.bench import peak_bytes, tree_bytes
+from lt_jax.cache import init_cache
+from lt_jax.evaluate import Example, generate_from, measure_prefill
+from lt_jax.inference import Shape, plan_arrays, prefill
 from lt_jax.lazy import calibrate, top_lazy
 from lt_jax.plan import Plan, make_plan, num_lazy
 from lt_jax.tasks import first_number, needle_prompt
@@ -66,7 +67,6 @@ def needle(model, hay, lengths, prompts, plans, records_path):
     measure = Plan(cfg.num_layers, select_lazy=0, source="ratios")  # every layer full, ratios measured
     rng = np.random.default_rng(0)
     rows = []
-    stop = jnp.asarray([-2], jnp.int32)
     with open(records_path, "w") as records:
         for length in lengths:
             for i in tqdm(range(prompts), desc=f"needle {length}", file=sys.stderr):
@@ -74,18 +74,11 @@ def needle(model, hay, lengths, prompts, plans, records_path):
                 depth = DEPTHS[i % len(DEPTHS)]
                 offset = (i * 1531) % (len(hay) - length)
                 ids = needle_prompt(model, hay[offset:], length - 2 * NEW_TOKENS, depth, number)
-                tokens, positions = left_pad([ids], bucket(len(ids)))
-                cache = init_cache(cfg, measure, 1, min(bucket(len(ids) + NEW_TOKENS), cfg.max_position_embeddings))
-                logits, cache, layers = prefill(model.params, tokens, positions, cache, plan_arrays(measure), cfg,
-                                                Shape.of(measure))
-                ratios = np.asarray(layers["ratios"]).mean(axis=(1, 2))
+                example = Example(f"{length}/{i}", {}, ids, NEW_TOKENS)
+                shared, ratios = measure_prefill(model, example, measure)
                 for name, choose in plans.items():
                     plan = choose(ratios)
-                    out, counts, _ = generate_loop(model.params, logits, restrict(cache, plan, jnp.asarray(positions)),
-                                                   plan_arrays(plan), jnp.int32(NEW_TOKENS), stop, jax.random.key(0),
-                                                   jnp.float32(0), jnp.int32(0), jnp.float32(1), cfg,
-                                                   Shape.of(plan).decoding, NEW_TOKENS)
-                    answer = model.decode(np.asarray(out)[0, :int(counts[0])])
+                    answer = model.decode(generate_from(model, shared, plan, NEW_TOKENS, stop_ids=[-2]))
                     row = {"length": length, "tokens": len(ids), "depth": depth, "number": number, "method": name,
                            "lazy_layers": list(plan.lazy_layers), "answer": answer,
                            "correct": first_number(answer) == str(number)}
@@ -142,9 +135,8 @@ def overhead(model, lengths, reps=2):
 
 def memory(model, T):
     def peak(plan):
-        s = prefill_fn(model, plan, T).memory_analysis()
-        return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
-    weights = sum(a.nbytes for a in jax.tree.leaves(model.params))
+        return peak_bytes(prefill_fn(model, plan, T))
+    weights = tree_bytes(model.params)
     lt, full = peak(make_plan("lighttransfer", model.config)), peak(Plan.full(model.config.num_layers))
     return {"tokens": T, "weights_bytes": weights, "lighttransfer_peak_bytes": lt, "full_peak_bytes": full,
             "lighttransfer_over_full_without_weights": round((lt - weights) / (full - weights), 4)}

@@ -62,6 +62,10 @@ class Retrieval:
                              max_new_tokens=max_new_tokens, seed=seed)
 
     def examples(self, model):
+        context = model.config.max_position_embeddings
+        if max(self.lengths) > context:
+            raise LtJaxError(f"--lengths {max(self.lengths)} exceeds the model's context of {context} tokens (a "
+                             f"length counts the prompt and the {self.max_new_tokens} answer tokens).")
         hay = None if self.name == "passkey" else model.encode("\n\n".join(self.haystack))
         for length in self.lengths:
             if hay is not None and len(hay) < length:
@@ -69,12 +73,13 @@ class Retrieval:
             for d, depth in enumerate(self.depths):
                 for s in range(self.samples):
                     rng = np.random.default_rng([self.seed, length, d, s])
+                    prompt = length - self.max_new_tokens  # RULER's length counts the answer's tokens too
                     if hay is None:
                         passkey = int(rng.integers(10_000, 100_000))
-                        ids, target = tasks.passkey_prompt(model, length, depth, passkey), str(passkey)
+                        ids, target = tasks.passkey_prompt(model, prompt, depth, passkey), str(passkey)
                     else:
                         offset = int(rng.integers(0, len(hay) - length + 1))
-                        ids, target = tasks.niah_prompt(model, hay[offset:] + hay[:offset], length, depth, rng,
+                        ids, target = tasks.niah_prompt(model, hay[offset:] + hay[:offset], prompt, depth, rng,
                                                         self.keys)
                     yield Example(f"{length}/{depth:g}/{s}", {"length": length, "depth": depth}, ids,
                                   self.max_new_tokens, target=target)
@@ -199,8 +204,13 @@ def _parse(path: Path, number: int, line: str) -> dict:
 def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: bool = True) -> list[dict]:
     """Run every method on every example of `task`, appending to `out`; returns the rows of these methods."""
     from tqdm import tqdm
-    results = Results(Path(out), meta)
     examples = list(task.examples(model))
+    context = model.config.max_position_embeddings
+    for e in examples:  # before the first row, not an hour into the run
+        if len(e.ids) + e.max_new_tokens > context:
+            raise LtJaxError(f"example {e.id}: {len(e.ids)} prompt tokens + {e.max_new_tokens} new exceed the "
+                             f"model's context of {context}.")
+    results = Results(Path(out), meta)
     todo = [(e, [m for m in methods if (e.id, m) not in results.done]) for e in examples]
     todo = [(e, ms) for e, ms in todo if ms]
     bar = tqdm(total=sum(len(ms) for _, ms in todo), desc=f"eval {task.name}", unit="run", file=sys.stderr,
@@ -234,9 +244,6 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
                    "tokens": int(nll.shape[0]), "seconds": round(time.perf_counter() - t0, 3),
                    **({"ratios": _round(ratios)} if methods[name].select_lazy is not None else {})}
         return
-    if len(example.ids) + example.max_new_tokens > cfg.max_position_embeddings:
-        raise LtJaxError(f"example {example.id}: {len(example.ids)} prompt tokens + {example.max_new_tokens} new "
-                         f"exceed the model's context of {cfg.max_position_embeddings}.")
     shared, ratios = None, None
     for name, plan in methods.items():
         t0 = time.perf_counter()

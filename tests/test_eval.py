@@ -189,6 +189,7 @@ def test_eval_plots_and_table(tiny_chat, tmp_path, capsys):
     (["--task", "niah", "--methods", "full,full"], "names a method twice"),
     (["--task", "niah", "--depths", "0.5,1.5"], "--depths must lie in [0, 1]"),
     (["--task", "niah", "--lengths", "4k"], "--lengths must be a comma-separated list of int"),
+    (["--task", "passkey", "--lengths", "4096"], "--lengths 4096 exceeds the model's context of 2048 tokens"),
     (["--task", "longbench"], "--task longbench needs --data"),
     (["--task", "longbench", "--data", "/no/such/hotpotqa.jsonl"], "/no/such/hotpotqa.jsonl"),
     (["--task", "niah", "--out", "/no/such/dir/r.jsonl"], "cannot write --out /no/such/dir/r.jsonl"),

@@ -34,21 +34,27 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 def haystack_prompt(model, haystack_ids: list[int], length: int, needles: list[tuple[float, str]], question: str,
                     answer_prefix: str) -> list[int]:
-    """Chat-formatted prompt of about `length` tokens: haystack text with each needle sentence inserted after the
-    fraction `depth` of it (at a token boundary), then the question, then the answer's opening words (which open
-    the assistant's turn). `haystack_ids` must be long enough."""
+    """Chat-formatted prompt of at most `length` tokens (a few less where re-tokenizing the joins merges tokens):
+    haystack text with each needle sentence inserted after the fraction `depth` of it (at a token boundary), then
+    the question, then the answer's opening words (which open the assistant's turn). `haystack_ids` must be long
+    enough."""
     prefix = model.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
-    overhead = len(model.chat_ids(" ".join(s for _, s in needles) + f"\n\n{question}")) + len(prefix)
-    body = haystack_ids[:length - overhead]
-    if len(body) < length - overhead:
+    budget = length - len(model.chat_ids(" ".join(s for _, s in needles) + f"\n\n{question}")) - len(prefix)
+    if len(haystack_ids) < budget:
         raise ValueError(f"haystack of {len(haystack_ids)} tokens is too short for a {length}-token prompt.")
-    cuts = sorted((int(round(depth * len(body))), sentence) for depth, sentence in needles)
-    parts, start = [], 0
-    for cut, sentence in cuts:
-        parts += [model.decode(body[start:cut]), sentence]
-        start = cut
-    parts.append(model.decode(body[start:]))
-    return model.chat_ids(" ".join(p for p in parts if p) + f"\n\n{question}") + prefix
+    for _ in range(4):  # the joins can re-tokenize into a token or two more: shorten the haystack by the excess
+        body = haystack_ids[:budget]
+        cuts = sorted((int(round(depth * len(body))), sentence) for depth, sentence in needles)
+        parts, start = [], 0
+        for cut, sentence in cuts:
+            parts += [model.decode(body[start:cut]), sentence]
+            start = cut
+        parts.append(model.decode(body[start:]))
+        ids = model.chat_ids(" ".join(p for p in parts if p) + f"\n\n{question}") + prefix
+        if len(ids) <= length:
+            return ids
+        budget -= len(ids) - length
+    raise ValueError(f"cannot fit the needles into {length} tokens.")
 
 
 def needle_prompt(model, haystack_ids: list[int], length: int, depth: float, number: int) -> list[int]:
@@ -72,16 +78,19 @@ def niah_prompt(model, haystack_ids: list[int], length: int, depth: float, rng: 
 
 
 def passkey_prompt(model, length: int, depth: float, passkey: int) -> list[int]:
-    """Plain-text prompt of about `length` tokens (whole filler sentences, so within one filler's length of the
+    """Plain-text prompt of at most `length` tokens (whole filler sentences, so within one filler's length of the
     target): the task line, filler, the pass key line after the fraction `depth` of the filler, filler, question."""
     filler = len(model.tokenizer(" " + PASSKEY_FILLER, add_special_tokens=False)["input_ids"])
     line = PASSKEY_LINE.format(key=passkey)
     overhead = len(model.encode(f"{PASSKEY_TASK} {line} {PASSKEY_QUESTION}"))
     repeats = max(0, (length - overhead) // filler)
-    before = int(round(depth * repeats))
-    text = " ".join([PASSKEY_TASK] + [PASSKEY_FILLER] * before + [line] + [PASSKEY_FILLER] * (repeats - before)
-                    + [PASSKEY_QUESTION])
-    return model.encode(text)
+    while True:  # at most `length`: drop a filler sentence while the joins cost a token more than counted
+        before = int(round(depth * repeats))
+        ids = model.encode(" ".join([PASSKEY_TASK] + [PASSKEY_FILLER] * before + [line]
+                                    + [PASSKEY_FILLER] * (repeats - before) + [PASSKEY_QUESTION]))
+        if len(ids) <= length or repeats == 0:
+            return ids
+        repeats -= 1
 
 
 def first_number(answer: str) -> str | None:

@@ -57,7 +57,7 @@ def tiny_chat(assets, tmp_path_factory):
 def test_niah_multikey_places_the_asked_needle_at_its_depth(smol_tokenized, essay_ids, depth):
     model = smol_tokenized
     ids, value = tasks.niah_prompt(model, essay_ids, 1500, depth, np.random.default_rng(7), keys=4)
-    assert abs(len(ids) - 1500) <= 6
+    assert 1500 - 6 <= len(ids) <= 1500
     text = model.decode(ids)
     sentences = re.findall(r"One of the special magic numbers for [a-z]+-[a-z]+ is: \d{7}\.", text)
     assert len(sentences) == 4 and len(set(sentences)) == 4  # the asked needle and three distractors

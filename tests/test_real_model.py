@@ -83,7 +83,7 @@ def test_needle_prompt_places_the_number_at_its_depth(smol, essay_ids, depth):
     from lt_jax.tasks import ANSWER_PREFIX, NEEDLE, first_number, needle_prompt
     ours, _ = smol
     ids = needle_prompt(ours, essay_ids, 1000, depth, 31337)
-    assert abs(len(ids) - 1000) <= 4
+    assert 1000 - 4 <= len(ids) <= 1000
     text = ours.decode(ids)
     needle = NEEDLE.format(number=31337)
     assert text.count(needle) == 1 and text.rstrip().endswith(ANSWER_PREFIX)

@@ -107,7 +107,7 @@ class Model:
         if plan.select_lazy is None:
             return plan, None
         rows = self._prompt_rows(ids)
-        _, _, layers = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
+        _, _, layers = self.prefill_rows(rows, plan, bucket(max(len(r) for r in rows)))
         plan, ratios = _chosen(plan, layers)
         return plan, ratios.mean(axis=0)
 
@@ -119,12 +119,12 @@ class Model:
         rows = self._prompt_rows(ids)
         plan = Plan(self.config.num_layers, sink=sink, window=window, select_lazy=self.config.num_layers,
                     w_last=w_last, source="lazy_ratios").validate(self.config)
-        _, _, layers = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
+        _, _, layers = self.prefill_rows(rows, plan, bucket(max(len(r) for r in rows)))
         ratios = np.asarray(layers["ratios"]).transpose(1, 0, 2)  # [B, L, N]
         ratios = ratios if per_head else ratios.mean(axis=-1)
         return ratios[0] if _is_single(ids) else ratios
 
-    def _prefill(self, rows: list[list[int]], plan: Plan, max_len: int):
+    def prefill_rows(self, rows: list[list[int]], plan: Plan, max_len: int):
         """Left-pad rows into one bucketed batch and prefill a fresh cache of max_len slots under `plan`."""
         context = self.config.max_position_embeddings
         tokens, positions = left_pad(rows, min(bucket(max(len(r) for r in rows)), context))
@@ -167,7 +167,7 @@ class Model:
         if longest + max_new_tokens > context:
             raise LtJaxError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                              f"model's context of {context} tokens.")
-        logits, cache, layers = self._prefill(rows, plan, self.cache_len(longest, max_new_tokens))
+        logits, cache, layers = self.prefill_rows(rows, plan, self.cache_len(longest, max_new_tokens))
         stop = list(self.config.eos_token_ids if stop_ids is None else stop_ids) or [-2]
         fixed = {"is_lazy": layers["is_lazy"], "index": layers["index"]}
         out, counts, _ = generate_loop(self.params, logits, cache, fixed, jnp.int32(max_new_tokens),

@@ -36,6 +36,7 @@ from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, insert_rows
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill, sample
 from lt_jax.plan import Plan
+from lt_jax.texts import parse_list
 
 MIB = 2**20
 DEFAULT_CONTEXTS = {False: "2048,4096", True: "4096,8192,16384,32768"}
@@ -78,11 +79,8 @@ def parse_budget(text: str) -> int:
 
 def parse_ints(text: str, flag: str) -> list[int]:
     """'1,4,8' -> [1, 4, 8], each at least 1."""
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise LtJaxError(f"{flag} must be comma-separated integers; got {text!r}.") from None
-    if not values or min(values) < 1:
+    values = parse_list(str(text), int, flag)
+    if min(values) < 1:
         raise LtJaxError(f"{flag} must list integers of at least 1; got {text!r}.")
     return values
 

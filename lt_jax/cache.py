@@ -116,11 +116,12 @@ def full_to_ring(stack, index, ring_pos):
     return stack[index, rows, :, jnp.maximum(ring_pos, 0)].swapaxes(1, 2)  # advanced dims first: [B, S+W, K, H]
 
 
-def restrict(cache: KVCache, plan: Plan, positions) -> KVCache:
-    """From the cache of an all-full exact prefill of `positions` [B, T], the cache an exact prefill under the
-    fixed `plan` leaves (each lazy layer keeps its sinks and window): many plans share one prefill. The input is
-    left intact."""
+def restrict(cache: KVCache, plan: Plan) -> KVCache:
+    """From the cache of an all-full exact prefill, the cache an exact prefill under the fixed `plan` leaves (each
+    lazy layer keeps its sinks and window): many plans share one prefill. The prompt's positions are the cache's
+    own `full_pos` (a full layer's slot is the position). The input is left intact."""
     is_lazy, _ = layer_slots(plan)
+    positions = cache.full_pos
     B, S, W = positions.shape[0], plan.sink, plan.window
     empty = dataclasses.replace(cache, ring_pos=jnp.full((B, S + W), -1, jnp.int32), length=jnp.zeros((B,), jnp.int32))
     ring_pos = write_positions(empty, positions, S, W).ring_pos

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from lt_jax.errors import LtJaxError
-from lt_jax.texts import read_text
+from lt_jax.texts import parse_list, read_text
 
 DEMO_ESSAY = "addiction.txt"
 DEMO_TOKENS = 1024
@@ -210,16 +210,6 @@ def cmd_identify(args) -> dict:
     return record
 
 
-def _csv(text: str, kind, flag: str) -> list:
-    try:
-        values = [kind(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise LtJaxError(f"{flag} must be a comma-separated list of {kind.__name__} values; got {text!r}.") from None
-    if not values:
-        raise LtJaxError(f"{flag} is empty.")
-    return values
-
-
 def _writable(path: str | None, flag: str) -> Path | None:
     if path is None:
         return None
@@ -233,8 +223,8 @@ def _eval_task(args, model):
     from lt_jax import assets, evaluate
     text = lambda: [read_text(f) for f in (args.haystack or sorted(Path(assets.essays()).glob("*.txt")))]  # noqa: E731
     if args.task in ("niah", "passkey"):
-        lengths = _csv(args.lengths, int, "--lengths")
-        return evaluate.Retrieval(args.task, lengths, _csv(args.depths, float, "--depths"), args.samples or 2,
+        lengths = parse_list(args.lengths, int, "--lengths")
+        return evaluate.Retrieval(args.task, lengths, parse_list(args.depths, float, "--depths"), args.samples or 2,
                                   keys=args.keys, max_new_tokens=args.max_new_tokens or 16,
                                   haystack=None if args.task == "passkey" else text())
     if args.task == "ppl":
@@ -253,7 +243,7 @@ def cmd_eval(args) -> dict:
     import lt_jax
     from lt_jax import evaluate, plots
     from lt_jax.lazy import calibrate
-    methods = _csv(args.methods, str, "--methods")
+    methods = parse_list(args.methods, str, "--methods")
     if len(set(methods)) != len(methods):
         raise LtJaxError(f"--methods names a method twice: {args.methods}.")
     out = _writable(args.out or f"eval-{args.task}.jsonl", "--out")

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lt_jax import tasks
-from lt_jax.api import bucket, left_pad, token_nll
-from lt_jax.cache import init_cache, restrict
+from lt_jax.api import bucket, token_nll
+from lt_jax.cache import restrict
 from lt_jax.errors import LtJaxError
-from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
+from lt_jax.inference import Shape, generate_loop, plan_arrays
 from lt_jax.lazy import top_lazy
 from lt_jax.plan import Plan
 
@@ -162,6 +162,7 @@ class Results:
     def __init__(self, path: Path, meta: dict):
         self.path = path
         self.rows: list[dict] = []
+        lines = []
         if path.exists() and path.stat().st_size:
             raw = path.read_bytes()
             if not raw.endswith(b"\n"):  # a killed run's half-written row: drop it
@@ -178,7 +179,7 @@ class Results:
                 raise LtJaxError(f"{path} holds results made with other settings ({', '.join(diff)} differ); "
                                  f"give another --out or delete it.")
             self.rows = lines[1:]
-        if not self.rows and not (path.exists() and path.stat().st_size):
+        if not lines:  # a new file, or one a killed run left empty
             path.write_text(json.dumps({"meta": meta}) + "\n")
         self.done = {(r["example"], r["method"]) for r in self.rows}
 
@@ -263,13 +264,10 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
 
 
 def measure_prefill(model, example: Example, measure: Plan):
-    """One exact prefill, every layer full and its lazy ratio measured -> ((logits, cache, positions), ratios)."""
-    cfg = model.config
-    tokens, positions = left_pad([example.ids], bucket(len(example.ids)))
-    cache = init_cache(cfg, measure, 1, model.cache_len(len(example.ids), example.max_new_tokens))
-    logits, cache, layers = prefill(model.params, tokens, positions, cache, plan_arrays(measure), cfg,
-                                    Shape.of(measure))
-    return (logits, cache, jnp.asarray(positions)), np.asarray(layers["ratios"]).mean(axis=(1, 2))
+    """One exact prefill, every layer full and its lazy ratio measured -> ((logits, cache), ratios [L])."""
+    logits, cache, layers = model.prefill_rows([example.ids], measure,
+                                           model.cache_len(len(example.ids), example.max_new_tokens))
+    return (logits, cache), np.asarray(layers["ratios"]).mean(axis=(1, 2))
 
 
 def _fixed(plan: Plan, ratios) -> Plan:
@@ -279,9 +277,9 @@ def _fixed(plan: Plan, ratios) -> Plan:
 def generate_from(model, shared, plan: Plan, max_new_tokens: int, stop_ids=None) -> list[int]:
     """Greedy decode under `plan` from the shared all-full prefill (`measure_prefill`); stops at the model's EOS
     (or `stop_ids`; [-2] never stops)."""
-    logits, cache, positions = shared
+    logits, cache = shared
     stop = jnp.asarray(list(model.config.eos_token_ids if stop_ids is None else stop_ids) or [-2], jnp.int32)
-    out, counts, _ = generate_loop(model.params, logits, restrict(cache, plan, positions), plan_arrays(plan),
+    out, counts, _ = generate_loop(model.params, logits, restrict(cache, plan), plan_arrays(plan),
                                    jnp.int32(max_new_tokens), stop, jax.random.key(0), jnp.float32(0), jnp.int32(0),
                                    jnp.float32(1), model.config, Shape.of(plan).decoding, bucket(max_new_tokens))
     return [int(t) for t in np.asarray(out)[0, :int(counts[0])]]

@@ -45,3 +45,14 @@ def read_samples(paths, field: str = "text") -> list[str | list[int]]:
                 raise LtJaxError(f"{path} record {number} has no field {field!r} holding a text or a list of ids.")
             texts.append(value)
     return texts
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    """'1,2,4' -> [kind(1), kind(2), kind(4)]; a clear error naming `flag` otherwise."""
+    try:
+        values = [kind(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise LtJaxError(f"{flag} must be a comma-separated list of {kind.__name__} values; got {text!r}.") from None
+    if not values:
+        raise LtJaxError(f"{flag} is empty.")
+    return values

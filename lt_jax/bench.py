@@ -300,18 +300,21 @@ def throughput_record(exe: Executables, spec: str, plan: Plan, context: int, bud
 
 # ---- transformers baseline -------------------------------------------------------------------------------------
 
-def hf_generate_decode_s(ref, x, steps: int) -> float:
+def hf_generate_decode_s(ref, x, steps: int, repeats: int = 3) -> float:
     """Seconds transformers' greedy `generate` (its per-step overheads included) spends on `steps` decode steps of
     the batch x [B, T]: generate(steps + 1 new tokens) minus generate(1 new token), both forced to their length
-    (min_new_tokens), so the prefill cancels."""
+    (min_new_tokens), so the prefill cancels. Each is the best of `repeats` calls, alternated: a difference of two
+    single timings on a shared machine swung 11-26 tok/s between calls."""
     import torch
     mask = torch.ones_like(x)
     with torch.no_grad():
         gen = lambda n: ref.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
                                      do_sample=False)
-        _, one = timed(lambda: gen(1))
-        _, many = timed(lambda: gen(steps + 1))
-    return many - one
+        one, many = [], []
+        for _ in range(repeats):
+            one.append(timed(lambda: gen(1))[1])
+            many.append(timed(lambda: gen(steps + 1))[1])
+    return min(many) - min(one)
 
 
 def hf_dir_of(name: str, model) -> Path:

@@ -19,7 +19,7 @@ from lt_jax.cache import KVCache, full_to_ring, layer_slots, write_layer_kv, wri
 from lt_jax.config import Config
 from lt_jax.lazy import init_queue, lazy_ratio, push
 from lt_jax.mask import FULL
-from lt_jax.model import attend, attend_causal, attend_streaming, decoder_layer, rope_inv_freq, unembed
+from lt_jax.model import attend, attend_causal, attend_streaming, decoder_layer, rope_inv_freq, scan_layers, unembed
 from lt_jax.plan import DEFAULT_W_LAST, Plan
 
 
@@ -71,7 +71,7 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
 
     def step(carry, layer):
         x, stacks, queue = carry
-        lp, layer_id, is_lazy, index = layer
+        lp, (layer_id, is_lazy, index) = layer
 
         def attention(q, k, v):
             if shape.prefill == "hybrid" and shape.num_lazy:
@@ -92,8 +92,8 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
         x, (stacks, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
         return (x, stacks, queue), ratio
 
-    xs = (params["layers"], jnp.arange(cfg.num_layers), layers["is_lazy"], layers["index"])
-    (x, stacks, queue), ratios = jax.lax.scan(step, (x, cache.stacks, queue), xs)
+    xs = (jnp.arange(cfg.num_layers), layers["is_lazy"], layers["index"])
+    (x, stacks, queue), ratios = scan_layers(step, (x, cache.stacks, queue), params["layers"], xs)
     if shape.select:
         layers = {"is_lazy": queue.is_lazy, "index": queue.index, "ratios": ratios}
     logits = unembed(params, x if all_logits else x[:, -1:], cfg)
@@ -126,7 +126,7 @@ def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Sh
 
     def step(carry, layer):
         x, stacks = carry
-        lp, is_lazy, index = layer
+        lp, (is_lazy, index) = layer
 
         def attention(q, k, v):
             full_k, full_v, ring_k, ring_v = written = write_layer_kv(stacks, k, v, positions, is_lazy, index,
@@ -145,7 +145,8 @@ def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Sh
 
         return decoder_layer(lp, x, positions, cfg, inv_freq, attention), None
 
-    (x, stacks), _ = jax.lax.scan(step, (x, cache.stacks), (params["layers"], layers["is_lazy"], layers["index"]))
+    (x, stacks), _ = scan_layers(step, (x, cache.stacks), params["layers"], (layers["is_lazy"], layers["index"]),
+                                 unroll=True)
     return unembed(params, x, cfg)[:, 0], cache.with_stacks(stacks)
 
 

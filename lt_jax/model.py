@@ -195,8 +195,33 @@ def decoder_layer(lp, x, positions, cfg: Config, inv_freq, attention):
     cache writes); the rest of the layer is written once, here."""
     q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
     out, aux = attention(q, k, v)
-    x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["o"])
+    B, T, N, H = out.shape
+    # [N*H, D] is o's own row-major layout (a free reshape); contracting (N, H) as two axes lets XLA:CPU transpose
+    # the weight instead, a copy of it at every decode step.
+    x = x + out.reshape(B, T, N * H) @ lp["o"].reshape(N * H, -1)
     return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), aux
+
+
+def scan_layers(step, carry, layers, xs, unroll: bool = False):
+    """`step(carry, (layer weights, x_i)) -> (carry, y_i)` over the layers, like `lax.scan` over (layers, xs).
+
+    layers: stacked (leaves [L, ...], scanned) or a tuple of per-layer dicts (`lt_jax.params.split_layers`),
+    scanned over the layer index with the weights picked by `lax.switch`, or with `unroll` looped in Python.
+    Why unroll: XLA:CPU copies a layer's slice of a stacked (or switched) weight before every matmul, which at a
+    decode step is a copy of the whole model per token; unrolled over per-layer buffers, each matmul reads its
+    weight in place (scripts/bench_inference.py). Prefill and training amortize that copy over many tokens and
+    keep one compiled layer body."""
+    if isinstance(layers, dict):
+        return jax.lax.scan(step, carry, (layers, xs))
+    if unroll:
+        ys = []
+        for i, lp in enumerate(layers):
+            carry, y = step(carry, (lp, jax.tree.map(lambda a: a[i], xs)))
+            ys.append(y)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+    pick = [lambda lp=lp: lp for lp in layers]
+    return jax.lax.scan(lambda c, ix: step(c, (jax.lax.switch(ix[0], pick), ix[1])), carry,
+                        (jnp.arange(len(layers)), xs))
 
 
 def unembed(params, x, cfg: Config):
@@ -227,13 +252,13 @@ def forward_masked(params, tokens, positions, layer_windows, cfg: Config, prefix
     x = params["embed"][tokens]
 
     def step(x, layer):
-        lp, sink, window = layer
+        lp, (sink, window) = layer
         if before is not None:
             sink, window = jnp.where(before, 0, sink), jnp.where(before, native, window)
         return decoder_layer(lp, x, positions, cfg, inv_freq,
                              lambda q, k, v: (attend_causal(q, k, v, positions, sink, window), None))
 
-    x, _ = jax.lax.scan(step, x, (params["layers"], *layer_windows))
+    x, _ = scan_layers(step, x, params["layers"], tuple(layer_windows))
     return unembed(params, x, cfg)
 
 

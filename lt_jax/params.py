@@ -1,6 +1,7 @@
 """The one abstract description of every parameter: shape, logical axes. Init, conversion, checkpoint templates
-and (later) sharding are all derived from it. Layer weights are stacked on a leading L axis so the forward can
-`lax.scan` over layers and a mesh can shard them uniformly."""
+and (later) sharding are all derived from it. Layer weights are stacked on a leading L axis (checkpoints, init, a
+mesh's uniform sharding); a loaded `Model` holds them split, one dict per layer (`split_layers`), which every
+layer loop of `lt_jax.model.scan_layers` accepts as well."""
 from __future__ import annotations
 
 import dataclasses
@@ -74,3 +75,15 @@ def init_params(cfg: Config, key: jax.Array) -> dict:
     made = [jnp.ones(s.shape, dt) if s.init == "ones" else 0.02 * jax.random.normal(k, s.shape, dt)
             for s, k in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, made)
+
+
+def split_layers(params: dict) -> dict:
+    """params with `layers` as a tuple of per-layer dicts, each leaf its own buffer (`params` unchanged if already
+    split). Split on the host, one stacked leaf at a time, so loading holds at most one extra layer stack."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return jax.device_put(params)
+    num_layers = len(jax.tree.leaves(layers)[0])
+    per_leaf = {name: [jax.device_put(a) for a in np.asarray(stack)] for name, stack in layers.items()}
+    rest = jax.device_put({name: a for name, a in params.items() if name != "layers"})
+    return {**rest, "layers": tuple({name: per_leaf[name][i] for name in layers} for i in range(num_layers))}

@@ -115,12 +115,21 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
     shape, layers = Shape.of(plan), plan_arrays(plan)
     fresh = lambda: block(prefill(model.params, ids, np.arange(T, dtype=np.int32)[None],  # noqa: E731
                                   init_cache(cfg, plan, 1, T + steps), layers, cfg, shape))
-    loop = lambda lc: block(generate_loop(model.params, lc[0], lc[1], layers, jnp.int32(steps),  # noqa: E731
-                                          jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0),
-                                          jnp.int32(0), jnp.float32(1), cfg, shape, steps))
-    loop(fresh())  # compile
-    logits_cache = fresh()
-    _, ours = timed(lambda: loop(logits_cache))
+    loop = lambda lc, params: block(generate_loop(params, lc[0], lc[1], layers, jnp.int32(steps),  # noqa: E731
+                                                  jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0),
+                                                  jnp.int32(0), jnp.float32(1), cfg, shape, steps))
+    # The same loop over the checkpoint's stacked layer weights (a scan, as before `split_layers`), alternated.
+    stacked = {**model.params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *model.params["layers"])}
+    timings = {"per_layer": [], "stacked": []}
+    for name, params in (("per_layer", model.params), ("stacked", stacked)):
+        _, first = timed(lambda: loop(fresh(), params))
+        timings[f"{name}_compile_s"] = first
+    for _ in range(3):
+        for name, params in (("per_layer", model.params), ("stacked", stacked)):
+            logits_cache = fresh()
+            timings[name].append(timed(lambda: loop(logits_cache, params))[1])
+    ours, ours_stacked = min(timings["per_layer"]), min(timings["stacked"])
+    del stacked
 
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -147,6 +156,10 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
     generate_s = hf_generate_decode_s(ref, x, steps)
     return {"prefill": rows,
             "decode_2k_batch1": {"lt_jax_tokens_per_s": round(steps / ours, 1),
+                                 "lt_jax_stacked_weights_tokens_per_s": round(steps / ours_stacked, 1),
+                                 "per_layer_over_stacked": round(ours_stacked / ours, 2),
+                                 "compile_s": {name: round(timings[f"{name}_compile_s"] - min(timings[name]), 1)
+                                               for name in ("per_layer", "stacked")},
                                  "transformers_tokens_per_s": round(steps / hf_decode, 1),
                                  "transformers_generate_tokens_per_s": round(steps / generate_s, 1),
                                  "speedup": round(hf_decode / ours, 2),
@@ -188,7 +201,9 @@ def main() -> int:
     d = result["decode_2k_batch1"]
     print(f"\ndecode at 2K, batch 1: lt-jax {d['lt_jax_tokens_per_s']} tok/s vs transformers' generate "
           f"{d['transformers_generate_tokens_per_s']} tok/s ({d['speedup_vs_generate']}x) and its bare cached "
-          f"decode steps {d['transformers_tokens_per_s']} tok/s ({d['speedup']}x)")
+          f"decode steps {d['transformers_tokens_per_s']} tok/s ({d['speedup']}x); the same loop over stacked layer "
+          f"weights (scanned): {d['lt_jax_stacked_weights_tokens_per_s']} tok/s, per-layer weights "
+          f"{d['per_layer_over_stacked']}x faster")
     print("\n| prompt | lt-jax exact prefill (s) | lt-jax hybrid prefill (s) | transformers forward (s) | speed-up |")
     print("|---|---|---|---|---|")
     for r in result["prefill"]:

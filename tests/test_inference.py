@@ -90,6 +90,46 @@ def test_prefill_decode_equals_masked_forward(family, prefill_mode, seed, tiny_l
         assert np.abs(step_logits[b] - ref[n:n + 24]).max() <= 1e-5
 
 
+def stacked_params(params):
+    """A loaded model's per-layer weights stacked back on a leading L axis (the checkpoint layout)."""
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
+
+
+def test_per_layer_weights_equal_stacked_and_decode_reads_them_in_place(tiny_lt):
+    """`Model` holds one buffer per layer weight (`split_layers`). Every layer loop gives what the stacked layout
+    gives (prefill and forward scan both, decode unrolls over the split one), and XLA's buffer plan for a split
+    decode step holds no copy of a layer's weights, where the stacked (scanned) step copies at least one layer."""
+    from lt_jax.model import forward
+    model = tiny_lt("llama")
+    cfg = model.config
+    stacked = stacked_params(model.params)
+    assert isinstance(model.params["layers"], tuple) and len(model.params["layers"]) == cfg.num_layers
+    plan = make_plan("random:0", cfg, sink=3, window=8)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 300, (2, 30)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(30, dtype=np.int32), (2, 30))
+    np.testing.assert_allclose(forward(model.params, tokens, positions, cfg, plan),
+                               forward(stacked, tokens, positions, cfg, plan), rtol=0, atol=1e-6)
+    layers, shape = plan_arrays(plan), Shape.of(plan)
+    runs = []
+    for params in (model.params, stacked):
+        logits, cache, _ = prefill(params, tokens, positions, init_cache(cfg, plan, 2, 64), layers, cfg, shape)
+        steps = [logits]
+        for t in range(12):
+            logits, cache = decode_step(params, jnp.full((2,), 7 * t, jnp.int32), cache,
+                                        layers, cfg, shape)
+            steps.append(logits)
+        runs.append(np.stack(steps))
+    np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-6)
+    layer_bytes = sum(a.nbytes for a in model.params["layers"][0].values())
+
+    def temp_bytes(params):
+        compiled = decode_step.lower(params, jnp.zeros((2,), jnp.int32), init_cache(cfg, plan, 2, 64), layers, cfg,
+                                     shape).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+    assert temp_bytes(model.params) < layer_bytes / 4 < layer_bytes <= temp_bytes(stacked)
+
+
 def test_exact_prefix_differs_from_hybrid(tiny_lt):
     """Guard: the two prefill modes really differ once the prompt is longer than S+W."""
     model = tiny_lt("llama")

@@ -6,7 +6,8 @@ one run.
    next to the bytes one decode step must read (weights + the KV buffers it attends over). The cache is filled to
    the context synthetically (decode speed does not depend on the values); the cache holds context + new tokens.
 2. Our decode versus transformers' cached decode (greedy, its own KV cache, the steps `generate` runs) on the
-   same 2K prompt, batch 1.
+   same 2K prompt, batch 1; and the same decode loop over the checkpoint's stacked layer weights (scanned) versus
+   the per-layer weights a loaded `Model` holds (unrolled), alternated.
 3. Prefill time versus transformers' forward at 2K and 8K (batch 1), our exact and hybrid modes; peak RSS of a
    fresh process that prefills 8K tokens.
 Compile times (first call minus a warm call) are reported next to each.

@@ -149,6 +149,7 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
     """Self-attention of a streaming layer in O(T * (S + W)): each query block sees the row's S sink keys
     (gathered per row, since left padding shifts them) plus the W + Q_CHUNK - 1 keys ending at the block's end;
     the rest is never computed. Keys with position < S are hidden in the window part, so none counts twice.
+    A scan over query blocks: one block's scores and keys are alive at a time, whatever T.
     sink, window: static ints (the layer plan's S and W)."""
     B, T = positions.shape
     span = window + Q_CHUNK - 1
@@ -160,16 +161,27 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
     sink_k = jnp.take_along_axis(k, idx[:, None, :, None], axis=2)
     sink_v = jnp.take_along_axis(v, idx[:, None, :, None], axis=2)
     sink_pos = jnp.where(at < T, jnp.take_along_axis(positions, idx, axis=1), -1)
-    outs = []
-    for start in range(0, T, Q_CHUNK):
-        end = min(start + Q_CHUNK, T)
-        lo = max(0, end - span)
-        win_pos = positions[:, lo:end]
-        keys_pos = jnp.concatenate([sink_pos, jnp.where(win_pos < sink, -1, win_pos)], axis=1)
-        outs.append(attend(q[:, start:end], jnp.concatenate([sink_k, k[:, :, lo:end]], axis=2),
-                           jnp.concatenate([sink_v, v[:, :, lo:end]], axis=2), positions[:, start:end], keys_pos,
-                           sink, window))
-    return jnp.concatenate(outs, axis=1)
+    # Keys get span - Q_CHUNK empty slots in front (block c's window is then slots [c*Q_CHUNK, +span)) and, like
+    # the queries, empty slots at the end up to a whole number of blocks; empty slots have position -1.
+    front, back = span - Q_CHUNK, -T % Q_CHUNK
+    n_q = (T + back) // Q_CHUNK
+    q = jnp.pad(q, ((0, 0), (0, back), (0, 0), (0, 0)))
+    k, v = (jnp.pad(a, ((0, 0), (0, 0), (front, back), (0, 0))) for a in (k, v))
+    q_positions = jnp.pad(positions, ((0, 0), (0, back)), constant_values=-1)
+    k_positions = jnp.pad(jnp.where(positions < sink, -1, positions), ((0, 0), (front, back)), constant_values=-1)
+
+    def query_block(_, c):
+        start = c * Q_CHUNK
+        window_of = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, span, axis)  # noqa: E731
+        keys_pos = jnp.concatenate([sink_pos, window_of(k_positions, 1)], axis=1)
+        out = attend(jax.lax.dynamic_slice_in_dim(q, start, Q_CHUNK, 1),
+                     jnp.concatenate([sink_k, window_of(k, 2)], axis=2),
+                     jnp.concatenate([sink_v, window_of(v, 2)], axis=2),
+                     jax.lax.dynamic_slice_in_dim(q_positions, start, Q_CHUNK, 1), keys_pos, sink, window)
+        return None, out
+
+    _, outs = jax.lax.scan(query_block, None, jnp.arange(n_q))  # [n_q, B, Q_CHUNK, N, H]
+    return jnp.moveaxis(outs, 0, 1).reshape(B, n_q * Q_CHUNK, *q.shape[2:])[:, :T]
 
 
 def qkv(lp, x, positions, inv_freq):

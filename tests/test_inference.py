@@ -290,15 +290,18 @@ def test_ppl_prefix_equals_cached_decode(tiny_lt):
     assert got["tokens"] == 20 and abs(got["nll"] - nll_cached) <= 1e-5
 
 
-@pytest.mark.parametrize("spec", ["random:3", "streaming"])
-def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, tiny_lt):
+@pytest.mark.parametrize("spec,window,blocks", [("random:3", 8, (1, 1)), ("streaming", 8, (1, 1)),
+                                                 ("streaming", 300, (3, 2))])
+def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, window, blocks, tiny_lt):
     """Prompts longer than S + W + Q_CHUNK take the O(T (S+W)) streaming path: still equal to the masked forward,
-    with left padding shifting the sink tokens of the shorter row."""
+    with left padding shifting the sink tokens of the shorter row; a window wider than a query block spans
+    several blocks."""
     from lt_jax.model import Q_CHUNK
     model = tiny_lt("llama")
-    plan = dataclasses.replace(make_plan(spec, model.config, sink=3, window=8), prefill="hybrid")
+    plan = dataclasses.replace(make_plan(spec, model.config, sink=3, window=window), prefill="hybrid")
     rng = np.random.default_rng(11)
-    lengths = [Q_CHUNK + 40, Q_CHUNK + 95]
+    lengths = [blocks[0] * Q_CHUNK + 40, blocks[1] * Q_CHUNK + 95]
+    assert min(lengths) > 3 + window + Q_CHUNK - 1
     seqs = [rng.integers(0, 300, n + 6).astype(np.int32) for n in lengths]
     prompt_logits, step_logits, _ = run_cached(model, plan, [s[:n] for s, n in zip(seqs, lengths)],
                                                np.stack([s[n:n + 5] for s, n in zip(seqs, lengths)]))
@@ -331,3 +334,19 @@ def test_long_prefill_keeps_one_score_block_alive(tiny_lt):
     finally:
         model_module.TILED_FROM = saved
     assert tiled < row_block < blockwise / 2, (tiled, row_block, blockwise)
+
+
+def test_hybrid_prefill_keeps_one_window_block_alive(tiny_lt):
+    """XLA's buffer plan of a 4096-token hybrid prefill with every layer streaming: the temporaries stay under half
+    of the window scores of all query blocks (N x Q_CHUNK x (S + W + Q_CHUNK - 1) floats each), i.e. the blocks
+    are computed one at a time (unrolled over blocks, this plan held 34 MiB, > 2x that bound)."""
+    from lt_jax.model import Q_CHUNK
+    model = tiny_lt("llama")
+    cfg, T = model.config, 4096
+    plan = dataclasses.replace(make_plan("streaming", cfg, sink=4, window=64), prefill="hybrid")
+    tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
+    cache = jax.eval_shape(lambda: init_cache(cfg, plan, 1, T))
+    lowered = prefill.lower(model.params, tokens, tokens, cache, plan_arrays(plan), cfg=cfg, shape=Shape.of(plan))
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    all_blocks = (T // Q_CHUNK) * cfg.num_heads * Q_CHUNK * (4 + 64 + Q_CHUNK - 1) * 4
+    assert temp < all_blocks / 2, (temp, all_blocks)

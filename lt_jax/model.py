@@ -99,6 +99,14 @@ def attend_causal(q, k, v, positions, sink, window):
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
+def over_query_blocks(block_out, n_blocks: int, T: int):
+    """block_out(c) -> [B, Q_CHUNK, N, H] for query block c, computed one block at a time (a scan, so one block's
+    scores are alive at once) and joined into [B, T, N, H] (the padded tail cut)."""
+    _, outs = jax.lax.scan(lambda _, c: (None, block_out(c)), None, jnp.arange(n_blocks))  # [n, B, Qc, N, H]
+    B, N, H = outs.shape[1], outs.shape[3], outs.shape[4]
+    return jnp.moveaxis(outs, 0, 1).reshape(B, n_blocks * Q_CHUNK, N, H)[:, :T]
+
+
 def attend_tiled(q, k, v, positions, sink, window):
     """`attend_causal` for long prompts, flash-style: a scan over query blocks; each block loops over the key
     blocks up to its own end with a running max and sum (online softmax), normalizing once at the end. Memory:
@@ -118,7 +126,7 @@ def attend_tiled(q, k, v, positions, sink, window):
     block = lambda a, i, size, axis: jax.lax.dynamic_slice_in_dim(a, i * size, size, axis)  # noqa: E731
     per_query = lambda a, i: block(a, i, Q_CHUNK, 1) if jnp.ndim(a) == 3 else a  # noqa: E731
 
-    def query_block(_, i):
+    def query_block(i):
         q_i, q_pos = block(q, i, Q_CHUNK, 1), block(positions, i, Q_CHUNK, 1)
         sink_i, window_i = per_query(sink, i), per_query(window, i)
 
@@ -139,10 +147,9 @@ def attend_tiled(q, k, v, positions, sink, window):
         n_keys = ((i + 1) * Q_CHUNK + K_CHUNK - 1) // K_CHUNK  # the key blocks up to this query block's end
         _, total, acc = jax.lax.fori_loop(0, n_keys, key_block, init)
         out = (acc / total).astype(v.dtype)
-        return None, jnp.einsum("BKGTH->BTKGH", out).reshape(B, Q_CHUNK, N, H)
+        return jnp.einsum("BKGTH->BTKGH", out).reshape(B, Q_CHUNK, N, H)
 
-    _, outs = jax.lax.scan(query_block, None, jnp.arange(n_q))  # [n_q, B, Qc, N, H]
-    return jnp.moveaxis(outs, 0, 1).reshape(B, n_q * Q_CHUNK, N, H)[:, :T]
+    return over_query_blocks(query_block, n_q, T)
 
 
 def attend_streaming(q, k, v, positions, sink: int, window: int):
@@ -170,18 +177,16 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
     q_positions = jnp.pad(positions, ((0, 0), (0, back)), constant_values=-1)
     k_positions = jnp.pad(jnp.where(positions < sink, -1, positions), ((0, 0), (front, back)), constant_values=-1)
 
-    def query_block(_, c):
+    def query_block(c):
         start = c * Q_CHUNK
         window_of = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, span, axis)  # noqa: E731
         keys_pos = jnp.concatenate([sink_pos, window_of(k_positions, 1)], axis=1)
-        out = attend(jax.lax.dynamic_slice_in_dim(q, start, Q_CHUNK, 1),
-                     jnp.concatenate([sink_k, window_of(k, 2)], axis=2),
-                     jnp.concatenate([sink_v, window_of(v, 2)], axis=2),
-                     jax.lax.dynamic_slice_in_dim(q_positions, start, Q_CHUNK, 1), keys_pos, sink, window)
-        return None, out
+        return attend(jax.lax.dynamic_slice_in_dim(q, start, Q_CHUNK, 1),
+                      jnp.concatenate([sink_k, window_of(k, 2)], axis=2),
+                      jnp.concatenate([sink_v, window_of(v, 2)], axis=2),
+                      jax.lax.dynamic_slice_in_dim(q_positions, start, Q_CHUNK, 1), keys_pos, sink, window)
 
-    _, outs = jax.lax.scan(query_block, None, jnp.arange(n_q))  # [n_q, B, Q_CHUNK, N, H]
-    return jnp.moveaxis(outs, 0, 1).reshape(B, n_q * Q_CHUNK, *q.shape[2:])[:, :T]
+    return over_query_blocks(query_block, n_q, T)
 
 
 def qkv(lp, x, positions, inv_freq):

@@ -78,8 +78,8 @@ def init_params(cfg: Config, key: jax.Array) -> dict:
 
 
 def split_layers(params: dict) -> dict:
-    """params with `layers` as a tuple of per-layer dicts, each leaf its own buffer (`params` unchanged if already
-    split). Split on the host, one stacked leaf at a time, so loading holds at most one extra layer stack."""
+    """params on the device with `layers` as a tuple of per-layer dicts, each leaf its own buffer (only placed if
+    already split). Like `jax.device_put`, loading briefly holds the host arrays and their device copies."""
     layers = params["layers"]
     if isinstance(layers, tuple):
         return jax.device_put(params)
@@ -87,3 +87,10 @@ def split_layers(params: dict) -> dict:
     per_leaf = {name: [jax.device_put(a) for a in np.asarray(stack)] for name, stack in layers.items()}
     rest = jax.device_put({name: a for name, a in params.items() if name != "layers"})
     return {**rest, "layers": tuple({name: per_leaf[name][i] for name in layers} for i in range(num_layers))}
+
+
+def stack_layers(params: dict) -> dict:
+    """The inverse of `split_layers`: layer weights stacked on a leading L axis (the checkpoint layout)."""
+    if isinstance(params["layers"], dict):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}

@@ -93,6 +93,7 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
     from transformers import AutoModelForCausalLM
     from lt_jax.cache import init_cache
     from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
+    from lt_jax.params import stack_layers
     cfg = model.config
     rows = []
     for T in prefill_lengths:
@@ -120,17 +121,15 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
                                                   jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0),
                                                   jnp.int32(0), jnp.float32(1), cfg, shape, steps))
     # The same loop over the checkpoint's stacked layer weights (a scan, as before `split_layers`), alternated.
-    stacked = {**model.params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *model.params["layers"])}
-    timings = {"per_layer": [], "stacked": []}
-    for name, params in (("per_layer", model.params), ("stacked", stacked)):
-        _, first = timed(lambda: loop(fresh(), params))
-        timings[f"{name}_compile_s"] = first
+    layouts = {"per_layer": model.params, "stacked": stack_layers(model.params)}
+    first_call = {name: timed(lambda: loop(fresh(), params))[1] for name, params in layouts.items()}  # compiles
+    warm = {name: [] for name in layouts}
     for _ in range(3):
-        for name, params in (("per_layer", model.params), ("stacked", stacked)):
+        for name, params in layouts.items():
             logits_cache = fresh()
-            timings[name].append(timed(lambda: loop(logits_cache, params))[1])
-    ours, ours_stacked = min(timings["per_layer"]), min(timings["stacked"])
-    del stacked
+            warm[name].append(timed(lambda: loop(logits_cache, params))[1])
+    ours, ours_stacked = min(warm["per_layer"]), min(warm["stacked"])
+    del layouts
 
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -159,8 +158,7 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
             "decode_2k_batch1": {"lt_jax_tokens_per_s": round(steps / ours, 1),
                                  "lt_jax_stacked_weights_tokens_per_s": round(steps / ours_stacked, 1),
                                  "per_layer_over_stacked": round(ours_stacked / ours, 2),
-                                 "compile_s": {name: round(timings[f"{name}_compile_s"] - min(timings[name]), 1)
-                                               for name in ("per_layer", "stacked")},
+                                 "compile_s": {name: round(first_call[name] - min(warm[name]), 1) for name in warm},
                                  "transformers_tokens_per_s": round(steps / hf_decode, 1),
                                  "transformers_generate_tokens_per_s": round(steps / generate_s, 1),
                                  "speedup": round(hf_decode / ours, 2),

@@ -90,19 +90,15 @@ def test_prefill_decode_equals_masked_forward(family, prefill_mode, seed, tiny_l
         assert np.abs(step_logits[b] - ref[n:n + 24]).max() <= 1e-5
 
 
-def stacked_params(params):
-    """A loaded model's per-layer weights stacked back on a leading L axis (the checkpoint layout)."""
-    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
-
-
 def test_per_layer_weights_equal_stacked_and_decode_reads_them_in_place(tiny_lt):
     """`Model` holds one buffer per layer weight (`split_layers`). Every layer loop gives what the stacked layout
     gives (prefill and forward scan both, decode unrolls over the split one), and XLA's buffer plan for a split
     decode step holds no copy of a layer's weights, where the stacked (scanned) step copies at least one layer."""
     from lt_jax.model import forward
+    from lt_jax.params import stack_layers
     model = tiny_lt("llama")
     cfg = model.config
-    stacked = stacked_params(model.params)
+    stacked = stack_layers(model.params)
     assert isinstance(model.params["layers"], tuple) and len(model.params["layers"]) == cfg.num_layers
     plan = make_plan("random:0", cfg, sink=3, window=8)
     rng = np.random.default_rng(0)

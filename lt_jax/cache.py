@@ -1,15 +1,21 @@
-"""The KV cache: one preallocated pytree, stacked by layer kind.
+"""The KV cache: one preallocated pytree, one buffer per cache slot.
 
-- full layers:      `full_k`, `full_v` [Lf, B, K, M, H]; slot = the token's position (M = max length).
-- streaming layers: `ring_k`, `ring_v` [Ls, B, K, S+W, H]; S sink slots (positions 0..S-1) then a ring of W slots
-                    (position p >= S lives in slot S + (p - S) % W). A token in the sink never enters the ring.
-- `full_pos` [B, M] and `ring_pos` [B, S+W]: the position stored in each slot (-1 = empty), shared by all layers
+- full layers:      `full_k` [B, K, H, M] and `full_v` [B, K, M, H], a tuple of Lf slots each; a token's place
+                    is its position (M = max length).
+- streaming layers: `ring_k` [B, K, H, S+W] and `ring_v` [B, K, S+W, H], a tuple of Ls slots each; S sink places
+                    (positions 0..S-1) then a ring of W (position p >= S lives at S + (p - S) % W). A token in the
+                    sink never enters the ring.
+- Keys are stored transposed (head_dim before time), as `model.qkv` makes them (see `model.dot_scores`).
+- `full_pos` [B, M] and `ring_pos` [B, S+W]: the position stored at each place (-1 = empty), shared by all layers
   of a kind; masks are built from them with the one rule, never from slot order.
 - `length` [B]: tokens seen per row, i.e. the position of the row's next token.
 
-Which stack a layer uses, and at which index, is data (`LayerSlots`), so plans with the same number of lazy layers
-share one compilation. Writes drop out-of-range indices (`mode="drop"`), which is how a layer of the other kind,
-a padding token, or a token that will be overwritten within the same chunk writes nothing.
+One buffer per slot, not one [L, ...] stack: XLA:CPU copies any slice of a stacked buffer that feeds a matrix
+product, which at a decode step is a copy of the whole cache per token; a slot of its own is read in place.
+Which slot a layer uses is data (`layer_slots`), so plans with the same number of lazy layers share one
+compilation: a layer reads its slot through `read_slot` (a `lax.switch`, each branch reading one buffer in place)
+and writes with scatters that drop out-of-range places (`mode="drop"`), which is how the other slots, a padding
+token, or a token that a later one of the same chunk overwrites write nothing.
 """
 from __future__ import annotations
 
@@ -27,26 +33,27 @@ from lt_jax.plan import Plan
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    full_k: jax.Array
-    full_v: jax.Array
+    full_k: tuple
+    full_v: tuple
     full_pos: jax.Array
-    ring_k: jax.Array
-    ring_v: jax.Array
+    ring_k: tuple
+    ring_v: tuple
     ring_pos: jax.Array
     length: jax.Array
 
     @property
-    def stacks(self) -> tuple:
-        """(full_k, full_v, ring_k, ring_v): what a layer loop carries and writes."""
+    def kv(self) -> tuple:
+        """(full_k, full_v, ring_k, ring_v): the slots a layer loop carries and writes."""
         return self.full_k, self.full_v, self.ring_k, self.ring_v
 
-    def with_stacks(self, stacks) -> "KVCache":
-        return dataclasses.replace(self, full_k=stacks[0], full_v=stacks[1], ring_k=stacks[2], ring_v=stacks[3])
+    def with_kv(self, kv) -> "KVCache":
+        return dataclasses.replace(self, full_k=tuple(kv[0]), full_v=tuple(kv[1]), ring_k=tuple(kv[2]),
+                                   ring_v=tuple(kv[3]))
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the K/V buffers (what the formula counts; positions are per row, not per layer)."""
-        return sum(a.size * a.dtype.itemsize for a in (self.full_k, self.full_v, self.ring_k, self.ring_v))
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.kv))
 
 
 def expected_kv_bytes(cfg: Config, plan: Plan, batch: int, max_len: int) -> int:
@@ -60,19 +67,20 @@ def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
     lazy = plan.lazy_count
     K, H, dt = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
     ring = plan.sink + plan.window
+    slots = lambda n, shape: tuple(jnp.zeros(shape, dt) for _ in range(n))  # noqa: E731
     return KVCache(
-        full_k=jnp.zeros((cfg.num_layers - lazy, batch, K, max_len, H), dt),
-        full_v=jnp.zeros((cfg.num_layers - lazy, batch, K, max_len, H), dt),
+        full_k=slots(cfg.num_layers - lazy, (batch, K, H, max_len)),
+        full_v=slots(cfg.num_layers - lazy, (batch, K, max_len, H)),
         full_pos=jnp.full((batch, max_len), -1, jnp.int32),
-        ring_k=jnp.zeros((lazy, batch, K, ring, H), dt),
-        ring_v=jnp.zeros((lazy, batch, K, ring, H), dt),
+        ring_k=slots(lazy, (batch, K, H, ring)),
+        ring_v=slots(lazy, (batch, K, ring, H)),
         ring_pos=jnp.full((batch, ring), -1, jnp.int32),
         length=jnp.zeros((batch,), jnp.int32),
     )
 
 
 def layer_slots(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """(is_lazy bool [L], index int32 [L] into that layer's stack): the plan as data."""
+    """(is_lazy bool [L], index int32 [L] into that layer's kind of slots): the plan as data."""
     is_lazy = np.zeros(plan.num_layers, bool)
     is_lazy[list(plan.lazy_layers)] = True
     index = np.zeros(plan.num_layers, np.int32)
@@ -81,14 +89,22 @@ def layer_slots(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
     return is_lazy, index
 
 
+def read_slot(slots: tuple, index, read):
+    """read(slot) of the slot at `index`: static (an int) or data, then a `lax.switch` whose branches each read one
+    buffer in place (indexing a stack of them would copy the slot first)."""
+    if isinstance(index, (int, np.integer)) or len(slots) == 1:
+        return read(slots[int(index) if len(slots) > 1 else 0])
+    return jax.lax.switch(index, [partial(read, slot) for slot in slots])
+
+
 def full_slots(positions, max_len):
-    """Slot of each token in a full-layer buffer: its position; padding (-1) goes out of range (dropped)."""
+    """Place of each token in a full layer's buffer: its position; padding (-1) goes out of range (dropped)."""
     return jnp.where(positions >= 0, positions, max_len)
 
 
 def ring_slots(positions, sink: int, window: int):
-    """Slot of each token of one chunk in the sink+ring buffer, or S+W (dropped) for padding and for tokens that a
-    later token of the same chunk overwrites: only the sink and the chunk's last W positions are kept."""
+    """Place of each token of one chunk in the sink+ring buffer, or S+W (dropped) for padding and for tokens that
+    a later token of the same chunk overwrites: only the sink and the chunk's last W positions are kept."""
     last = jnp.max(positions, axis=-1, keepdims=True)
     keep = (positions >= 0) & ((positions < sink) | (positions > last - window))
     slot = jnp.where(positions < sink, positions, sink + (positions - sink) % window)
@@ -108,64 +124,80 @@ def write_positions(cache: KVCache, positions, sink: int, window: int) -> KVCach
     )
 
 
-def full_to_ring(stack, index, ring_pos):
-    """What a ring holds, read from a full layer's buffer: stack [Lf, B, K, M, H], index (data), ring_pos [B, S+W]
-    -> [B, K, S+W, H]. Slot = position in a full buffer, so the ring's stored positions say where to read; empty
-    ring slots (-1) read slot 0, which their position hides from every mask."""
-    rows = jnp.arange(stack.shape[1])[:, None]
-    return stack[index, rows, :, jnp.maximum(ring_pos, 0)].swapaxes(1, 2)  # advanced dims first: [B, S+W, K, H]
+def full_to_ring(buffer, ring_pos, keys: bool):
+    """What a ring holds, read from one full layer's buffer (keys [B, K, H, M] or values [B, K, M, H]) at the ring's
+    stored positions ring_pos [B, S+W] (a full buffer's place is the position); empty ring places (-1) read place
+    0, which their position hides from every mask."""
+    at = jnp.maximum(ring_pos, 0)
+    return jnp.take_along_axis(buffer, at[:, None, None, :] if keys else at[:, None, :, None], axis=3 if keys else 2)
 
 
 def restrict(cache: KVCache, plan: Plan) -> KVCache:
     """From the cache of an all-full exact prefill, the cache an exact prefill under the fixed `plan` leaves (each
     lazy layer keeps its sinks and window): many plans share one prefill. The prompt's positions are the cache's
-    own `full_pos` (a full layer's slot is the position). The input is left intact."""
+    own `full_pos` (a full layer's place is the position). The input is left intact."""
     is_lazy, _ = layer_slots(plan)
     positions = cache.full_pos
     B, S, W = positions.shape[0], plan.sink, plan.window
     empty = dataclasses.replace(cache, ring_pos=jnp.full((B, S + W), -1, jnp.int32), length=jnp.zeros((B,), jnp.int32))
     ring_pos = write_positions(empty, positions, S, W).ring_pos
-
-    def rings(stack):
-        kept = [full_to_ring(stack, i, ring_pos) for i in np.flatnonzero(is_lazy)]
-        return jnp.stack(kept) if kept else jnp.zeros((0, B, stack.shape[2], S + W, stack.shape[4]), stack.dtype)
-
-    full = np.flatnonzero(~is_lazy)
-    return KVCache(full_k=cache.full_k[full], full_v=cache.full_v[full], full_pos=jnp.array(cache.full_pos),
-                   ring_k=rings(cache.full_k), ring_v=rings(cache.full_v), ring_pos=ring_pos,
-                   length=jnp.array(cache.length))  # new buffers throughout: the result may be donated
+    full, lazy = np.flatnonzero(~is_lazy), np.flatnonzero(is_lazy)
+    return KVCache(full_k=tuple(jnp.array(cache.full_k[i]) for i in full),
+                   full_v=tuple(jnp.array(cache.full_v[i]) for i in full), full_pos=jnp.array(cache.full_pos),
+                   ring_k=tuple(full_to_ring(cache.full_k[i], ring_pos, keys=True) for i in lazy),
+                   ring_v=tuple(full_to_ring(cache.full_v[i], ring_pos, keys=False) for i in lazy),
+                   ring_pos=ring_pos, length=jnp.array(cache.length))  # new buffers throughout: may be donated
 
 
-def write_layer_kv(stacks, k, v, positions, is_lazy, index, sink: int, window: int):
-    """Write one layer's new k, v [B, K, T, H] into its stack; the other kind's stack gets dropped writes.
+def put_tokens(buffer, k_or_v, places, keys: bool):
+    """Write tokens [B, T, K, H] into one slot (keys [B, K, H, M'] or values [B, K, M', H]) at places [B, T];
+    out-of-range places are dropped."""
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    at = (rows, slice(None), slice(None), places) if keys else (rows, slice(None), places)
+    return buffer.at[at].set(k_or_v, mode="drop")  # advanced indices first: the update is [B, T, K, H]
 
-    stacks: (full_k, full_v, ring_k, ring_v). Branch-free, so a plan's kinds can be data inside `lax.scan`.
-    """
-    full_k, full_v, ring_k, ring_v = stacks
-    B = k.shape[0]
-    rows = jnp.arange(B)[:, None]
-    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, T, K, H]: the order advanced indexing yields below
-    f_layer = jnp.where(is_lazy, full_k.shape[0], index)  # out of range -> dropped
-    r_layer = jnp.where(is_lazy, index, ring_k.shape[0])
-    f_slot = full_slots(positions, full_k.shape[3])
-    r_slot = ring_slots(positions, sink, window)
-    if full_k.shape[0]:
-        full_k = full_k.at[f_layer, rows, :, f_slot].set(k, mode="drop")
-        full_v = full_v.at[f_layer, rows, :, f_slot].set(v, mode="drop")
-    if ring_k.shape[0]:
-        ring_k = ring_k.at[r_layer, rows, :, r_slot].set(k, mode="drop")
-        ring_v = ring_v.at[r_layer, rows, :, r_slot].set(v, mode="drop")
-    return full_k, full_v, ring_k, ring_v
+
+def _as_tokens(k, v):
+    """k [B, K, H, T], v [B, K, T, H] -> both [B, T, K, H], the order `put_tokens` writes."""
+    return jnp.einsum("BKHT->BTKH", k), v.swapaxes(1, 2)
+
+
+def write_layer_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
+    """Write one layer's new k [B, K, H, T], v [B, K, T, H] into its slot; every other slot gets dropped writes.
+
+    kv: (full_k, full_v, ring_k, ring_v). Branch-free, so which slot is the layer's can be data inside `lax.scan`
+    (prefill). Costs a scatter per slot per layer; decode writes once per step instead (`write_step_kv`)."""
+    full_k, full_v, ring_k, ring_v = kv
+    k, v = _as_tokens(k, v)
+    M = full_k[0].shape[3] if full_k else 0
+    f_slot, r_slot = full_slots(positions, M), ring_slots(positions, sink, window)
+
+    def into(slots, mine, places, out_of_range, keys):
+        return tuple(put_tokens(s, k if keys else v, jnp.where(mine & (index == j), places, out_of_range), keys)
+                     for j, s in enumerate(slots))
+    return (into(full_k, ~is_lazy, f_slot, M, True), into(full_v, ~is_lazy, f_slot, M, False),
+            into(ring_k, is_lazy, r_slot, sink + window, True), into(ring_v, is_lazy, r_slot, sink + window, False))
+
+
+def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
+    """Write every layer's one new token, k [L, B, K, H, 1] and v [L, B, K, 1, H], into its slot: each slot takes
+    the token of the layer it belongs to (data), one scatter per slot per step."""
+    full_k, full_v, ring_k, ring_v = kv
+    k, v = jax.vmap(_as_tokens)(k, v)  # [L, B, 1, K, H]
+    layer = jnp.arange(is_lazy.shape[0])
+    owner = lambda n, mine: jnp.zeros((n,), jnp.int32).at[jnp.where(mine, index, n)].set(layer, mode="drop")  # noqa
+    M = full_k[0].shape[3] if full_k else 0
+    places = {False: full_slots(positions, M), True: ring_slots(positions, sink, window)}
+
+    def into(slots, lazy, keys):
+        owners = owner(len(slots), is_lazy if lazy else ~is_lazy)
+        return tuple(put_tokens(s, (k if keys else v)[owners[j]], places[lazy], keys) for j, s in enumerate(slots))
+    return into(full_k, False, True), into(full_v, False, False), into(ring_k, True, True), into(ring_v, True, False)
 
 
 @partial(jax.jit, donate_argnames=("cache",))
 def insert_rows(cache: KVCache, small: KVCache, row) -> KVCache:
     """Copy the b rows of `small` (a cache of the same plan and slots, e.g. one prefilled row) into rows
-    row..row+b-1 of `cache`, in place (`cache` is donated). `row` is data: one compilation per pair of shapes."""
-    def put(field):
-        big, part = getattr(cache, field.name), getattr(small, field.name)
-        axis = 1 if field.name.endswith(("_k", "_v")) else 0  # stacks [L, B, K, M, H]; positions [B, M]; length [B]
-        start = [jnp.int32(0)] * big.ndim
-        start[axis] = jnp.asarray(row, jnp.int32)
-        return jax.lax.dynamic_update_slice(big, part, start)
-    return KVCache(**{f.name: put(f) for f in dataclasses.fields(KVCache)})
+    row..row+b-1 of `cache`, in place (`cache` is donated). `row` is data: one compilation per pair of shapes.
+    Every leaf has the batch first."""
+    return jax.tree.map(lambda big, part: jax.lax.dynamic_update_slice_in_dim(big, part, row, 0), cache, small)

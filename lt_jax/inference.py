@@ -1,11 +1,11 @@
 """Prefill, decode and generation over the KV cache of `lt_jax.cache`.
 
 One token's path through `generate`: `prefill` runs the prompt through every layer (exact mode: full attention on
-the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its stack (with a
+the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its slot (with a
 `lighttransfer` plan it also measures each layer's lazy ratio, and the priority queue of `lt_jax.lazy` decides,
 layer by layer, which caches stay full); then a compiled `lax.while_loop` samples a token, and `decode_step`
-writes its keys (write, then attend: the slot it overwrites in a ring holds a position the mask hides anyway) and
-attends over the layer's cache.
+attends over each layer's slot (read in place) and the token itself, and writes every layer's keys at the end of
+the step (the place it overwrites in a ring holds a position the mask hides anyway).
 """
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lt_jax.cache import KVCache, full_to_ring, layer_slots, write_layer_kv, write_positions
+from lt_jax.cache import (KVCache, full_to_ring, layer_slots, read_slot, write_layer_kv, write_positions,
+                         write_step_kv)
 from lt_jax.config import Config
 from lt_jax.lazy import init_queue, lazy_ratio, push
 from lt_jax.mask import FULL
-from lt_jax.model import attend, attend_causal, attend_streaming, decoder_layer, rope_inv_freq, scan_layers, unembed
+from lt_jax.model import (attend_causal, attend_streaming, decoder_layer, dot_scores, masked, merge_heads,
+                          rope_inv_freq, scan_layers, unembed, value_product)
 from lt_jax.plan import DEFAULT_W_LAST, Plan
 
 
@@ -70,7 +73,7 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
     x = params["embed"][tokens]
 
     def step(carry, layer):
-        x, stacks, queue = carry
+        x, kv, queue = carry
         lp, (layer_id, is_lazy, index) = layer
 
         def attention(q, k, v):
@@ -81,73 +84,86 @@ def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config
             else:  # exact prefill: every layer attends like a full layer over the prompt
                 out = attend_causal(q, k, v, positions, 0, native)
             if not shape.select:
-                return out, (write_layer_kv(stacks, k, v, positions, is_lazy, index, shape.sink, shape.window),
+                return out, (write_layer_kv(kv, k, v, positions, is_lazy, index, shape.sink, shape.window),
                              queue, None)
             ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
             queue_after, lazy, at, slot, evict_to = push(queue, layer_id, jnp.mean(ratio))
-            after_eviction, at = _evict(stacks, slot, evict_to, cache.ring_pos, at)
+            after_eviction, at = _evict(kv, slot, evict_to, cache.ring_pos, at)
             return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window),
                          queue_after, ratio)
 
-        x, (stacks, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
-        return (x, stacks, queue), ratio
+        x, (kv, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
+        return (x, kv, queue), ratio
 
     xs = (jnp.arange(cfg.num_layers), layers["is_lazy"], layers["index"])
-    (x, stacks, queue), ratios = scan_layers(step, (x, cache.stacks, queue), params["layers"], xs)
+    (x, kv, queue), ratios = scan_layers(step, (x, cache.kv, queue), params["layers"], xs)
     if shape.select:
         layers = {"is_lazy": queue.is_lazy, "index": queue.index, "ratios": ratios}
     logits = unembed(params, x if all_logits else x[:, -1:], cfg)
-    return (logits if all_logits else logits[:, 0]), cache.with_stacks(stacks), layers
+    return (logits if all_logits else logits[:, 0]), cache.with_kv(kv), layers
 
 
-def _evict(stacks, slot, evict_to, ring_pos, at):
-    """Move what a ring keeps of full slot `slot` (its sinks and window) into ring `evict_to`; out of range: no
-    eviction. Returns (stacks, at), `at` being where the arriving layer writes next, into that freed slot."""
-    full_k, full_v, ring_k, ring_v = stacks
-    if not (full_k.shape[0] and ring_k.shape[0]):
-        return stacks, at
-    kept_k, kept_v = (full_to_ring(a, slot, ring_pos) for a in (full_k, full_v))
-    ring_k = ring_k.at[evict_to].set(kept_k, mode="drop")
-    ring_v = ring_v.at[evict_to].set(kept_v, mode="drop")
+def _evict(kv, slot, evict_to, ring_pos, at):
+    """Move what a ring keeps of full slot `slot` (its sinks and window) into ring slot `evict_to`; out of range: no
+    eviction. Returns (kv, at), `at` being where the arriving layer writes next, into that freed slot."""
+    full_k, full_v, ring_k, ring_v = kv
+    if not (full_k and ring_k):
+        return kv, at
+    kept_k, kept_v = (read_slot(slots, slot, partial(full_to_ring, ring_pos=ring_pos, keys=keys))
+                      for slots, keys in ((full_k, True), (full_v, False)))
+    rows = jnp.arange(ring_pos.shape[0])
+    into = lambda slots, kept: tuple(s.at[jnp.where(evict_to == j, rows, len(rows))].set(kept, mode="drop")  # noqa
+                                     for j, s in enumerate(slots))
+    ring_k, ring_v = into(ring_k, kept_k), into(ring_v, kept_v)
     # Make the overwrite of the freed slot depend on what was read from it (a NaN key, which a finite model never
-    # makes, would drop the write): XLA then reads first and writes in place, where otherwise it copies both full
-    # stacks at every layer (the P + 1 test measures this).
-    at = jnp.where(jnp.isnan(kept_k[0, 0, 0, 0] + kept_v[0, 0, 0, 0]), full_k.shape[0] + ring_k.shape[0], at)
+    # makes, would drop the write): XLA then reads first and writes in place, where otherwise it copies the full
+    # slots at every layer (the P + 1 test measures this).
+    at = jnp.where(jnp.isnan(kept_k[0, 0, 0, 0] + kept_v[0, 0, 0, 0]), len(full_k) + len(ring_k), at)
     return (full_k, full_v, ring_k, ring_v), at
+
+
+def _attend_cached(q, k, v, slots_k, slots_v, index, positions, slot_pos, sink, window):
+    """Decode attention: one new token per row (q [B, 1, N, H], its own k [B, K, H, 1], v [B, K, 1, H]) over its
+    layer's slot, picked by `index` and read in place, and over itself (written after the step): one softmax over
+    both. Only the two products read the slot; the mask and softmax stay outside the switch, so each branch is
+    one matrix product (compile time grows with the branches)."""
+    cached = masked(read_slot(slots_k, index, partial(dot_scores, q)), positions, slot_pos, sink, window)
+    own = dot_scores(q, k)  # [B, K, G, 1, 1]; a token always sees itself
+    top = jnp.maximum(jnp.max(cached, axis=-1, keepdims=True), own)
+    p_cached, p_own = jnp.exp(cached - top), jnp.exp(own - top)
+    out = read_slot(slots_v, index, partial(value_product, p_cached)) + value_product(p_own, v)
+    return merge_heads(out / (jnp.sum(p_cached, axis=-1, keepdims=True) + p_own), v.dtype)
 
 
 def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Shape):
     """One token per row [B] at position `cache.length` -> (logits [B, V], cache)."""
     positions = cache.length[:, None]
-    cache = write_positions(cache, positions, shape.sink, shape.window)
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     x = params["embed"][tokens[:, None]]
-    has_full, has_ring = cache.full_k.shape[0] > 0, cache.ring_k.shape[0] > 0
+    full_k, full_v, ring_k, ring_v = cache.kv
+    if not (full_k and ring_k):  # one kind of layer: layer i's slot is i, known while tracing
+        layers = {"is_lazy": np.full(cfg.num_layers, not full_k), "index": np.arange(cfg.num_layers)}
 
-    def step(carry, layer):
-        x, stacks = carry
+    def step(x, layer):
         lp, (is_lazy, index) = layer
 
         def attention(q, k, v):
-            full_k, full_v, ring_k, ring_v = written = write_layer_kv(stacks, k, v, positions, is_lazy, index,
-                                                                      shape.sink, shape.window)
             sink, window = _layer_mask(is_lazy, shape, cfg)
+            over = lambda slots_k, slots_v, slot_pos: _attend_cached(  # noqa: E731
+                q, k, v, slots_k, slots_v, index, positions, slot_pos, sink, window)
+            full, ring = partial(over, full_k, full_v, cache.full_pos), partial(over, ring_k, ring_v, cache.ring_pos)
+            out = jax.lax.cond(is_lazy, ring, full) if (full_k and ring_k) else (full() if full_k else ring())
+            return out, (k, v)
 
-            def over_full():
-                return attend(q, full_k[index], full_v[index], positions, cache.full_pos, sink, window)
+        return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
 
-            def over_ring():
-                return attend(q, ring_k[index], ring_v[index], positions, cache.ring_pos, sink, window)
-
-            if has_full and has_ring:
-                return jax.lax.cond(is_lazy, over_ring, over_full), written
-            return (over_full() if has_full else over_ring()), written
-
-        return decoder_layer(lp, x, positions, cfg, inv_freq, attention), None
-
-    (x, stacks), _ = scan_layers(step, (x, cache.stacks), params["layers"], (layers["is_lazy"], layers["index"]),
-                                 unroll=True)
-    return unembed(params, x, cfg)[:, 0], cache.with_stacks(stacks)
+    x, (new_k, new_v) = scan_layers(step, x, params["layers"], (layers["is_lazy"], layers["index"]), unroll=True)
+    # The writes depend on the last hidden state (a NaN, which a finite model never makes, would drop them), so
+    # every slot is read before it is written: XLA then writes in place instead of copying slots to read them.
+    written = jnp.where(jnp.isnan(x[:, 0, :1]), -1, positions)
+    kv = write_step_kv(cache.kv, new_k, new_v, written, layers["is_lazy"], layers["index"], shape.sink, shape.window)
+    cache = write_positions(cache, positions, shape.sink, shape.window).with_kv(kv)
+    return unembed(params, x, cfg)[:, 0], cache
 
 
 decode_step = jax.jit(_decode, static_argnames=("cfg", "shape"), donate_argnames=("cache",))

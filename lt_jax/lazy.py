@@ -22,7 +22,7 @@ from lt_jax.model import masked_scores
 
 
 def lazy_ratio(q, k, positions, sink: int, window: int, w_last: int, full_window):
-    """q [B, T, N, H] (after RoPE), k [B, K, T, H], positions [B, T] (left padding: -1) -> float32 [B, N], one ratio
+    """q [B, T, N, H] (after RoPE), k [B, K, H, T], positions [B, T] (left padding: -1) -> float32 [B, N], one ratio
     per row and query head. Only the last `w_last` queries are scored ([B, N, w_last, T] scores: w_last / T of the
     prefill's attention), and `full_window` is the full layer's own window (Mistral's native one, or none)."""
     B, T, N, _ = q.shape

@@ -53,28 +53,44 @@ def rms_norm(x, weight, eps):
     return weight * x32.astype(x.dtype)
 
 
-def masked_scores(q, k, q_pos, k_pos, sink, window):
-    """Scaled dot products under the mask rule, GQA heads grouped: q [B, T, N, H], k [B, K, S, H] -> float32
-    [B, K, N/K, T, S]; masked entries hold float32's minimum, a finite floor that keeps fully masked rows (padding
-    queries) finite instead of NaN after the softmax."""
+def dot_scores(q, k):
+    """Scaled dot products, GQA heads grouped: q [B, T, N, H], k [B, K, H, S] -> float32 [B, K, N/K, T, S].
+    Keys are stored transposed (head_dim before time) everywhere: decode's score product is then a plain
+    [N/K, H] x [H, S] matrix product per head, which XLA:CPU runs ~2.3x faster than over [S, H] keys."""
     B, T, N, H = q.shape
     K = k.shape[1]
     q = (q * H ** -0.5).reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    mask = attention_mask(q_pos, k_pos, sink, window)[:, None, None]
-    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("BTKGH,BKHS->BKGTS", q, k, preferred_element_type=jnp.float32)
+
+
+def masked(scores, q_pos, k_pos, sink, window):
+    """Scores under the mask rule; masked entries hold float32's minimum, a finite floor that keeps fully masked
+    rows (padding queries) finite instead of NaN after the softmax."""
+    return jnp.where(attention_mask(q_pos, k_pos, sink, window)[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
+def masked_scores(q, k, q_pos, k_pos, sink, window):
+    return masked(dot_scores(q, k), q_pos, k_pos, sink, window)
+
+
+def value_product(probs, v):
+    """probs [B, K, G, T, S] x v [B, K, S, H] -> float32 [B, K, G, T, H] (unnormalized)."""
+    return jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def merge_heads(out, dtype):
+    """[B, K, G, T, H] -> [B, T, N, H]."""
+    B, K, G, T, H = out.shape
+    return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, K * G, H).astype(dtype)
 
 
 def attend(q, k, v, q_pos, k_pos, sink, window):
-    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, K, S, H] (heads before time: each head's
-    keys are contiguous, which decode's matrix-vector products need to run at memory speed); -> [B, T, N, H]."""
-    B, T, N, H = q.shape
+    """Softmax attention under the mask rule. q [B, T, N, H]; k [B, K, H, S]; v [B, K, S, H] (heads before time:
+    each head's keys and values are contiguous, which decode's matrix products need); -> [B, T, N, H]."""
     scores = masked_scores(q, k, q_pos, k_pos, sink, window)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     # Normalize after the value product: a pass over [T, H] instead of [T, S].
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / jnp.sum(probs, axis=-1, keepdims=True)
-    return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(v.dtype)
+    return merge_heads(value_product(probs, v) / jnp.sum(probs, axis=-1, keepdims=True), v.dtype)
 
 
 def attend_causal(q, k, v, positions, sink, window):
@@ -94,7 +110,7 @@ def attend_causal(q, k, v, positions, sink, window):
     outs = []
     for start in range(0, T, Q_CHUNK):
         end = min(start + Q_CHUNK, T)
-        outs.append(attend(q[:, start:end], k[:, :, :end], v[:, :, :end], positions[:, start:end], positions[:, :end],
+        outs.append(attend(q[:, start:end], k[..., :end], v[:, :, :end], positions[:, start:end], positions[:, :end],
                            per_query(sink, start, end), per_query(window, start, end)))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
@@ -119,7 +135,7 @@ def attend_tiled(q, k, v, positions, sink, window):
     G = N // K
     pad = -T % K_CHUNK  # K_CHUNK is a multiple of Q_CHUNK; padded queries and keys have position -1
     if pad:
-        q, k, v = (jnp.pad(a, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (3 - axis)) for a, axis in ((q, 1), (k, 2), (v, 2)))
+        q, k, v = (jnp.pad(a, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (3 - axis)) for a, axis in ((q, 1), (k, 3), (v, 2)))
         positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
         sink, window = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if jnp.ndim(a) == 3 else a for a in (sink, window))
     n_q = (T + pad) // Q_CHUNK
@@ -132,13 +148,12 @@ def attend_tiled(q, k, v, positions, sink, window):
 
         def key_block(j, state):
             top, total, acc = state
-            scores = masked_scores(q_i, block(k, j, K_CHUNK, 2), q_pos, block(positions, j, K_CHUNK, 1), sink_i,
+            scores = masked_scores(q_i, block(k, j, K_CHUNK, 3), q_pos, block(positions, j, K_CHUNK, 1), sink_i,
                                    window_i)  # [B, K, G, Qc, Kc]
             new_top = jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True))
             probs = jnp.exp(scores - new_top)
             scale = jnp.exp(top - new_top)
-            acc = acc * scale + jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(v.dtype), block(v, j, K_CHUNK, 2),
-                                           preferred_element_type=jnp.float32)
+            acc = acc * scale + value_product(probs, block(v, j, K_CHUNK, 2))
             return new_top, total * scale + jnp.sum(probs, axis=-1, keepdims=True), acc
 
         floor = jnp.finfo(jnp.float32).min
@@ -146,8 +161,7 @@ def attend_tiled(q, k, v, positions, sink, window):
                 jnp.zeros((B, K, G, Q_CHUNK, H), jnp.float32))
         n_keys = ((i + 1) * Q_CHUNK + K_CHUNK - 1) // K_CHUNK  # the key blocks up to this query block's end
         _, total, acc = jax.lax.fori_loop(0, n_keys, key_block, init)
-        out = (acc / total).astype(v.dtype)
-        return jnp.einsum("BKGTH->BTKGH", out).reshape(B, Q_CHUNK, N, H)
+        return merge_heads(acc / total, v.dtype)
 
     return over_query_blocks(query_block, n_q, T)
 
@@ -165,7 +179,7 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
     pad = jnp.sum(positions < 0, axis=1, keepdims=True)  # [B, 1]
     at = pad + jnp.arange(sink)  # index of position j of each row
     idx = jnp.minimum(at, T - 1)
-    sink_k = jnp.take_along_axis(k, idx[:, None, :, None], axis=2)
+    sink_k = jnp.take_along_axis(k, idx[:, None, None, :], axis=3)
     sink_v = jnp.take_along_axis(v, idx[:, None, :, None], axis=2)
     sink_pos = jnp.where(at < T, jnp.take_along_axis(positions, idx, axis=1), -1)
     # Keys get span - Q_CHUNK empty slots in front (block c's window is then slots [c*Q_CHUNK, +span)) and, like
@@ -173,7 +187,8 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
     front, back = span - Q_CHUNK, -T % Q_CHUNK
     n_q = (T + back) // Q_CHUNK
     q = jnp.pad(q, ((0, 0), (0, back), (0, 0), (0, 0)))
-    k, v = (jnp.pad(a, ((0, 0), (0, 0), (front, back), (0, 0))) for a in (k, v))
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (front, back)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (front, back), (0, 0)))
     q_positions = jnp.pad(positions, ((0, 0), (0, back)), constant_values=-1)
     k_positions = jnp.pad(jnp.where(positions < sink, -1, positions), ((0, 0), (front, back)), constant_values=-1)
 
@@ -182,7 +197,7 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
         window_of = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, span, axis)  # noqa: E731
         keys_pos = jnp.concatenate([sink_pos, window_of(k_positions, 1)], axis=1)
         return attend(jax.lax.dynamic_slice_in_dim(q, start, Q_CHUNK, 1),
-                      jnp.concatenate([sink_k, window_of(k, 2)], axis=2),
+                      jnp.concatenate([sink_k, window_of(k, 3)], axis=3),
                       jnp.concatenate([sink_v, window_of(v, 2)], axis=2),
                       jax.lax.dynamic_slice_in_dim(q_positions, start, Q_CHUNK, 1), keys_pos, sink, window)
 
@@ -190,15 +205,15 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
 
 
 def qkv(lp, x, positions, inv_freq):
-    """Projections of the normed input x [B, T, D] -> q [B, T, N, H]; k, v [B, K, T, H] (the cache layout);
-    RoPE at each token's position, keys cached after RoPE."""
+    """Projections of the normed input x [B, T, D] -> q [B, T, N, H]; k [B, K, H, T]; v [B, K, T, H] (the cache
+    layout); RoPE at each token's position, keys cached after RoPE."""
     q = jnp.einsum("BTD,DNH->BTNH", x, lp["q"])
     k = jnp.einsum("BTD,DKH->BTKH", x, lp["k"])
     v = jnp.einsum("BTD,DKH->BTKH", x, lp["v"])
     if "q_bias" in lp:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     k = apply_rope(k, positions, inv_freq)
-    return apply_rope(q, positions, inv_freq), k.swapaxes(1, 2), v.swapaxes(1, 2)
+    return apply_rope(q, positions, inv_freq), jnp.einsum("BTKH->BKHT", k), v.swapaxes(1, 2)
 
 
 def mlp(lp, x):

@@ -39,8 +39,7 @@ def positions_after(cache, n_prompt, n_decode, sink, window):
 def test_ring_holds_sink_and_last_window(sink, window, n_prompt, n_decode):
     """Prefills shorter than S, between S and S+W and much longer, then decode steps: the stored positions are
     exactly {0..S-1} and the last W positions, each once; a sink token never also sits in the ring."""
-    empty = KVCache(full_k=jnp.zeros((0,)), full_v=jnp.zeros((0,)), full_pos=jnp.full((1, 128), -1, jnp.int32),
-                    ring_k=jnp.zeros((0,)), ring_v=jnp.zeros((0,)),
+    empty = KVCache(full_k=(), full_v=(), full_pos=jnp.full((1, 128), -1, jnp.int32), ring_k=(), ring_v=(),
                     ring_pos=jnp.full((1, sink + window), -1, jnp.int32), length=jnp.zeros((1,), jnp.int32))
     cache = positions_after(empty, n_prompt, n_decode, sink, window)
     n = n_prompt + n_decode
@@ -126,6 +125,21 @@ def test_per_layer_weights_equal_stacked_and_decode_reads_them_in_place(tiny_lt)
     assert temp_bytes(model.params) < layer_bytes / 4 < layer_bytes <= temp_bytes(stacked)
 
 
+@pytest.mark.parametrize("spec", ["full", "random:0", "streaming"])
+def test_decode_reads_and_writes_cache_slots_in_place(spec, tiny_lt):
+    """A decode step attends over each layer's cache slot where it lies and writes the new token into it in place:
+    XLA's buffer plan holds less than one slot of temporaries, whichever slot the plan (data) gives a layer. A
+    stacked [L, ...] cache, or writes that may run before the reads, copy at least one slot."""
+    model = tiny_lt("llama")
+    cfg = model.config
+    plan = make_plan(spec, cfg, sink=3, window=509)
+    cache = init_cache(cfg, plan, 2, 512)  # every slot 512 places: 128 KB, against 16 KB of one slot's scores
+    slot_bytes = min(a.nbytes for a in jax.tree.leaves(cache.kv))
+    compiled = decode_step.lower(model.params, jnp.zeros((2,), jnp.int32), cache, plan_arrays(plan), cfg,
+                                 Shape.of(plan).decoding).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < slot_bytes
+
+
 def test_exact_prefix_differs_from_hybrid(tiny_lt):
     """Guard: the two prefill modes really differ once the prompt is longer than S+W."""
     model = tiny_lt("llama")
@@ -141,7 +155,8 @@ def test_cache_bytes_equal_formula():
                  qkv_bias=False)
     plan = make_plan("last", cfg, lazy_fraction=0.5)
     shapes = jax.eval_shape(lambda: init_cache(cfg, plan, 8, 8192))
-    kv = sum(np.prod(a.shape) * a.dtype.itemsize for a in (shapes.full_k, shapes.full_v, shapes.ring_k, shapes.ring_v))
+    assert len(shapes.full_k) == len(shapes.full_v) == 15 == len(shapes.ring_k) == len(shapes.ring_v)
+    kv = sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes.kv))
     by_hand = 2 * 8 * 3 * 64 * 4 * (15 * 8192 + 15 * (4 + 1020))
     assert kv == expected_kv_bytes(cfg, plan, 8, 8192) == by_hand == 1_698_693_120
     full = expected_kv_bytes(cfg, Plan.full(30), 8, 8192)

@@ -47,8 +47,7 @@ class KVCache:
         return self.full_k, self.full_v, self.ring_k, self.ring_v
 
     def with_kv(self, kv) -> "KVCache":
-        return dataclasses.replace(self, full_k=tuple(kv[0]), full_v=tuple(kv[1]), ring_k=tuple(kv[2]),
-                                   ring_v=tuple(kv[3]))
+        return dataclasses.replace(self, **dict(zip(("full_k", "full_v", "ring_k", "ring_v"), map(tuple, kv))))
 
     @property
     def kv_bytes(self) -> int:
@@ -162,37 +161,41 @@ def _as_tokens(k, v):
     return jnp.einsum("BKHT->BTKH", k), v.swapaxes(1, 2)
 
 
+def _write_slots(kv, positions, sink: int, window: int, write):
+    """Every slot of kv = (full_k, full_v, ring_k, ring_v) after `write(slot, j, lazy, keys, places)`: slot j of its
+    kind, and the places [B, T] of the chunk's tokens in a slot of that kind (out of range: dropped)."""
+    full_k, full_v, ring_k, ring_v = kv
+    places = {False: full_slots(positions, full_k[0].shape[3] if full_k else 0),
+              True: ring_slots(positions, sink, window)}
+    return tuple(tuple(write(slot, j, lazy, keys, places[lazy]) for j, slot in enumerate(slots))
+                 for slots, lazy, keys in ((full_k, False, True), (full_v, False, False), (ring_k, True, True),
+                                           (ring_v, True, False)))
+
+
 def write_layer_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     """Write one layer's new k [B, K, H, T], v [B, K, T, H] into its slot; every other slot gets dropped writes.
-
-    kv: (full_k, full_v, ring_k, ring_v). Branch-free, so which slot is the layer's can be data inside `lax.scan`
-    (prefill). Costs a scatter per slot per layer; decode writes once per step instead (`write_step_kv`)."""
-    full_k, full_v, ring_k, ring_v = kv
+    Branch-free, so which slot is the layer's can be data inside `lax.scan` (prefill). Costs a scatter per slot per
+    layer; decode writes once per step instead (`write_step_kv`)."""
     k, v = _as_tokens(k, v)
-    M = full_k[0].shape[3] if full_k else 0
-    f_slot, r_slot = full_slots(positions, M), ring_slots(positions, sink, window)
 
-    def into(slots, mine, places, out_of_range, keys):
-        return tuple(put_tokens(s, k if keys else v, jnp.where(mine & (index == j), places, out_of_range), keys)
-                     for j, s in enumerate(slots))
-    return (into(full_k, ~is_lazy, f_slot, M, True), into(full_v, ~is_lazy, f_slot, M, False),
-            into(ring_k, is_lazy, r_slot, sink + window, True), into(ring_v, is_lazy, r_slot, sink + window, False))
+    def write(slot, j, lazy, keys, places):
+        mine = (is_lazy if lazy else ~is_lazy) & (index == j)
+        return put_tokens(slot, k if keys else v, jnp.where(mine, places, slot.shape[3 if keys else 2]), keys)
+    return _write_slots(kv, positions, sink, window, write)
 
 
 def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     """Write every layer's one new token, k [L, B, K, H, 1] and v [L, B, K, 1, H], into its slot: each slot takes
     the token of the layer it belongs to (data), one scatter per slot per step."""
-    full_k, full_v, ring_k, ring_v = kv
     k, v = jax.vmap(_as_tokens)(k, v)  # [L, B, 1, K, H]
-    layer = jnp.arange(is_lazy.shape[0])
-    owner = lambda n, mine: jnp.zeros((n,), jnp.int32).at[jnp.where(mine, index, n)].set(layer, mode="drop")  # noqa
-    M = full_k[0].shape[3] if full_k else 0
-    places = {False: full_slots(positions, M), True: ring_slots(positions, sink, window)}
 
-    def into(slots, lazy, keys):
-        owners = owner(len(slots), is_lazy if lazy else ~is_lazy)
-        return tuple(put_tokens(s, (k if keys else v)[owners[j]], places[lazy], keys) for j, s in enumerate(slots))
-    return into(full_k, False, True), into(full_v, False, False), into(ring_k, True, True), into(ring_v, True, False)
+    def owners(n, mine):  # the layer whose token each of a kind's n slots takes
+        return jnp.zeros((n,), jnp.int32).at[jnp.where(mine, index, n)].set(jnp.arange(len(mine)), mode="drop")
+    owner = {False: owners(len(kv[0]), ~is_lazy), True: owners(len(kv[2]), is_lazy)}
+
+    def write(slot, j, lazy, keys, places):
+        return put_tokens(slot, (k if keys else v)[owner[lazy][j]], places, keys)
+    return _write_slots(kv, positions, sink, window, write)
 
 
 @partial(jax.jit, donate_argnames=("cache",))

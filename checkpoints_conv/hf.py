@@ -16,7 +16,7 @@ import numpy as np
 from checkpoints_conv.safetensors_io import SafetensorsFile, write_safetensors
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.params import empty_params, param_specs
+from lt_jax.params import empty_params, from_out_in, out_in, param_specs
 
 # HF name -> our path, and n_in: how many leading axes of our array form the HF Linear's *input* dim
 # (HF stores Linear weights as [out, in]; we store [in..., out...] so einsums read like shapes).
@@ -52,15 +52,11 @@ def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
 
 
 def _to_ours(w: np.ndarray, shape, n_in):
-    return w.reshape(shape) if n_in in (None, 0) else w.T.reshape(shape)
+    return w.reshape(shape) if n_in is None else from_out_in(w, shape)
 
 
 def _to_hf(a: np.ndarray, n_in):
-    if n_in is None:
-        return a
-    if n_in == 0:
-        return a.reshape(-1)
-    return a.reshape(math.prod(a.shape[:n_in]), -1).T
+    return a if n_in is None else out_in(a, n_in)
 
 
 def entries(cfg: Config) -> dict[str, tuple[tuple[str, ...], int | None, int | None]]:

@@ -14,7 +14,7 @@ from lt_jax.errors import LtJaxError
 from lt_jax.cache import init_cache
 from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
 from lt_jax.model import default_positions, forward, forward_masked
-from lt_jax.params import split_layers
+from lt_jax.params import serving_params
 from lt_jax.plan import Plan, make_plan
 
 
@@ -59,7 +59,7 @@ def left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]
 class Model:
     def __init__(self, config: Config, params, tokenizer=None, path: Path | None = None):
         self.config = config
-        self.params = split_layers(params)  # per-layer buffers: decode reads each weight in place
+        self.params = serving_params(params)  # per-layer fused buffers: decode reads each weight in place
         self.tokenizer = tokenizer
         self.path = path
 

@@ -210,19 +210,38 @@ def attend_streaming(q, k, v, positions, sink: int, window: int):
     return over_query_blocks(query_block, n_q, T)
 
 
-def qkv(lp, x, positions, inv_freq):
+def qkv(lp, x, positions, inv_freq, cfg: Config):
     """Projections of the normed input x [B, T, D] -> q [B, T, N, H]; k [B, K, H, T]; v [B, K, T, H] (the cache
-    layout); RoPE at each token's position, keys cached after RoPE."""
-    q = jnp.einsum("BTD,DNH->BTNH", x, lp["q"])
-    k = jnp.einsum("BTD,DKH->BTKH", x, lp["k"])
-    v = jnp.einsum("BTD,DKH->BTKH", x, lp["v"])
-    if "q_bias" in lp:
-        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    layout); RoPE at each token's position, keys cached after RoPE. Either layout of `lt_jax.params`."""
+    B, T, _ = x.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if "qkv_proj" in lp:  # serving layout: one product over the fused [out, in] weight
+        y = jnp.einsum("BTD,ED->BTE", x, lp["qkv_proj"])
+        y = y + lp["qkv_bias"] if "qkv_bias" in lp else y
+        q, k, v = (a.reshape(B, T, -1, H) for a in jnp.split(y, [N * H, (N + K) * H], axis=-1))
+    else:
+        q, k, v = (jnp.einsum("BTD,DNH->BTNH", x, lp[name]) for name in ("q", "k", "v"))
+        if "q_bias" in lp:
+            q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     k = apply_rope(k, positions, inv_freq)
     return apply_rope(q, positions, inv_freq), jnp.einsum("BTKH->BKHT", k), v.swapaxes(1, 2)
 
 
+def out_proj(lp, out):
+    """Attention output [B, T, N, H] -> [B, T, D]."""
+    B, T, N, H = out.shape
+    out = out.reshape(B, T, N * H)
+    if "o_proj" in lp:
+        return jnp.einsum("BTM,DM->BTD", out, lp["o_proj"])
+    # [N*H, D] is o's own row-major layout (a free reshape); contracting (N, H) as two axes lets XLA:CPU transpose
+    # the weight instead, a copy of it at every call.
+    return out @ lp["o"].reshape(N * H, -1)
+
+
 def mlp(lp, x):
+    if "gate_up_proj" in lp:
+        gate, up = jnp.split(jnp.einsum("BTD,ED->BTE", x, lp["gate_up_proj"]), 2, axis=-1)
+        return jnp.einsum("BTF,DF->BTD", jax.nn.silu(gate) * up, lp["down_proj"])
     gate = jnp.einsum("BTD,DF->BTF", x, lp["gate"])
     up = jnp.einsum("BTD,DF->BTF", x, lp["up"])
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["down"])
@@ -231,19 +250,16 @@ def mlp(lp, x):
 def decoder_layer(lp, x, positions, cfg: Config, inv_freq, attention):
     """One decoder layer. `attention(q, k, v) -> (out, aux)` is where callers differ (which keys, which mask,
     cache writes); the rest of the layer is written once, here."""
-    q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq)
+    q, k, v = qkv(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), positions, inv_freq, cfg)
     out, aux = attention(q, k, v)
-    B, T, N, H = out.shape
-    # [N*H, D] is o's own row-major layout (a free reshape); contracting (N, H) as two axes lets XLA:CPU transpose
-    # the weight instead, a copy of it at every decode step.
-    x = x + out.reshape(B, T, N * H) @ lp["o"].reshape(N * H, -1)
+    x = x + out_proj(lp, out)
     return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), aux
 
 
 def scan_layers(step, carry, layers, xs, unroll: bool = False):
     """`step(carry, (layer weights, x_i)) -> (carry, y_i)` over the layers, like `lax.scan` over (layers, xs).
 
-    layers: stacked (leaves [L, ...], scanned) or a tuple of per-layer dicts (`lt_jax.params.split_layers`),
+    layers: stacked (leaves [L, ...], scanned) or a tuple of per-layer dicts (`lt_jax.params.serving_params`),
     scanned over the layer index with the weights picked by `lax.switch`, or with `unroll` looped in Python.
     Why unroll: XLA:CPU copies a layer's slice of a stacked (or switched) weight before every matmul, which at a
     decode step is a copy of the whole model per token; unrolled over per-layer buffers, each matmul reads its

@@ -1,10 +1,12 @@
 """The one abstract description of every parameter: shape, logical axes. Init, conversion, checkpoint templates
 and (later) sharding are all derived from it. Layer weights are stacked on a leading L axis (checkpoints, init, a
-mesh's uniform sharding); a loaded `Model` holds them split, one dict per layer (`split_layers`), which every
-layer loop of `lt_jax.model.scan_layers` accepts as well."""
+mesh's uniform sharding). A loaded `Model` holds them in the serving layout instead (`serving_params`): one dict
+per layer, q/k/v and gate/up fused, every projection stored [out, in] as in HF; every layer loop of
+`lt_jax.model` accepts both layouts."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -77,20 +79,59 @@ def init_params(cfg: Config, key: jax.Array) -> dict:
     return jax.tree.unflatten(treedef, made)
 
 
-def split_layers(params: dict) -> dict:
-    """params on the device with `layers` as a tuple of per-layer dicts, each leaf its own buffer (only placed if
-    already split). Like `jax.device_put`, loading briefly holds the host arrays and their device copies."""
+def out_in(a, n_in: int):
+    """Our [in..., out...] weight -> HF's Linear layout [out, in]; n_in: how many leading axes are inputs (0: a
+    bias, flattened)."""
+    return a.reshape(-1) if n_in == 0 else a.reshape(math.prod(a.shape[:n_in]), -1).T
+
+
+def from_out_in(w, shape):
+    """The inverse of `out_in`: HF's [out, in] (or a flat bias) -> our `shape`."""
+    return w.T.reshape(shape)
+
+
+# Serving layout: fused leaf -> (the checkpoint leaves it joins, in order; their n_in). Biases: Qwen2 only.
+FUSED = {"qkv_proj": (("q", "k", "v"), 1), "qkv_bias": (("q_bias", "k_bias", "v_bias"), 0),
+         "o_proj": (("o",), 2), "gate_up_proj": (("gate", "up"), 1), "down_proj": (("down",), 1)}
+
+
+def serving_params(params: dict) -> dict:
+    """params on the device in the serving layout: `layers` a tuple of per-layer dicts, each leaf its own buffer,
+    {attn_norm, mlp_norm, qkv_proj [(N + 2K) H, D], qkv_bias [(N + 2K) H] (Qwen2), o_proj [D, N H],
+    gate_up_proj [2F, D], down_proj [D, F]}. Why: a small-batch decode step is a chain of matrix-vector products
+    that XLA:CPU runs one after another; four products per layer over [out, in] rows in place decode 1.10-1.16x
+    faster (SmolLM2, 2K context, batch 1-4) than seven over [in, out] weights (scripts/bench_inference.py), and
+    per-layer buffers spare XLA's copy of a stacked weight's slice at every step. Already in this layout: only placed. Like `jax.device_put`, loading briefly holds
+    the host arrays and their device copies."""
     layers = params["layers"]
     if isinstance(layers, tuple):
         return jax.device_put(params)
-    num_layers = len(jax.tree.leaves(layers)[0])
-    per_leaf = {name: [jax.device_put(a) for a in np.asarray(stack)] for name, stack in layers.items()}
+    host = {name: np.asarray(stack) for name, stack in layers.items()}
+
+    def layer(i):
+        out = {"attn_norm": host["attn_norm"][i], "mlp_norm": host["mlp_norm"][i]}
+        for fused, (parts, n_in) in FUSED.items():
+            if parts[0] in host:
+                out[fused] = np.concatenate([out_in(host[p][i], n_in) for p in parts])
+        return jax.device_put(out)
+
     rest = jax.device_put({name: a for name, a in params.items() if name != "layers"})
-    return {**rest, "layers": tuple({name: per_leaf[name][i] for name in layers} for i in range(num_layers))}
+    return {**rest, "layers": tuple(layer(i) for i in range(len(host["attn_norm"])))}
 
 
-def stack_layers(params: dict) -> dict:
-    """The inverse of `split_layers`: layer weights stacked on a leading L axis (the checkpoint layout)."""
+def checkpoint_params(params: dict, cfg: Config) -> dict:
+    """The inverse of `serving_params`: layer weights unfused and stacked on a leading L axis (the checkpoint
+    layout of `param_specs`)."""
     if isinstance(params["layers"], dict):
         return params
-    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
+    shapes = {name: spec.shape[1:] for name, spec in param_specs(cfg)["layers"].items()}
+
+    def layer(lp):
+        out = {"attn_norm": lp["attn_norm"], "mlp_norm": lp["mlp_norm"]}
+        for fused, (parts, n_in) in FUSED.items():
+            if fused in lp:
+                cuts = np.cumsum([math.prod(shapes[p][n_in:]) for p in parts])[:-1]
+                out.update({p: from_out_in(w, shapes[p]) for p, w in zip(parts, jnp.split(lp[fused], cuts))})
+        return out
+
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *map(layer, params["layers"]))}

@@ -6,8 +6,9 @@ one run.
    next to the bytes one decode step must read (weights + the KV buffers it attends over). The cache is filled to
    the context synthetically (decode speed does not depend on the values); the cache holds context + new tokens.
 2. Our decode versus transformers' cached decode (greedy, its own KV cache, the steps `generate` runs) on the
-   same 2K prompt, batch 1; and the same decode loop over the checkpoint's stacked layer weights (scanned) versus
-   the per-layer weights a loaded `Model` holds (unrolled), alternated.
+   same 2K prompt, batch 1; and the same decode loop over three weight layouts, alternated: the serving layout a
+   loaded `Model` holds (per layer, fused, unrolled), the same layers unfused, and the checkpoint's stacked
+   unfused layout (scanned).
 3. Prefill time versus transformers' forward at 2K and 8K (batch 1), our exact and hybrid modes; peak RSS of a
    fresh process that prefills 8K tokens.
 Compile times (first call minus a warm call) are reported next to each.
@@ -93,7 +94,7 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
     from transformers import AutoModelForCausalLM
     from lt_jax.cache import init_cache
     from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
-    from lt_jax.params import stack_layers
+    from lt_jax.params import checkpoint_params
     cfg = model.config
     rows = []
     for T in prefill_lengths:
@@ -120,16 +121,20 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
     loop = lambda lc, params: block(generate_loop(params, lc[0], lc[1], layers, jnp.int32(steps),  # noqa: E731
                                                   jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0),
                                                   jnp.int32(0), jnp.float32(1), cfg, shape, steps))
-    # The same loop over the checkpoint's stacked layer weights (a scan, as before `split_layers`), alternated.
-    layouts = {"per_layer": model.params, "stacked": stack_layers(model.params)}
+    # The same loop over the checkpoint layout (stacked and unfused, scanned) and over its layers split into their
+    # own buffers but not fused (unrolled, the layout before this one), alternated.
+    stacked = checkpoint_params(model.params, cfg)
+    unfused = {**stacked, "layers": tuple(jax.device_put({name: a[i] for name, a in stacked["layers"].items()})
+                                          for i in range(cfg.num_layers))}
+    layouts = {"serving": model.params, "unfused": unfused, "stacked": stacked}
     first_call = {name: timed(lambda: loop(fresh(), params))[1] for name, params in layouts.items()}  # compiles
     warm = {name: [] for name in layouts}
     for _ in range(3):
         for name, params in layouts.items():
             logits_cache = fresh()
             warm[name].append(timed(lambda: loop(logits_cache, params))[1])
-    ours, ours_stacked = min(warm["per_layer"]), min(warm["stacked"])
-    del layouts
+    ours, ours_unfused, ours_stacked = (min(warm[name]) for name in layouts)
+    del layouts, stacked, unfused
 
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -141,23 +146,28 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
             row["transformers_s"] = round(t, 2)
             row["speedup_exact"] = round(t / row["lt_jax_exact_s"], 2)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        # transformers' own cached decode, step by step (what generate runs, minus its overhead) ...
+        # transformers' own cached decode, step by step (what generate runs, minus its overhead), best of 3 like
+        # ours, each from a fresh 2K-token cache ...
         x = torch.from_numpy(ids).long()
-        past = ref(x, use_cache=True).past_key_values
-        token = torch.zeros((1, 1), dtype=torch.long)
 
-        def hf_steps():
-            nonlocal past, token
+        def hf_steps(past):
+            token = torch.zeros((1, 1), dtype=torch.long)
             for _ in range(steps):
                 out = ref(token, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _, hf_decode = timed(hf_steps)
+
+        def hf_decode_s():
+            past = ref(x, use_cache=True).past_key_values  # the prefill, not timed
+            return timed(lambda: hf_steps(past))[1]
+        hf_decode = min(hf_decode_s() for _ in range(3))
     # ... and `generate` itself, with its per-step overheads: (N + 1 new tokens) minus (1 new token)
     generate_s = hf_generate_decode_s(ref, x, steps)
     return {"prefill": rows,
             "decode_2k_batch1": {"lt_jax_tokens_per_s": round(steps / ours, 1),
+                                 "lt_jax_unfused_weights_tokens_per_s": round(steps / ours_unfused, 1),
                                  "lt_jax_stacked_weights_tokens_per_s": round(steps / ours_stacked, 1),
-                                 "per_layer_over_stacked": round(ours_stacked / ours, 2),
+                                 "fused_over_unfused": round(ours_unfused / ours, 2),
+                                 "per_layer_over_stacked": round(ours_stacked / ours_unfused, 2),
                                  "compile_s": {name: round(first_call[name] - min(warm[name]), 1) for name in warm},
                                  "transformers_tokens_per_s": round(steps / hf_decode, 1),
                                  "transformers_generate_tokens_per_s": round(steps / generate_s, 1),
@@ -200,9 +210,10 @@ def main() -> int:
     d = result["decode_2k_batch1"]
     print(f"\ndecode at 2K, batch 1: lt-jax {d['lt_jax_tokens_per_s']} tok/s vs transformers' generate "
           f"{d['transformers_generate_tokens_per_s']} tok/s ({d['speedup_vs_generate']}x) and its bare cached "
-          f"decode steps {d['transformers_tokens_per_s']} tok/s ({d['speedup']}x); the same loop over stacked layer "
-          f"weights (scanned): {d['lt_jax_stacked_weights_tokens_per_s']} tok/s, per-layer weights "
-          f"{d['per_layer_over_stacked']}x faster")
+          f"decode steps {d['transformers_tokens_per_s']} tok/s ({d['speedup']}x); the same loop over per-layer "
+          f"unfused weights: {d['lt_jax_unfused_weights_tokens_per_s']} tok/s (fused {d['fused_over_unfused']}x "
+          f"faster), over stacked unfused weights (scanned): {d['lt_jax_stacked_weights_tokens_per_s']} tok/s "
+          f"(per-layer {d['per_layer_over_stacked']}x faster)")
     print("\n| prompt | lt-jax exact prefill (s) | lt-jax hybrid prefill (s) | transformers forward (s) | speed-up |")
     print("|---|---|---|---|---|")
     for r in result["prefill"]:

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
 from lt_jax.inference import Shape, decode_step, plan_arrays, prefill
 from lt_jax.mask import attention_mask
+from lt_jax.params import param_specs
 from lt_jax.plan import Plan, make_plan
 
 
@@ -89,15 +90,20 @@ def test_prefill_decode_equals_masked_forward(family, prefill_mode, seed, tiny_l
         assert np.abs(step_logits[b] - ref[n:n + 24]).max() <= 1e-5
 
 
-def test_per_layer_weights_equal_stacked_and_decode_reads_them_in_place(tiny_lt):
-    """`Model` holds one buffer per layer weight (`split_layers`). Every layer loop gives what the stacked layout
-    gives (prefill and forward scan both, decode unrolls over the split one), and XLA's buffer plan for a split
-    decode step holds no copy of a layer's weights, where the stacked (scanned) step copies at least one layer."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_serving_layout_equals_checkpoint_layout_and_decode_reads_it_in_place(arch, tiny_lt):
+    """`Model` holds its weights in the serving layout (`serving_params`: per layer, fused, [out, in]). Every layer
+    loop gives what the checkpoint layout (stacked, unfused) gives (prefill and forward scan both, decode unrolls
+    over the per-layer one), and XLA's buffer plan for a serving decode step holds no copy of a layer's weights,
+    where the stacked (scanned) step copies at least one layer."""
     from lt_jax.model import forward
-    from lt_jax.params import stack_layers
-    model = tiny_lt("llama")
+    from lt_jax.params import checkpoint_params, serving_params
+    model = tiny_lt(arch)
     cfg = model.config
-    stacked = stack_layers(model.params)
+    stacked = checkpoint_params(model.params, cfg)
+    assert set(stacked["layers"]) == set(param_specs(cfg)["layers"])  # the exact inverse: unfused again
+    for a, b in zip(jax.tree.leaves(serving_params(stacked)), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, b)
     assert isinstance(model.params["layers"], tuple) and len(model.params["layers"]) == cfg.num_layers
     plan = make_plan("random:0", cfg, sink=3, window=8)
     rng = np.random.default_rng(0)

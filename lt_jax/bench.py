@@ -300,20 +300,22 @@ def throughput_record(exe: Executables, spec: str, plan: Plan, context: int, bud
 
 # ---- transformers baseline -------------------------------------------------------------------------------------
 
-def hf_generate_decode_s(ref, x, steps: int, repeats: int = 3) -> float:
-    """Seconds transformers' greedy `generate` (its per-step overheads included) spends on `steps` decode steps of
-    the batch x [B, T]: generate(steps + 1 new tokens) minus generate(1 new token), both forced to their length
-    (min_new_tokens), so the prefill cancels. Each is the best of `repeats` calls, alternated: a difference of two
-    single timings on a shared machine swung 11-26 tok/s between calls."""
+def hf_generate_times(ref, x, steps: int) -> tuple[float, float]:
+    """Seconds of transformers' greedy `generate` on the batch x [B, T] for 1 and for steps + 1 new tokens, both
+    forced to their length (min_new_tokens): their difference is `steps` decode steps, the prefill cancelling."""
     import torch
     mask = torch.ones_like(x)
+    gen = lambda n: ref.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
+                                 do_sample=False)
     with torch.no_grad():
-        gen = lambda n: ref.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
-                                     do_sample=False)
-        one, many = [], []
-        for _ in range(repeats):
-            one.append(timed(lambda: gen(1))[1])
-            many.append(timed(lambda: gen(steps + 1))[1])
+        return timed(lambda: gen(1))[1], timed(lambda: gen(steps + 1))[1]
+
+
+def hf_generate_decode_s(ref, x, steps: int, repeats: int = 3) -> float:
+    """Seconds transformers' greedy `generate` (its per-step overheads included) spends on `steps` decode steps of
+    the batch x [B, T] (`hf_generate_times`). Each length is the best of `repeats` calls, alternated: a difference
+    of two single timings on a shared machine swung 11-26 tok/s between calls."""
+    one, many = zip(*(hf_generate_times(ref, x, steps) for _ in range(repeats)))
     return min(many) - min(one)
 
 

@@ -101,8 +101,8 @@ def serving_params(params: dict) -> dict:
     gate_up_proj [2F, D], down_proj [D, F]}. Why: a small-batch decode step is a chain of matrix-vector products
     that XLA:CPU runs one after another; four products per layer over [out, in] rows in place decode 1.10-1.16x
     faster (SmolLM2, 2K context, batch 1-4) than seven over [in, out] weights (scripts/bench_inference.py), and
-    per-layer buffers spare XLA's copy of a stacked weight's slice at every step. Already in this layout: only placed. Like `jax.device_put`, loading briefly holds
-    the host arrays and their device copies."""
+    per-layer buffers spare XLA's copy of a stacked weight's slice at every step. Already in this layout: only
+    placed. Like `jax.device_put`, loading briefly holds the host arrays and their device copies."""
     layers = params["layers"]
     if isinstance(layers, tuple):
         return jax.device_put(params)

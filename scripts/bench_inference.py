@@ -5,8 +5,10 @@ one run.
 1. Decode tokens/s, plan `full` versus a 50 % hybrid (`last`, S=4, W=1020), at contexts 2K/4K/8K and batch 1/4/8,
    next to the bytes one decode step must read (weights + the KV buffers it attends over). The cache is filled to
    the context synthetically (decode speed does not depend on the values); the cache holds context + new tokens.
+   The two plans run alternated, best of 3 each.
 2. Our decode versus transformers' cached decode (greedy, its own KV cache, the steps `generate` runs) on the
-   same 2K prompt, batch 1; and the same decode loop over three weight layouts, alternated: the serving layout a
+   same 2K prompt, batch 1, in rounds alternated with ours (best of 5 each); and the same decode loop over three
+   weight layouts, alternated: the serving layout a
    loaded `Model` holds (per layer, fused, unrolled), the same layers unfused, and the checkpoint's stacked
    unfused layout (scanned).
 3. Prefill time versus transformers' forward at 2K and 8K (batch 1), our exact and hybrid modes; peak RSS of a
@@ -21,10 +23,11 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 
-from lt_jax.bench import block, hf_generate_decode_s, timed
+from lt_jax.bench import block, timed
 
 RSS_CHILD = r"""
 def peak_rss():  # VmHWM: ru_maxrss survives exec on Linux and would report the parent's peak
@@ -39,6 +42,32 @@ logits, cache, _ = prefill(m.params, ids, np.arange(T, dtype=np.int32)[None], ca
                            Shape.of(plan))
 logits.block_until_ready()
 print(peak_rss())
+"""
+
+# transformers' decode of the 2K prompt, in a process of its own (torch's idle OpenMP threads spin for a while after
+# each op and would slow whatever runs next in the same process), one round per line read from stdin, alternated
+# with ours: its bare cached steps (what generate runs, minus its overheads) from a fresh prefill, then generate(1)
+# and generate(steps + 1) (`hf_generate_times`). Prints each round's seconds as one JSON line.
+HF_DECODE_CHILD = r"""
+import json, sys, numpy as np, torch
+from transformers import AutoModelForCausalLM
+from lt_jax.bench import hf_generate_times, timed
+ref = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+T, steps = int(sys.argv[2]), int(sys.argv[3])
+x = torch.from_numpy(np.random.default_rng(1).integers(0, ref.config.vocab_size, (1, T))).long()
+
+def cached_steps(past):
+    token = torch.zeros((1, 1), dtype=torch.long)
+    for _ in range(steps):
+        out = ref(token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+with torch.no_grad():
+    for _ in sys.stdin:
+        past = ref(x, use_cache=True).past_key_values  # the prefill, not timed
+        steps_s = timed(lambda: cached_steps(past))[1]
+        one, many = hf_generate_times(ref, x, steps)
+        print(json.dumps({"steps_s": steps_s, "generate_1_s": one, "generate_n_s": many}), flush=True)
 """
 
 
@@ -63,19 +92,23 @@ def decode_rows(model, contexts, batches, steps):
     for context in contexts:
         for batch in batches:
             row = {"context": context, "batch": batch}
+            max_len = context + steps
+            logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+            args = lambda plan: block((model.params, logits, filled_cache(model, plan, batch, context, max_len),  # noqa
+                                       plan_arrays(plan), jnp.int32(steps), jnp.asarray([-2], jnp.int32),
+                                       jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1)))
+            run = lambda plan, a: block(generate_loop(*a, cfg, Shape.of(plan), steps))  # noqa: E731
+            first = {name: timed(lambda: run(plan, args(plan)))[1] for name, plan in plans.items()}  # compiles
+            warm = {name: [] for name in plans}
+            for _ in range(3):  # alternated, best of 3: the machine's speed drifts over minutes
+                for name, plan in plans.items():
+                    a = args(plan)  # the loop donates its cache
+                    warm[name].append(timed(lambda: run(plan, a))[1])
             for name, plan in plans.items():
-                max_len = context + steps
-                logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
-                args = lambda: (model.params, logits, filled_cache(model, plan, batch, context, max_len),  # noqa
-                                plan_arrays(plan), jnp.int32(steps), jnp.asarray([-2], jnp.int32),
-                                jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
-                run = lambda a: block(generate_loop(*a, cfg, Shape.of(plan), steps))  # noqa: E731
-                _, first = timed(lambda: run(args()))
-                a = block(args())
-                _, warm = timed(lambda: run(a))
                 kv = expected_kv_bytes(cfg, plan, batch, max_len)
-                row[name] = {"tokens_per_s": round(batch * steps / warm, 1), "bytes_per_step": weight_bytes + kv,
-                             "kv_bytes": kv, "compile_s": round(first - warm, 1)}
+                row[name] = {"tokens_per_s": round(batch * steps / min(warm[name]), 1),
+                             "bytes_per_step": weight_bytes + kv, "kv_bytes": kv,
+                             "compile_s": round(first[name] - min(warm[name]), 1)}
             f, h = row["full"], row["hybrid-50%"]
             row["speed_ratio"] = round(h["tokens_per_s"] / f["tokens_per_s"], 3)
             row["bytes_ratio"] = round(f["bytes_per_step"] / h["bytes_per_step"], 3)
@@ -86,8 +119,9 @@ def decode_rows(model, contexts, batches, steps):
 
 
 def vs_transformers(model, hf_dir, steps, prefill_lengths):
-    """All of our timings first, then transformers' (torch's idle OpenMP threads spin for a while after each op
-    and would slow whatever runs next in this process)."""
+    """Our prefill and decode timings, then transformers' prefill in this process (torch's idle OpenMP threads spin
+    for a while after each op and would slow whatever runs next in it); transformers' decode runs in a process of
+    its own, alternated with ours (`HF_DECODE_CHILD`)."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -111,7 +145,8 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
             row[f"lt_jax_{mode}_s"] = round(warm, 2)
             row[f"lt_jax_{mode}_compile_s"] = round(first - warm, 1)
         rows.append(row)
-    # decode speed on a 2K prompt, batch 1: our compiled loop
+    # decode speed on a 2K prompt, batch 1: our compiled loop over three weight layouts, and transformers' decode in
+    # its own process, rounds alternated (the machine's speed drifts over minutes)
     T = 2048
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
     plan = model.plan("full")
@@ -121,20 +156,32 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
     loop = lambda lc, params: block(generate_loop(params, lc[0], lc[1], layers, jnp.int32(steps),  # noqa: E731
                                                   jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0),
                                                   jnp.int32(0), jnp.float32(1), cfg, shape, steps))
-    # The same loop over the checkpoint layout (stacked and unfused, scanned) and over its layers split into their
-    # own buffers but not fused (unrolled, the layout before this one), alternated.
+    # The serving layout; the checkpoint layout (stacked and unfused, scanned); its layers split into their own
+    # buffers but not fused (unrolled, the layout before this one).
     stacked = checkpoint_params(model.params, cfg)
     unfused = {**stacked, "layers": tuple(jax.device_put({name: a[i] for name, a in stacked["layers"].items()})
                                           for i in range(cfg.num_layers))}
     layouts = {"serving": model.params, "unfused": unfused, "stacked": stacked}
     first_call = {name: timed(lambda: loop(fresh(), params))[1] for name, params in layouts.items()}  # compiles
     warm = {name: [] for name in layouts}
-    for _ in range(3):
+    hf = subprocess.Popen([sys.executable, "-c", HF_DECODE_CHILD, str(hf_dir), str(T), str(steps)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hf_rounds = []
+    for _ in range(5):
         for name, params in layouts.items():
             logits_cache = fresh()
             warm[name].append(timed(lambda: loop(logits_cache, params))[1])
+        time.sleep(1)  # let the other process's threads go idle before each side's round
+        hf.stdin.write("go\n")
+        hf.stdin.flush()
+        hf_rounds.append(json.loads(hf.stdout.readline()))
+        time.sleep(1)
+    hf.stdin.close()
+    hf.wait()
     ours, ours_unfused, ours_stacked = (min(warm[name]) for name in layouts)
     del layouts, stacked, unfused
+    hf_decode = min(r["steps_s"] for r in hf_rounds)
+    generate_s = min(r["generate_n_s"] for r in hf_rounds) - min(r["generate_1_s"] for r in hf_rounds)
 
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -146,22 +193,6 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
             row["transformers_s"] = round(t, 2)
             row["speedup_exact"] = round(t / row["lt_jax_exact_s"], 2)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        # transformers' own cached decode, step by step (what generate runs, minus its overhead), best of 3 like
-        # ours, each from a fresh 2K-token cache ...
-        x = torch.from_numpy(ids).long()
-
-        def hf_steps(past):
-            token = torch.zeros((1, 1), dtype=torch.long)
-            for _ in range(steps):
-                out = ref(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-        def hf_decode_s():
-            past = ref(x, use_cache=True).past_key_values  # the prefill, not timed
-            return timed(lambda: hf_steps(past))[1]
-        hf_decode = min(hf_decode_s() for _ in range(3))
-    # ... and `generate` itself, with its per-step overheads: (N + 1 new tokens) minus (1 new token)
-    generate_s = hf_generate_decode_s(ref, x, steps)
     return {"prefill": rows,
             "decode_2k_batch1": {"lt_jax_tokens_per_s": round(steps / ours, 1),
                                  "lt_jax_unfused_weights_tokens_per_s": round(steps / ours_unfused, 1),

@@ -16,67 +16,64 @@ import numpy as np
 from checkpoints_conv.safetensors_io import SafetensorsFile, write_safetensors
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.params import empty_params, from_out_in, out_in, param_specs
+from lt_jax.params import empty_params, param_specs, qkv_part
 
-# HF name -> our path, and n_in: how many leading axes of our array form the HF Linear's *input* dim
-# (HF stores Linear weights as [out, in]; we store [in..., out...] so einsums read like shapes).
-# n_in None: same layout; 0: a bias, flattened in HF.
+# HF name -> our leaf and where the tensor sits in one layer's slice of it ("q"/"k"/"v": `params.qkv_part`; an
+# int: that index of the leaf's first axis; None: the whole slice). Every leaf of ours is stored [out..., in] like
+# HF's Linear weights, so each tensor is a plain reshape into its place, both ways.
 TABLE = [
-    ("model.embed_tokens.weight", ("embed",), None),
-    ("model.norm.weight", ("final_norm",), None),
-    ("lm_head.weight", ("lm_head",), None),
-    ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm"), None),
-    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q"), 1),
-    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k"), 1),
-    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v"), 1),
-    ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "q_bias"), 0),
-    ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "k_bias"), 0),
-    ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "v_bias"), 0),
-    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o"), 2),
-    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm"), None),
-    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate"), 1),
-    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "up"), 1),
-    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "down"), 1),
+    ("model.embed_tokens.weight", "embed", None),
+    ("model.norm.weight", "final_norm", None),
+    ("lm_head.weight", "lm_head", None),
+    ("model.layers.{i}.input_layernorm.weight", "attn_norm", None),
+    ("model.layers.{i}.self_attn.q_proj.weight", "qkv_proj", "q"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "qkv_proj", "k"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "qkv_proj", "v"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "qkv_bias", "q"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "qkv_bias", "k"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "qkv_bias", "v"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "o_proj", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "mlp_norm", None),
+    ("model.layers.{i}.mlp.gate_proj.weight", "gate_up_proj", 0),
+    ("model.layers.{i}.mlp.up_proj.weight", "gate_up_proj", 1),
+    ("model.layers.{i}.mlp.down_proj.weight", "down_proj", None),
 ]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 
 
-def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
-    if n_in is None:
-        return shape
-    if n_in == 0:
-        return (math.prod(shape),)
-    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+INPUT_AXES = {"o_proj": 2}  # trailing axes of our leaf that form HF's input dim (o_proj [D, N, H]); others: 1
 
 
-def _to_ours(w: np.ndarray, shape, n_in):
-    return w.reshape(shape) if n_in is None else from_out_in(w, shape)
+def _hf_shape(shape: tuple[int, ...], name: str, leaf: str) -> tuple[int, ...]:
+    """HF's shape of one of our slices: a weight [out, in] (our leading axes are the output; norms stay [D]), a
+    bias flat."""
+    n_in = INPUT_AXES.get(leaf, 1)
+    if name.endswith(".weight") and len(shape) > 1:
+        return math.prod(shape[:-n_in]), math.prod(shape[-n_in:])
+    return (math.prod(shape),)
 
 
-def _to_hf(a: np.ndarray, n_in):
-    return a if n_in is None else out_in(a, n_in)
-
-
-def entries(cfg: Config) -> dict[str, tuple[tuple[str, ...], int | None, int | None]]:
-    """HF name -> (our path, layer index or None, n_in), for the leaves this config has."""
+def entries(cfg: Config) -> dict[str, tuple[str, int | None, object]]:
+    """HF name -> (our leaf, layer index or None, index of the tensor within the layer's slice), for the leaves
+    this config has."""
     specs = param_specs(cfg)
     out = {}
-    for name, path, n_in in TABLE:
-        group = specs.get(path[0]) if len(path) == 2 else specs
-        if group is None or path[-1] not in group:
+    for name, leaf, part in TABLE:
+        in_layer = "{i}" in name
+        if leaf not in (specs["layers"] if in_layer else specs):
             continue
-        layers = range(cfg.num_layers) if "{i}" in name else [None]
-        for i in layers:
-            out[name.format(i=i)] = (path, i, n_in)
+        index = (np.s_[...] if part is None else qkv_part(cfg, part) if isinstance(part, str) else np.s_[part])
+        for i in (range(cfg.num_layers) if in_layer else [None]):
+            out[name.format(i=i)] = (leaf, i, index)
     return out
 
 
-def _leaf(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
+def _slot(params, leaf: str, layer, index) -> np.ndarray:
+    """The view of our buffer that one HF tensor fills."""
+    arr = params["layers"][leaf][layer] if layer is not None else params[leaf]
+    return arr[index]
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -148,17 +145,13 @@ def read_hf_params(hf_dir: Path, cfg: Config, progress=None) -> dict:
                 if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
                     continue
                 raise LtJaxError(f"unexpected tensor {name!r} in {path} for a {cfg.arch} model.")
-            our_path, layer, n_in = wanted[name]
-            dest = _leaf(params, our_path)
-            our_shape = dest.shape[1:] if layer is not None else dest.shape
-            if shape != _hf_shape(our_shape, n_in):
+            leaf, layer, index = wanted[name]
+            dest = _slot(params, leaf, layer, index)
+            want = _hf_shape(dest.shape, name, leaf)
+            if shape != want:
                 raise LtJaxError(f"tensor {name!r} in {path} has shape {shape} but {hf_dir / 'config.json'} "
-                                 f"implies {_hf_shape(our_shape, n_in)}.")
-            value = _to_ours(load(), our_shape, n_in)
-            if layer is None:
-                dest[...] = value
-            else:
-                dest[layer] = value
+                                 f"implies {want}.")
+            dest[...] = load().reshape(dest.shape)
             filled.add(name)
             if progress:
                 progress(name)
@@ -178,10 +171,13 @@ def copy_tokenizer(src: Path, dst: Path):
 # ---- writing ---------------------------------------------------------------------------------------------
 
 def hf_tensors(cfg: Config, params) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, numpy view) in table order; views, so shards are laid out without copying the model."""
-    for name, (path, layer, n_in) in entries(cfg).items():
-        leaf = np.asarray(_leaf(params, path))
-        yield name, _to_hf(leaf if layer is None else leaf[layer], n_in)
+    """(HF name, numpy array) in table order: views where our slice is contiguous (all but q/k/v and their biases,
+    which are copied one tensor at a time)."""
+    host = {"layers": {k: np.asarray(v) for k, v in params["layers"].items()},
+            **{k: np.asarray(v) for k, v in params.items() if k != "layers"}}
+    for name, (leaf, layer, index) in entries(cfg).items():
+        arr = _slot(host, leaf, layer, index)
+        yield name, np.ascontiguousarray(arr).reshape(_hf_shape(arr.shape, name, leaf))
 
 
 def write_hf_dir(out: Path, cfg: Config, params, max_shard_bytes: int = 2 << 30):

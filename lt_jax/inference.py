@@ -1,11 +1,11 @@
-"""Prefill, decode and generation over the KV cache of `lt_jax.cache`.
+"""Prefill, decode and generation: compositions of the decoder layer (`lt_jax.model`), attention
+(`lt_jax.attention`), the cache's writes (`lt_jax.cache`) and LightTransfer-Test's queue (`lt_jax.lazy`).
 
 One token's path through `generate`: `prefill` runs the prompt through every layer (exact mode: full attention on
 the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its slot (with a
-`lighttransfer` plan it also measures each layer's lazy ratio, and the priority queue of `lt_jax.lazy` decides,
-layer by layer, which caches stay full); then a compiled `lax.while_loop` samples a token, and `decode_step`
-attends over each layer's slot (read in place) and the token itself, and writes every layer's keys at the end of
-the step (the place it overwrites in a ring holds a position the mask hides anyway).
+selecting plan it also measures each layer's lazy ratio, and the priority queue decides, layer by layer, which
+caches stay full); then a compiled `lax.while_loop` samples a token, and `decode_step` attends over each layer's
+slot (read in place) and the token itself, and writes every layer's keys at the end of the step.
 """
 from __future__ import annotations
 
@@ -16,152 +16,93 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.cache import (KVCache, full_to_ring, layer_slots, read_slot, write_layer_kv, write_positions,
-                         write_step_kv)
+from lt_jax.attention import FULL, attend_cached, attend_causal, attend_streaming
+from lt_jax.batching import bucket
+from lt_jax.cache import (KVCache, evict, ordered_after, read_slot, write_layer_kv, write_positions,
+                          write_step_kv)
 from lt_jax.config import Config
+from lt_jax.errors import LtJaxError
 from lt_jax.lazy import init_queue, lazy_ratio, push
-from lt_jax.mask import FULL
-from lt_jax.model import (attend_causal, attend_streaming, decoder_layer, dot_scores, masked, merge_heads,
-                          rope_inv_freq, scan_layers, unembed, value_product)
-from lt_jax.plan import DEFAULT_W_LAST, Plan
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """What a compilation depends on besides array shapes: counts and S/W, never which layers are lazy."""
-    num_lazy: int
-    sink: int
-    window: int
-    prefill: str  # "exact" | "hybrid"
-    select: bool = False  # LightTransfer-Test: the prefill picks the lazy layers from their lazy ratios
-    w_last: int = DEFAULT_W_LAST  # queries that measure the ratios
-
-    @classmethod
-    def of(cls, plan: Plan) -> "Shape":
-        return cls(plan.lazy_count, plan.sink, plan.window, plan.prefill, plan.select_lazy is not None, plan.w_last)
-
-    @property
-    def decoding(self) -> "Shape":
-        """What decode compiles for: the counts and S/W only. How the prompt was prefilled (exact, hybrid, or
-        choosing its lazy layers) does not change a decode step, so all of them share one compilation."""
-        return Shape(self.num_lazy, self.sink, self.window, "exact")
-
-
-def plan_arrays(plan: Plan) -> dict:
-    """The plan as data: which layers are lazy and where their caches sit."""
-    is_lazy, index = layer_slots(plan)
-    return {"is_lazy": jnp.asarray(is_lazy), "index": jnp.asarray(index)}
-
-
-def _layer_mask(is_lazy, shape: Shape, cfg: Config):
-    """(sink, window) of a layer as data. Full layers: causal, or Mistral's native window."""
-    return jnp.where(is_lazy, shape.sink, 0), jnp.where(is_lazy, shape.window, cfg.sliding_window or FULL)
+from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers, unembed
+from lt_jax.plan import LayerPlan, PlanShape
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape", "all_logits"), donate_argnames=("cache",))
-def prefill(params, tokens, positions, cache: KVCache, layers: dict, cfg: Config, shape: Shape,
+def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | None, cfg: Config, shape: PlanShape,
             all_logits: bool = False):
     """Run a prompt chunk [B, T] (left padded: position -1) from an empty cache.
 
-    Returns (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache; the plan as
-    data for decode: `layers` itself, or with `shape.select` the layers the priority queue chose plus "ratios"
-    float32 [L, B, N], every layer's lazy ratio per row and query head)."""
+    `layers`: the fixed plan as data; None when `shape.select` (the prefill chooses). Returns, for every plan, the
+    same structure: (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache; the
+    LayerPlan decode runs with; ratios float32 [L, B, N], every layer's lazy ratio per row and query head, NaN
+    unless `shape.select`)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    native = cfg.sliding_window or FULL
+    L, native = cfg.num_layers, cfg.sliding_window or FULL
     cache = write_positions(cache, positions, shape.sink, shape.window)  # evictions read the ring's positions
-    queue = init_queue(cfg.num_layers, cfg.num_layers - shape.num_lazy) if shape.select else None
+    queue = init_queue(L, L - shape.num_lazy) if shape.select else None
+    if layers is None:  # where the queue's choices will go; only is_lazy / slot are read below
+        layers = LayerPlan.of(np.zeros(L, bool), np.zeros(L, np.int32), shape, cfg)
     x = params["embed"][tokens]
 
     def step(carry, layer):
         x, kv, queue = carry
-        lp, (layer_id, is_lazy, index) = layer
+        lp, (layer_id, is_lazy, slot) = layer
 
         def attention(q, k, v):
+            full = lambda: attend_causal(q, k, v, positions, 0, native)  # noqa: E731
             if shape.prefill == "hybrid" and shape.num_lazy:
-                full = lambda: attend_causal(q, k, v, positions, 0, native)  # noqa: E731
                 stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window)  # noqa: E731
-                out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < cfg.num_layers else stream()
+                out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < L else stream()
             else:  # exact prefill: every layer attends like a full layer over the prompt
-                out = attend_causal(q, k, v, positions, 0, native)
+                out = full()
             if not shape.select:
-                return out, (write_layer_kv(kv, k, v, positions, is_lazy, index, shape.sink, shape.window),
-                             queue, None)
+                return out, (write_layer_kv(kv, k, v, positions, is_lazy, slot, shape.sink, shape.window), queue,
+                             jnp.full(q.shape[:1] + q.shape[2:3], jnp.nan, jnp.float32))
             ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
-            queue_after, lazy, at, slot, evict_to = push(queue, layer_id, jnp.mean(ratio))
-            after_eviction, at = _evict(kv, slot, evict_to, cache.ring_pos, at)
+            queue_after, lazy, at, full_slot, evict_to = push(queue, layer_id, jnp.mean(ratio))
+            after_eviction, at = evict(kv, full_slot, evict_to, cache.ring_pos, at)
             return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window),
                          queue_after, ratio)
 
         x, (kv, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
         return (x, kv, queue), ratio
 
-    xs = (jnp.arange(cfg.num_layers), layers["is_lazy"], layers["index"])
+    xs = (jnp.arange(L), layers.is_lazy, layers.slot)
     (x, kv, queue), ratios = scan_layers(step, (x, cache.kv, queue), params["layers"], xs)
     if shape.select:
-        layers = {"is_lazy": queue.is_lazy, "index": queue.index, "ratios": ratios}
+        layers = LayerPlan.of(queue.is_lazy, queue.slot, shape, cfg)
     logits = unembed(params, x if all_logits else x[:, -1:], cfg)
-    return (logits if all_logits else logits[:, 0]), cache.with_kv(kv), layers
+    return (logits if all_logits else logits[:, 0]), cache.with_kv(kv), layers, ratios
 
 
-def _evict(kv, slot, evict_to, ring_pos, at):
-    """Move what a ring keeps of full slot `slot` (its sinks and window) into ring slot `evict_to`; out of range: no
-    eviction. Returns (kv, at), `at` being where the arriving layer writes next, into that freed slot."""
-    full_k, full_v, ring_k, ring_v = kv
-    if not (full_k and ring_k):
-        return kv, at
-    kept_k, kept_v = (read_slot(slots, slot, partial(full_to_ring, ring_pos=ring_pos, keys=keys))
-                      for slots, keys in ((full_k, True), (full_v, False)))
-    rows = jnp.arange(ring_pos.shape[0])
-    into = lambda slots, kept: tuple(s.at[jnp.where(evict_to == j, rows, len(rows))].set(kept, mode="drop")  # noqa
-                                     for j, s in enumerate(slots))
-    ring_k, ring_v = into(ring_k, kept_k), into(ring_v, kept_v)
-    # Make the overwrite of the freed slot depend on what was read from it (a NaN key, which a finite model never
-    # makes, would drop the write): XLA then reads first and writes in place, where otherwise it copies the full
-    # slots at every layer (the P + 1 test measures this).
-    at = jnp.where(jnp.isnan(kept_k[0, 0, 0, 0] + kept_v[0, 0, 0, 0]), len(full_k) + len(ring_k), at)
-    return (full_k, full_v, ring_k, ring_v), at
-
-
-def _attend_cached(q, k, v, slots_k, slots_v, index, positions, slot_pos, sink, window):
-    """Decode attention: one new token per row (q [B, 1, N, H], its own k [B, K, H, 1], v [B, K, 1, H]) over its
-    layer's slot, picked by `index` and read in place, and over itself (written after the step): one softmax over
-    both. Only the two products read the slot; the mask and softmax stay outside the switch, so each branch is
-    one matrix product (compile time grows with the branches)."""
-    cached = masked(read_slot(slots_k, index, partial(dot_scores, q)), positions, slot_pos, sink, window)
-    own = dot_scores(q, k)  # [B, K, G, 1, 1]; a token always sees itself
-    top = jnp.maximum(jnp.max(cached, axis=-1, keepdims=True), own)
-    p_cached, p_own = jnp.exp(cached - top), jnp.exp(own - top)
-    out = read_slot(slots_v, index, partial(value_product, p_cached)) + value_product(p_own, v)
-    return merge_heads(out / (jnp.sum(p_cached, axis=-1, keepdims=True) + p_own), v.dtype)
-
-
-def _decode(params, tokens, cache: KVCache, layers: dict, cfg: Config, shape: Shape):
+def _decode(params, tokens, cache: KVCache, layers: LayerPlan, cfg: Config, shape: PlanShape):
     """One token per row [B] at position `cache.length` -> (logits [B, V], cache)."""
     positions = cache.length[:, None]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     x = params["embed"][tokens[:, None]]
     full_k, full_v, ring_k, ring_v = cache.kv
     if not (full_k and ring_k):  # one kind of layer: layer i's slot is i, known while tracing
-        layers = {"is_lazy": np.full(cfg.num_layers, not full_k), "index": np.arange(cfg.num_layers)}
+        layers = dataclasses.replace(layers, is_lazy=np.full(cfg.num_layers, not full_k),
+                                     slot=np.arange(cfg.num_layers))
 
     def step(x, layer):
-        lp, (is_lazy, index) = layer
+        lp, (is_lazy, slot, sink, window) = layer
 
         def attention(q, k, v):
-            sink, window = _layer_mask(is_lazy, shape, cfg)
-            over = lambda slots_k, slots_v, slot_pos: _attend_cached(  # noqa: E731
-                q, k, v, slots_k, slots_v, index, positions, slot_pos, sink, window)
+            def over(slots_k, slots_v, slot_pos):
+                return attend_cached(q, k, v, partial(read_slot, slots_k, slot), partial(read_slot, slots_v, slot),
+                                     positions, slot_pos, sink, window)
             full, ring = partial(over, full_k, full_v, cache.full_pos), partial(over, ring_k, ring_v, cache.ring_pos)
             out = jax.lax.cond(is_lazy, ring, full) if (full_k and ring_k) else (full() if full_k else ring())
             return out, (k, v)
 
         return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
 
-    x, (new_k, new_v) = scan_layers(step, x, params["layers"], (layers["is_lazy"], layers["index"]), unroll=True)
-    # The writes depend on the last hidden state (a NaN, which a finite model never makes, would drop them), so
-    # every slot is read before it is written: XLA then writes in place instead of copying slots to read them.
-    written = jnp.where(jnp.isnan(x[:, 0, :1]), -1, positions)
-    kv = write_step_kv(cache.kv, new_k, new_v, written, layers["is_lazy"], layers["index"], shape.sink, shape.window)
+    xs = (layers.is_lazy, layers.slot, layers.sink, layers.window)
+    x, (new_k, new_v) = scan_layers(step, x, params["layers"], xs, unroll=True)
+    # Every slot is read before the step's write into it: the writes wait for the last hidden state.
+    written = ordered_after(positions, x[:, 0, :1], -1)
+    kv = write_step_kv(cache.kv, new_k, new_v, written, layers.is_lazy, layers.slot, shape.sink, shape.window)
     cache = write_positions(cache, positions, shape.sink, shape.window).with_kv(kv)
     return unembed(params, x, cfg)[:, 0], cache
 
@@ -170,6 +111,43 @@ decode_step = jax.jit(_decode, static_argnames=("cfg", "shape"), donate_argnames
 
 
 # ---- sampling --------------------------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How generation samples, as one argument. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters;
+    a row stops after any of `stop_ids` (None: the model's EOS ids) or after `max_new_tokens`. Every field but
+    `steps` is data inside the compiled loop, so changing them does not recompile; `steps` (static) is the loop's
+    output buffer, `max_new_tokens` rounded up to a power of two (`prepared`)."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple | None = None
+    steps: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    def check(self) -> "Sampling":
+        """Raises LtJaxError naming the bad value."""
+        if int(self.max_new_tokens) < 1:
+            raise LtJaxError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
+        if self.temperature < 0:
+            raise LtJaxError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
+        if self.top_k < 0:
+            raise LtJaxError(f"top_k={self.top_k} must be >= 0 (0 = off).")
+        if not 0 < self.top_p <= 1:
+            raise LtJaxError(f"top_p={self.top_p} must lie in (0, 1].")
+        return self
+
+    def prepared(self, eos_ids=()) -> "Sampling":
+        """Checked, with typed scalars (so the loop compiles once per `steps`) and the stop ids resolved ([-2]:
+        none, which no token matches)."""
+        self.check()
+        stop = tuple(int(t) for t in (eos_ids if self.stop_ids is None else self.stop_ids)) or (-2,)
+        return Sampling(jnp.int32(self.max_new_tokens), jnp.float32(self.temperature), jnp.int32(self.top_k),
+                        jnp.float32(self.top_p), jnp.int32(self.seed), tuple(jnp.int32(t) for t in stop),
+                        bucket(int(self.max_new_tokens)))
+
 
 def sample(logits, key, temperature, top_k, top_p):
     """logits [B, V] -> token ids [B]. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters.
@@ -189,30 +167,31 @@ def sample(logits, key, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("cfg", "shape", "max_new_tokens"), donate_argnames=("cache",))
-def generate_loop(params, logits, cache: KVCache, layers: dict, limit, stop_ids, key, temperature, top_k, top_p,
-                  cfg: Config, shape: Shape, max_new_tokens: int):
-    """Sample up to `limit` (data, <= max_new_tokens, the static buffer size) tokens per row inside one compiled
-    loop; a row stops after a stop id.
+@partial(jax.jit, static_argnames=("cfg", "shape"), donate_argnames=("cache",))
+def generate_loop(params, logits, cache: KVCache, layers: LayerPlan, sampling: Sampling, cfg: Config,
+                  shape: PlanShape):
+    """Sample up to `sampling.max_new_tokens` tokens per row inside one compiled loop, from a prefill's last
+    logits [B, V]; a row stops after a stop id. `sampling` comes from `Sampling.prepared`.
 
-    Returns (tokens int32 [B, max_new_tokens], -1 after a row stops; number generated per row [B]; the cache,
+    Returns (tokens int32 [B, sampling.steps], -1 after a row stops; number generated per row [B]; the cache,
     returned so the donated input buffers are reused in place rather than copied)."""
-    B = logits.shape[0]
-    out = jnp.full((B, max_new_tokens), -1, jnp.int32)
+    B, steps = logits.shape[0], sampling.steps
+    out = jnp.full((B, steps), -1, jnp.int32)
+    stop_ids = jnp.stack(sampling.stop_ids)
 
     def cond(state):
         t, _, _, _, done, _ = state
-        return (t < jnp.minimum(limit, max_new_tokens)) & ~jnp.all(done)
+        return (t < jnp.minimum(sampling.max_new_tokens, steps)) & ~jnp.all(done)
 
     def body(state):
         t, logits, cache, out, done, key = state
         key, sub = jax.random.split(key)
-        token = sample(logits, sub, temperature, top_k, top_p)
+        token = sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p)
         out = out.at[:, t].set(jnp.where(done, -1, token))
         done = done | jnp.isin(token, stop_ids)
         logits, cache = _decode(params, token, cache, layers, cfg, shape)
         return t + 1, logits, cache, out, done, key
 
-    state = (jnp.int32(0), logits, cache, out, jnp.zeros((B,), bool), key)
+    state = (jnp.int32(0), logits, cache, out, jnp.zeros((B,), bool), jax.random.key(sampling.seed))
     _, _, cache, out, _, _ = jax.lax.while_loop(cond, body, state)
     return out, jnp.sum(out >= 0, axis=-1), cache

@@ -1,6 +1,6 @@
 """LightTransfer-Test: each layer's lazy ratio, and the priority queue that picks the lazy layers during prefill.
 
-Lazy ratio (DESIGN.md section 3) of a layer for one prompt: the mean, over the prompt's last `w_last` queries and
+Lazy ratio (docs/design.md §6) of a layer for one prompt: the mean, over the prompt's last `w_last` queries and
 over all query heads, of the attention probability (the layer's own full-layer mask, 1/sqrt(H) scale, GQA heads
 expanded) that falls on the union of the first S and the last W positions of the prompt. Higher = lazier. A
 prompt no longer than S + W has ratio 1 everywhere: a ring of S + W slots holds all of it.
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.model import masked_scores
+from lt_jax.attention import masked_scores
 
 
 def lazy_ratio(q, k, positions, sink: int, window: int, w_last: int, full_window):
@@ -41,17 +41,17 @@ def lazy_ratio(q, k, positions, sink: int, window: int, w_last: int, full_window
 @dataclasses.dataclass
 class Queue:
     """The queue's state between layers. held_*: the P layers holding full caches (slot j of the full stack holds
-    layer held_layer[j]); is_lazy / index: the plan as data so far (what `layer_slots` gives a fixed plan)."""
+    layer held_layer[j]); is_lazy / slot: the plan as data so far (`LayerPlan`'s fields of the same names)."""
     held_ratio: jax.Array  # float32 [P]
     held_layer: jax.Array  # int32 [P]
     is_lazy: jax.Array  # bool [L]
-    index: jax.Array  # int32 [L]
+    slot: jax.Array  # int32 [L]
     rings: jax.Array  # int32: ring slots used so far
 
 
 def init_queue(num_layers: int, num_full: int) -> Queue:
     return Queue(held_ratio=jnp.zeros((num_full,), jnp.float32), held_layer=jnp.zeros((num_full,), jnp.int32),
-                 is_lazy=jnp.zeros((num_layers,), bool), index=jnp.zeros((num_layers,), jnp.int32),
+                 is_lazy=jnp.zeros((num_layers,), bool), slot=jnp.zeros((num_layers,), jnp.int32),
                  rings=jnp.int32(0))
 
 
@@ -78,7 +78,7 @@ def push(queue: Queue, layer, ratio):
     held = lambda a, value: a.at[stays].set(value, mode="drop") if num_full else a  # noqa: E731
     queue = Queue(held_ratio=held(queue.held_ratio, ratio), held_layer=held(queue.held_layer, layer),
                   is_lazy=queue.is_lazy.at[layer].set(lazy).at[evicted].set(True, mode="drop"),
-                  index=queue.index.at[layer].set(index).at[evicted].set(ring, mode="drop"),
+                  slot=queue.slot.at[layer].set(index).at[evicted].set(ring, mode="drop"),
                   rings=ring + (lazy | evict).astype(jnp.int32))
     return queue, lazy, index, slot, jnp.where(evict, ring, num_layers)
 

@@ -1,12 +1,20 @@
-"""The one abstract description of every parameter: shape, logical axes. Init, conversion, checkpoint templates
-and (later) sharding are all derived from it. Layer weights are stacked on a leading L axis (checkpoints, init, a
-mesh's uniform sharding). A loaded `Model` holds them in the serving layout instead (`serving_params`): one dict
-per layer, q/k/v and gate/up fused, every projection stored [out, in] as in HF; every layer loop of
-`lt_jax.model` accepts both layouts."""
+"""The one parameter layout (docs/design.md §2): every leaf's name, shape and logical axes, described once here.
+Init, conversion, checkpoint templates and sharding are all derived from `param_specs`.
+
+Per layer: `attn_norm [D]`, `qkv_proj [K, G+2, H, D]` (for each KV head its G query heads, then its key head, then
+its value head), `qkv_bias [K, G+2, H]` (Qwen2), `o_proj [D, N, H]`, `mlp_norm [D]`, `gate_up_proj [2, F, D]`,
+`down_proj [D, F]`; then `embed [V, D]`, `final_norm [D]` and, for untied heads, `lm_head [V, D]`. Every projection
+is stored [out..., in] as in HF, so a layer is four matrix products whose weights are read row by row, and the
+fused axes keep each KV head's group (and gate/up) apart so a mesh can shard heads or `ffn` without splitting a
+fused piece.
+
+Two storages of the same names: layers stacked on a leading L axis (`stack_layers`: checkpoints, init, a scanned
+training step) or a tuple of per-layer dicts (`split_layers`: a loaded `Model`; decode reads each weight in place,
+where XLA:CPU would copy a stacked weight's slice before every product)."""
 from __future__ import annotations
 
 import dataclasses
-import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,23 +31,20 @@ class ParamSpec:
 
 
 def param_specs(cfg: Config) -> dict:
+    """The stacked description: layer leaves carry a leading "layers" axis."""
     L, D, F, V = cfg.num_layers, cfg.dim, cfg.ffn_dim, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = N // K
     layers = {
         "attn_norm": ParamSpec((L, D), ("layers", "embed"), "ones"),
-        "q": ParamSpec((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
-        "k": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        "o": ParamSpec((L, N, H, D), ("layers", "q_heads", "head_dim", "embed")),
+        "qkv_proj": ParamSpec((L, K, G + 2, H, D), ("layers", "kv_heads", "qkv", "head_dim", "embed")),
+        "o_proj": ParamSpec((L, D, N, H), ("layers", "embed", "q_heads", "head_dim")),
         "mlp_norm": ParamSpec((L, D), ("layers", "embed"), "ones"),
-        "gate": ParamSpec((L, D, F), ("layers", "embed", "ffn")),
-        "up": ParamSpec((L, D, F), ("layers", "embed", "ffn")),
-        "down": ParamSpec((L, F, D), ("layers", "ffn", "embed")),
+        "gate_up_proj": ParamSpec((L, 2, F, D), ("layers", "gate_up", "ffn", "embed")),
+        "down_proj": ParamSpec((L, D, F), ("layers", "embed", "ffn")),
     }
     if cfg.qkv_bias:
-        layers["q_bias"] = ParamSpec((L, N, H), ("layers", "q_heads", "head_dim"))
-        layers["k_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"))
-        layers["v_bias"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"))
+        layers["qkv_bias"] = ParamSpec((L, K, G + 2, H), ("layers", "kv_heads", "qkv", "head_dim"), "zeros")
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed")),
         "layers": layers,
@@ -48,6 +53,12 @@ def param_specs(cfg: Config) -> dict:
     if not cfg.tie_embeddings:
         specs["lm_head"] = ParamSpec((V, D), ("vocab", "embed"))
     return specs
+
+
+def qkv_part(cfg: Config, name: str):
+    """Where HF's q/k/v projection sits on the fused [K, G+2, ...] axes of `qkv_proj` / `qkv_bias`."""
+    G = cfg.num_heads // cfg.num_kv_heads
+    return {"q": np.s_[:, :G], "k": np.s_[:, G], "v": np.s_[:, G + 1]}[name]
 
 
 def _is_spec(x) -> bool:
@@ -70,68 +81,64 @@ def abstract_params(cfg: Config) -> dict:
 
 
 def init_params(cfg: Config, key: jax.Array) -> dict:
+    """Random stacked params (std 0.02 weights, unit norms, zero biases)."""
     specs = param_specs(cfg)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     keys = jax.random.split(key, len(leaves))
     dt = param_dtype(cfg)
-    made = [jnp.ones(s.shape, dt) if s.init == "ones" else 0.02 * jax.random.normal(k, s.shape, dt)
-            for s, k in zip(leaves, keys)]
+    made = [jnp.ones(s.shape, dt) if s.init == "ones" else jnp.zeros(s.shape, dt) if s.init == "zeros"
+            else 0.02 * jax.random.normal(k, s.shape, dt) for s, k in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, made)
 
 
-def out_in(a, n_in: int):
-    """Our [in..., out...] weight -> HF's Linear layout [out, in]; n_in: how many leading axes are inputs (0: a
-    bias, flattened)."""
-    return a.reshape(-1) if n_in == 0 else a.reshape(math.prod(a.shape[:n_in]), -1).T
-
-
-def from_out_in(w, shape):
-    """The inverse of `out_in`: HF's [out, in] (or a flat bias) -> our `shape`."""
-    return w.T.reshape(shape)
-
-
-# Serving layout: fused leaf -> (the checkpoint leaves it joins, in order; their n_in). Biases: Qwen2 only.
-FUSED = {"qkv_proj": (("q", "k", "v"), 1), "qkv_bias": (("q_bias", "k_bias", "v_bias"), 0),
-         "o_proj": (("o",), 2), "gate_up_proj": (("gate", "up"), 1), "down_proj": (("down",), 1)}
-
-
-def serving_params(params: dict) -> dict:
-    """params on the device in the serving layout: `layers` a tuple of per-layer dicts, each leaf its own buffer,
-    {attn_norm, mlp_norm, qkv_proj [(N + 2K) H, D], qkv_bias [(N + 2K) H] (Qwen2), o_proj [D, N H],
-    gate_up_proj [2F, D], down_proj [D, F]}. Why: a small-batch decode step is a chain of matrix-vector products
-    that XLA:CPU runs one after another; four products per layer over [out, in] rows in place decode 1.10-1.16x
-    faster (SmolLM2, 2K context, batch 1-4) than seven over [in, out] weights (scripts/bench_inference.py), and
-    per-layer buffers spare XLA's copy of a stacked weight's slice at every step. Already in this layout: only
-    placed. Like `jax.device_put`, loading briefly holds the host arrays and their device copies."""
+def split_layers(params: dict) -> dict:
+    """params on the device with `layers` a tuple of per-layer dicts, each leaf a buffer of its own (what a loaded
+    `Model` holds). Already split: only placed. On CPU the per-layer slices of host arrays may alias them."""
     layers = params["layers"]
     if isinstance(layers, tuple):
         return jax.device_put(params)
     host = {name: np.asarray(stack) for name, stack in layers.items()}
-
-    def layer(i):
-        out = {"attn_norm": host["attn_norm"][i], "mlp_norm": host["mlp_norm"][i]}
-        for fused, (parts, n_in) in FUSED.items():
-            if parts[0] in host:
-                out[fused] = np.concatenate([out_in(host[p][i], n_in) for p in parts])
-        return jax.device_put(out)
-
+    count = len(host["attn_norm"])
     rest = jax.device_put({name: a for name, a in params.items() if name != "layers"})
-    return {**rest, "layers": tuple(layer(i) for i in range(len(host["attn_norm"])))}
+    return {**rest, "layers": tuple(jax.device_put({name: a[i] for name, a in host.items()}) for i in range(count))}
 
 
-def checkpoint_params(params: dict, cfg: Config) -> dict:
-    """The inverse of `serving_params`: layer weights unfused and stacked on a leading L axis (the checkpoint
-    layout of `param_specs`)."""
+def stack_layers(params: dict) -> dict:
+    """The inverse of `split_layers`: layer leaves stacked on a leading L axis (checkpoints, a scanned step)."""
     if isinstance(params["layers"], dict):
         return params
-    shapes = {name: spec.shape[1:] for name, spec in param_specs(cfg)["layers"].items()}
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
 
-    def layer(lp):
-        out = {"attn_norm": lp["attn_norm"], "mlp_norm": lp["mlp_norm"]}
-        for fused, (parts, n_in) in FUSED.items():
-            if fused in lp:
-                cuts = np.cumsum([math.prod(shapes[p][n_in:]) for p in parts])[:-1]
-                out.update({p: from_out_in(w, shapes[p]) for p, w in zip(parts, jnp.split(lp[fused], cuts))})
-        return out
 
-    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *map(layer, params["layers"]))}
+def serving_params(params: dict) -> dict:
+    """Deprecated alias of `split_layers` (there is one layout now; only its storage differs)."""
+    warnings.warn("lt_jax.params.serving_params is deprecated; use split_layers.", DeprecationWarning, stacklevel=2)
+    return split_layers(params)
+
+
+def checkpoint_params(params: dict, cfg: Config | None = None) -> dict:
+    """Deprecated alias of `stack_layers` (there is one layout now; only its storage differs)."""
+    warnings.warn("lt_jax.params.checkpoint_params is deprecated; use stack_layers.", DeprecationWarning, stacklevel=2)
+    return stack_layers(params)
+
+
+# Checkpoints written before the one layout (lt-jax 0.1: q/k/v/o/gate/up/down stored [in..., out...], unfused).
+LEGACY_LAYER_LEAVES = {"q", "k", "v", "o", "gate", "up", "down"}
+
+
+def from_legacy(params: dict, cfg: Config) -> dict:
+    """A stacked params tree of the 0.1 checkpoint layout -> this layout (numpy, fused at read time)."""
+    old = {name: np.asarray(a) for name, a in params["layers"].items()}
+    L, D = cfg.num_layers, cfg.dim
+    K, G, H = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    out_first = lambda a: np.moveaxis(a.reshape(L, D, -1), 1, 2)  # [L, D, out...] -> [L, out, D]  # noqa: E731
+    qkv = np.concatenate([out_first(old["q"]).reshape(L, K, G, H, D), out_first(old["k"]).reshape(L, K, 1, H, D),
+                          out_first(old["v"]).reshape(L, K, 1, H, D)], axis=2)
+    layers = {"attn_norm": old["attn_norm"], "mlp_norm": old["mlp_norm"], "qkv_proj": qkv,
+              "o_proj": np.moveaxis(old["o"].reshape(L, -1, D), 2, 1).reshape(L, D, cfg.num_heads, H),
+              "gate_up_proj": np.stack([np.moveaxis(old["gate"], 1, 2), np.moveaxis(old["up"], 1, 2)], axis=1),
+              "down_proj": np.moveaxis(old["down"], 1, 2)}
+    if "q_bias" in old:
+        layers["qkv_bias"] = np.concatenate([old["q_bias"].reshape(L, K, G, H), old["k_bias"].reshape(L, K, 1, H),
+                                             old["v_bias"].reshape(L, K, 1, H)], axis=2)
+    return {**params, "layers": {k: np.ascontiguousarray(v) for k, v in layers.items()}}

@@ -1,16 +1,26 @@
-"""Layer plan: which layers are lazy (streaming attention: S sinks + a W-token window) and which keep full
-attention. Static (hashable), so jit specializes on it; saved as the JSON of DESIGN.md section 3."""
+"""Which layers are lazy (streaming attention: S sinks + a W-token window) and which keep full attention, in the
+three forms code needs (docs/design.md §9, §10):
+
+- `Plan`: what a user writes and reads (the JSON of a plan file); hashable.
+- `PlanShape` (`plan.shape`): the part that decides a compilation: how many layers are lazy, S, W, the prefill
+  mode, whether the prefill selects the lazy layers, w_last. Never *which* layers.
+- `LayerPlan` (`plan.layers(cfg)`): the per-layer data jitted code reads: is_lazy, the cache slot of the layer's
+  kind, and the mask's sink/window per layer. A selecting prefill returns the LayerPlan it chose.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.mask import FULL
+from lt_jax.attention import FULL
 
 DEFAULT_SINK, DEFAULT_WINDOW, DEFAULT_W_LAST = 4, 1020, 32
 PREFILL_MODES = ("exact", "hybrid")
@@ -66,17 +76,25 @@ class Plan:
                 raise LtJaxError(f"{where} has w_last={self.w_last}; need at least 1 query.")
         return self
 
-    def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-        """Per-layer (sink, window) for the mask rule: int32 [L] each."""
+    @property
+    def shape(self) -> "PlanShape":
+        return PlanShape(self.lazy_count, self.sink, self.window, self.prefill, self.select_lazy is not None,
+                         self.w_last)
+
+    def layers(self, cfg: Config) -> "LayerPlan":
+        """The fixed plan as per-layer data."""
         if self.select_lazy is not None:
             raise LtJaxError("a lighttransfer plan chooses its lazy layers per prompt; resolve it on the prompt first.")
-        native = cfg.sliding_window or FULL
-        sinks = np.zeros(cfg.num_layers, np.int32)
-        windows = np.full(cfg.num_layers, native, np.int32)
-        lazy = list(self.lazy_layers)
-        sinks[lazy] = self.sink
-        windows[lazy] = self.window
-        return sinks, windows
+        is_lazy = np.zeros(self.num_layers, bool)
+        is_lazy[list(self.lazy_layers)] = True
+        return LayerPlan.of(is_lazy, slots_in_order(is_lazy), self.shape, cfg)
+
+    def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+        """Deprecated: per-layer (sink, window) int32 [L]; use `plan.layers(cfg)`."""
+        warnings.warn("Plan.layer_windows is deprecated; use Plan.layers(cfg).sink / .window.", DeprecationWarning,
+                      stacklevel=2)
+        layers = self.layers(cfg)
+        return np.asarray(layers.sink), np.asarray(layers.window)
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -99,8 +117,54 @@ class Plan:
         return plan.validate(cfg, where=f"plan file {path}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanShape:
+    """What a compilation depends on besides array shapes: counts and S/W, never which layers are lazy."""
+    num_lazy: int
+    sink: int
+    window: int
+    prefill: str = "exact"  # "exact" | "hybrid"
+    select: bool = False  # LightTransfer-Test: the prefill picks the lazy layers from their lazy ratios
+    w_last: int = DEFAULT_W_LAST  # queries that measure the ratios
+
+    @property
+    def decoding(self) -> "PlanShape":
+        """What decode compiles for: the counts and S/W only. How the prompt was prefilled (exact, hybrid, or
+        choosing its lazy layers) does not change a decode step, so all of them share one compilation."""
+        return PlanShape(self.num_lazy, self.sink, self.window)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerPlan:
+    """A fixed plan as data for jitted code, one entry per layer (all [L])."""
+    is_lazy: jax.Array  # bool: the layer streams
+    slot: jax.Array  # int32: the layer's slot among its kind's cache slots (full or ring)
+    sink: jax.Array  # int32: the mask's S for this layer (0 for a full layer)
+    window: jax.Array  # int32: the mask's W (a full layer's: FULL, or Mistral's native window)
+
+    @classmethod
+    def of(cls, is_lazy, slot, shape: PlanShape, cfg: Config) -> "LayerPlan":
+        """From is_lazy and slot (numpy or traced): the mask's per-layer S and W follow from the layer kind."""
+        return cls(jnp.asarray(is_lazy), jnp.asarray(slot, jnp.int32),
+                   jnp.where(is_lazy, shape.sink, 0).astype(jnp.int32),
+                   jnp.where(is_lazy, shape.window, cfg.sliding_window or FULL).astype(jnp.int32))
+
+    @property
+    def lazy_layers(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.flatnonzero(np.asarray(self.is_lazy)))
+
+
+def slots_in_order(is_lazy: np.ndarray) -> np.ndarray:
+    """A fixed plan's slots: the lazy layers take ring slots 0, 1, ... in layer order, the others full slots."""
+    slot = np.zeros(len(is_lazy), np.int32)
+    slot[is_lazy] = np.arange(is_lazy.sum())
+    slot[~is_lazy] = np.arange((~is_lazy).sum())
+    return slot
+
+
 def num_lazy(num_layers: int, lazy_fraction: float) -> int:
-    """floor(rho * L + 0.5): DESIGN.md's budget rule."""
+    """floor(rho * L + 0.5): docs/design.md §7's budget rule."""
     return int(np.floor(lazy_fraction * num_layers + 0.5))
 
 

@@ -7,10 +7,9 @@ one run.
    the context synthetically (decode speed does not depend on the values); the cache holds context + new tokens.
    The two plans run alternated, best of 3 each.
 2. Our decode versus transformers' cached decode (greedy, its own KV cache, the steps `generate` runs) on the
-   same 2K prompt, batch 1, in rounds alternated with ours (best of 5 each); and the same decode loop over three
-   weight layouts, alternated: the serving layout a
-   loaded `Model` holds (per layer, fused, unrolled), the same layers unfused, and the checkpoint's stacked
-   unfused layout (scanned).
+   same 2K prompt, batch 1, in rounds alternated with ours (best of 5 each); and the same decode loop over both
+   storages of the weights, alternated: a buffer per layer as a loaded `Model` holds them (unrolled), and stacked
+   on a layer axis (scanned).
 3. Prefill time versus transformers' forward at 2K and 8K (batch 1), our exact and hybrid modes; peak RSS of a
    fresh process that prefills 8K tokens.
 Compile times (first call minus a warm call) are reported next to each.
@@ -27,20 +26,15 @@ import time
 
 import numpy as np
 
-from lt_jax.bench import block, timed
+from lt_jax.eval.bench import block, timed
 
 RSS_CHILD = r"""
 def peak_rss():  # VmHWM: ru_maxrss survives exec on Linux and would report the parent's peak
     return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
 import sys, numpy as np, jax.numpy as jnp, lt_jax
-from lt_jax.cache import init_cache
-from lt_jax.inference import Shape, plan_arrays, prefill
 m = lt_jax.load(sys.argv[1]); T = int(sys.argv[2]); plan = m.plan(sys.argv[3], prefill=sys.argv[4])
 ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, T)).astype(np.int32)
-cache = init_cache(m.config, plan, 1, T)
-logits, cache, _ = prefill(m.params, ids, np.arange(T, dtype=np.int32)[None], cache, plan_arrays(plan), m.config,
-                           Shape.of(plan))
-logits.block_until_ready()
+m.prefill(ids, plan, T).logits.block_until_ready()
 print(peak_rss())
 """
 
@@ -51,7 +45,7 @@ print(peak_rss())
 HF_DECODE_CHILD = r"""
 import json, sys, numpy as np, torch
 from transformers import AutoModelForCausalLM
-from lt_jax.bench import hf_generate_times, timed
+from lt_jax.eval.bench import hf_generate_times, timed
 ref = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 T, steps = int(sys.argv[2]), int(sys.argv[3])
 x = torch.from_numpy(np.random.default_rng(1).integers(0, ref.config.vocab_size, (1, T))).long()
@@ -84,7 +78,7 @@ def decode_rows(model, contexts, batches, steps):
     import jax
     import jax.numpy as jnp
     from lt_jax.cache import expected_kv_bytes
-    from lt_jax.inference import Shape, generate_loop, plan_arrays
+    from lt_jax.inference import Sampling, generate_loop
     cfg = model.config
     weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(model.params))
     plans = {"full": model.plan("full"), "hybrid-50%": model.plan("last", lazy_fraction=0.5)}
@@ -95,9 +89,8 @@ def decode_rows(model, contexts, batches, steps):
             max_len = context + steps
             logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
             args = lambda plan: block((model.params, logits, filled_cache(model, plan, batch, context, max_len),  # noqa
-                                       plan_arrays(plan), jnp.int32(steps), jnp.asarray([-2], jnp.int32),
-                                       jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1)))
-            run = lambda plan, a: block(generate_loop(*a, cfg, Shape.of(plan), steps))  # noqa: E731
+                                       plan.layers(cfg), Sampling(steps, stop_ids=()).prepared()))
+            run = lambda plan, a: block(generate_loop(*a, cfg, plan.shape))  # noqa: E731
             first = {name: timed(lambda: run(plan, args(plan)))[1] for name, plan in plans.items()}  # compiles
             warm = {name: [] for name in plans}
             for _ in range(3):  # alternated, best of 3: the machine's speed drifts over minutes
@@ -122,13 +115,11 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
     """Our prefill and decode timings, then transformers' prefill in this process (torch's idle OpenMP threads spin
     for a while after each op and would slow whatever runs next in it); transformers' decode runs in a process of
     its own, alternated with ours (`HF_DECODE_CHILD`)."""
-    import jax
-    import jax.numpy as jnp
     import torch
     from transformers import AutoModelForCausalLM
     from lt_jax.cache import init_cache
-    from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill
-    from lt_jax.params import checkpoint_params
+    from lt_jax.inference import Sampling, generate_loop, prefill
+    from lt_jax.params import stack_layers
     cfg = model.config
     rows = []
     for T in prefill_lengths:
@@ -137,7 +128,7 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
         row = {"tokens": T}
         for mode in ("exact", "hybrid"):
             plan = model.plan("last", lazy_fraction=0.5, prefill=mode) if mode == "hybrid" else model.plan("full")
-            shape, layers = Shape.of(plan), plan_arrays(plan)
+            shape, layers = plan.shape, plan.layers(cfg)
             run = lambda: block(prefill(model.params, ids, pos, init_cache(cfg, plan, 1, T + steps), layers,  # noqa
                                         cfg, shape))
             _, first = timed(run)
@@ -145,23 +136,19 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
             row[f"lt_jax_{mode}_s"] = round(warm, 2)
             row[f"lt_jax_{mode}_compile_s"] = round(first - warm, 1)
         rows.append(row)
-    # decode speed on a 2K prompt, batch 1: our compiled loop over three weight layouts, and transformers' decode in
-    # its own process, rounds alternated (the machine's speed drifts over minutes)
+    # decode speed on a 2K prompt, batch 1: our compiled loop over both storages of the weights, and transformers'
+    # decode in its own process, rounds alternated (the machine's speed drifts over minutes)
     T = 2048
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
     plan = model.plan("full")
-    shape, layers = Shape.of(plan), plan_arrays(plan)
+    shape, layers = plan.shape, plan.layers(cfg)
     fresh = lambda: block(prefill(model.params, ids, np.arange(T, dtype=np.int32)[None],  # noqa: E731
                                   init_cache(cfg, plan, 1, T + steps), layers, cfg, shape))
-    loop = lambda lc, params: block(generate_loop(params, lc[0], lc[1], layers, jnp.int32(steps),  # noqa: E731
-                                                  jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0),
-                                                  jnp.int32(0), jnp.float32(1), cfg, shape, steps))
-    # The serving layout; the checkpoint layout (stacked and unfused, scanned); its layers split into their own
-    # buffers but not fused (unrolled, the layout before this one).
-    stacked = checkpoint_params(model.params, cfg)
-    unfused = {**stacked, "layers": tuple(jax.device_put({name: a[i] for name, a in stacked["layers"].items()})
-                                          for i in range(cfg.num_layers))}
-    layouts = {"serving": model.params, "unfused": unfused, "stacked": stacked}
+    sampling = Sampling(steps, stop_ids=()).prepared()
+    loop = lambda lc, params: block(generate_loop(params, lc[0], lc[1], layers, sampling, cfg, shape))  # noqa: E731
+    # The weights as a loaded Model holds them (a buffer per layer, decode unrolled) and stacked (scanned).
+    stacked = stack_layers(model.params)
+    layouts = {"per_layer": model.params, "stacked": stacked}
     first_call = {name: timed(lambda: loop(fresh(), params))[1] for name, params in layouts.items()}  # compiles
     warm = {name: [] for name in layouts}
     hf = subprocess.Popen([sys.executable, "-c", HF_DECODE_CHILD, str(hf_dir), str(T), str(steps)],
@@ -178,8 +165,8 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
         time.sleep(1)
     hf.stdin.close()
     hf.wait()
-    ours, ours_unfused, ours_stacked = (min(warm[name]) for name in layouts)
-    del layouts, stacked, unfused
+    ours, ours_stacked = (min(warm[name]) for name in layouts)
+    del layouts, stacked
     hf_decode = min(r["steps_s"] for r in hf_rounds)
     generate_s = min(r["generate_n_s"] for r in hf_rounds) - min(r["generate_1_s"] for r in hf_rounds)
 
@@ -195,10 +182,8 @@ def vs_transformers(model, hf_dir, steps, prefill_lengths):
             print(json.dumps(row), file=sys.stderr, flush=True)
     return {"prefill": rows,
             "decode_2k_batch1": {"lt_jax_tokens_per_s": round(steps / ours, 1),
-                                 "lt_jax_unfused_weights_tokens_per_s": round(steps / ours_unfused, 1),
                                  "lt_jax_stacked_weights_tokens_per_s": round(steps / ours_stacked, 1),
-                                 "fused_over_unfused": round(ours_unfused / ours, 2),
-                                 "per_layer_over_stacked": round(ours_stacked / ours_unfused, 2),
+                                 "per_layer_over_stacked": round(ours_stacked / ours, 2),
                                  "compile_s": {name: round(first_call[name] - min(warm[name]), 1) for name in warm},
                                  "transformers_tokens_per_s": round(steps / hf_decode, 1),
                                  "transformers_generate_tokens_per_s": round(steps / generate_s, 1),
@@ -241,10 +226,9 @@ def main() -> int:
     d = result["decode_2k_batch1"]
     print(f"\ndecode at 2K, batch 1: lt-jax {d['lt_jax_tokens_per_s']} tok/s vs transformers' generate "
           f"{d['transformers_generate_tokens_per_s']} tok/s ({d['speedup_vs_generate']}x) and its bare cached "
-          f"decode steps {d['transformers_tokens_per_s']} tok/s ({d['speedup']}x); the same loop over per-layer "
-          f"unfused weights: {d['lt_jax_unfused_weights_tokens_per_s']} tok/s (fused {d['fused_over_unfused']}x "
-          f"faster), over stacked unfused weights (scanned): {d['lt_jax_stacked_weights_tokens_per_s']} tok/s "
-          f"(per-layer {d['per_layer_over_stacked']}x faster)")
+          f"decode steps {d['transformers_tokens_per_s']} tok/s ({d['speedup']}x); the same loop over stacked "
+          f"weights (scanned): {d['lt_jax_stacked_weights_tokens_per_s']} tok/s (per-layer "
+          f"{d['per_layer_over_stacked']}x faster)")
     print("\n| prompt | lt-jax exact prefill (s) | lt-jax hybrid prefill (s) | transformers forward (s) | speed-up |")
     print("|---|---|---|---|---|")
     for r in result["prefill"]:

@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 import lt_jax
 from lt_jax import assets
-from lt_jax.bench import peak_bytes, tree_bytes
+from lt_jax.eval.bench import peak_bytes, tree_bytes
 from lt_jax.cache import init_cache
-from lt_jax.evaluate import Example, generate_from, measure_prefill
-from lt_jax.inference import Shape, plan_arrays, prefill
+from lt_jax.eval.evaluate import Example, generate_from, measure_prefill
+from lt_jax.inference import prefill
 from lt_jax.lazy import calibrate, top_lazy
 from lt_jax.plan import Plan, make_plan, num_lazy
-from lt_jax.tasks import first_number, needle_prompt
+from lt_jax.eval.tasks import first_number, needle_prompt
 
 DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
 NEW_TOKENS = 8
@@ -105,7 +105,12 @@ def prefill_fn(model, plan, T):
     cfg = model.config
     tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
     cache = jax.eval_shape(lambda: init_cache(cfg, plan, 1, T))
-    return prefill.lower(model.params, tokens, tokens, cache, plan_arrays(plan), cfg, Shape.of(plan)).compile()
+    return prefill.lower(model.params, tokens, tokens, cache, _layers(plan, cfg), cfg, plan.shape).compile()
+
+
+def _layers(plan, cfg):
+    """What `prefill` takes as the plan's data: None when it chooses the lazy layers."""
+    return None if plan.select_lazy is not None else plan.layers(cfg)
 
 
 def overhead(model, lengths, reps=2):
@@ -123,7 +128,7 @@ def overhead(model, lengths, reps=2):
             for name in ("fixed", "lt"):
                 cache = init_cache(cfg, plans[name], 1, T)
                 t0 = time.perf_counter()
-                jax.block_until_ready(compiled[name](model.params, ids, pos, cache, plan_arrays(plans[name])))
+                jax.block_until_ready(compiled[name](model.params, ids, pos, cache, _layers(plans[name], cfg)))
                 times[name].append(time.perf_counter() - t0)
         flops = {n: c.cost_analysis()["flops"] for n, c in compiled.items()}
         rows.append({"tokens": T, "prefill_fixed_s": round(min(times["fixed"]), 2),

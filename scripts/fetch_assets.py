@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fetch the real assets (DESIGN.md section 5) into the git-ignored cache: SmolLM2-135M-Instruct (as an HF
+"""Fetch the real assets (the README's Assets section lists them) into the git-ignored cache: SmolLM2-135M-Instruct (as an HF
 checkpoint and as an lt-jax checkpoint), the Paul Graham essays, and with --qwen Qwen2.5-Coder-0.5B-Instruct.
 Idempotent: a second run does nothing. Set LT_JAX_ASSETS to choose the folder."""
 import argparse

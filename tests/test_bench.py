@@ -1,4 +1,4 @@
-"""`lt_jax.bench`: inserting prefilled rows into a batch cache, the max-batch search on XLA's buffer plans, the
+"""`lt_jax.eval.bench`: inserting prefilled rows into a batch cache, the max-batch search on XLA's buffer plans, the
 result schema of `lt-jax bench`, budget parsing and bad input. Compilation dominates on this CPU, so one set of
 compiled executables (tiny LLaMA, 128-slot caches, 4 new tokens) is shared by every test."""
 import argparse
@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lt_jax.bench import (Executables, hf_dir_of, insert_rows, markdown, max_batch, parse_budget, run,
+from lt_jax.eval.bench import (Executables, hf_dir_of, insert_rows, markdown, max_batch, parse_budget, run,
                           search_max_batch)
 from lt_jax.cache import init_cache
 from lt_jax.errors import LtJaxError
-from lt_jax.inference import Shape, decode_step, plan_arrays
+from lt_jax.inference import decode_step
 
 CONTEXT, NEW = 128, 4
 PLAN_FLAGS = dict(lazy_fraction=0.5, sink=4, window=28)  # 2 of the tiny model's 3 layers stream
@@ -55,13 +55,13 @@ def test_insert_rows_equals_batched_prefill(model, exe, plans):
     cfg, plan = model.config, plans["half"]
     prompts = np.random.default_rng(3).integers(0, cfg.vocab_size, (3, CONTEXT - NEW)).astype(np.int32)
     positions = np.broadcast_to(np.arange(CONTEXT - NEW, dtype=np.int32), prompts.shape)
-    layers = plan_arrays(plan)
+    layers = plan.layers(cfg)
     batched, _ = exe.prefill(plan, 3, CONTEXT)
     one, _ = exe.prefill(plan, 1, CONTEXT)
-    logits_b, cache_b, _ = batched(model.params, prompts, positions, init_cache(cfg, plan, 3, CONTEXT), layers)
+    logits_b, cache_b, _, _ = batched(model.params, prompts, positions, init_cache(cfg, plan, 3, CONTEXT), layers)
     cache, logits = init_cache(cfg, plan, 3, CONTEXT), []
     for row in range(3):
-        lg, small, _ = one(model.params, prompts[row:row + 1], positions[row:row + 1],
+        lg, small, _, _ = one(model.params, prompts[row:row + 1], positions[row:row + 1],
                            init_cache(cfg, plan, 1, CONTEXT), layers)
         old = cache.full_k[0]
         cache = insert_rows(cache, small, jnp.int32(row))
@@ -76,8 +76,8 @@ def test_insert_rows_equals_batched_prefill(model, exe, plans):
     np.testing.assert_allclose(np.concatenate(logits), logits_b, rtol=0, atol=1e-5)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (NEW, 3)).astype(np.int32)
     for t in tokens:
-        a, cache = decode_step(model.params, t, cache, layers, cfg, Shape.of(plan).decoding)
-        b, cache_b = decode_step(model.params, t, cache_b, layers, cfg, Shape.of(plan).decoding)
+        a, cache = decode_step(model.params, t, cache, layers, cfg, plan.shape.decoding)
+        b, cache_b = decode_step(model.params, t, cache_b, layers, cfg, plan.shape.decoding)
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
 
 

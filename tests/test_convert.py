@@ -42,7 +42,37 @@ def test_convert_then_load_gives_transformers_logits(qwen_hf, converted, prompt_
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     assert np.abs(ours - ref).max() <= 1e-4
     cfg, params = load_checkpoint(converted)
-    assert cfg.arch == "qwen2" and "lm_head" not in params and params["layers"]["q_bias"].shape == (3, 4, 16)
+    assert cfg.arch == "qwen2" and "lm_head" not in params and params["layers"]["qkv_bias"].shape == (3, 2, 4, 16)
+
+
+def test_checkpoint_in_the_unfused_layout_is_fused_at_read_time(qwen_hf, converted, prompt_ids, tmp_path):
+    """A checkpoint written by lt-jax 0.1 (q/k/v/o/gate/up/down unfused and stored [in..., out...], transcribed
+    here from transformers' own tensors) still loads: fused at read time, the same logits bit for bit as a fresh
+    conversion."""
+    import orbax.checkpoint as ocp
+    hf, _, _ = qwen_hf
+    cfg, _ = load_checkpoint(converted)
+    D, N, K, H = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    stack = lambda name, f=lambda a: a: np.stack([f(sd[f"model.layers.{i}.{name}"])  # noqa: E731
+                                                  for i in range(cfg.num_layers)])
+    layers = {"attn_norm": stack("input_layernorm.weight"), "mlp_norm": stack("post_attention_layernorm.weight"),
+              "q": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(D, N, H)),
+              "k": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(D, K, H)),
+              "v": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(D, K, H)),
+              "o": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(N, H, D)),
+              "q_bias": stack("self_attn.q_proj.bias", lambda b: b.reshape(N, H)),
+              "k_bias": stack("self_attn.k_proj.bias", lambda b: b.reshape(K, H)),
+              "v_bias": stack("self_attn.v_proj.bias", lambda b: b.reshape(K, H)),
+              "gate": stack("mlp.gate_proj.weight", np.transpose), "up": stack("mlp.up_proj.weight", np.transpose),
+              "down": stack("mlp.down_proj.weight", np.transpose)}
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "lt_config.json").write_text((converted / "lt_config.json").read_text())
+    ocp.PyTreeCheckpointer().save((old / "params").absolute(), {
+        "embed": sd["model.embed_tokens.weight"], "final_norm": sd["model.norm.weight"], "layers": layers})
+    np.testing.assert_array_equal(lt_jax.load(old).logits(prompt_ids[:1]),
+                                  lt_jax.load(converted).logits(prompt_ids[:1]))
 
 
 def test_load_hf_dir_in_memory_equals_converted(qwen_hf, converted, prompt_ids):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from lt_jax import evaluate, tasks
+from lt_jax.eval import evaluate, tasks
 from lt_jax.cli import main
 
 ESSAY = "addiction.txt"
@@ -219,7 +219,7 @@ def test_longbench_end_to_end(tiny_chat, tmp_path, capsys):
     """LongBench's fixtures: chat template only where LongBench applies one, middle truncation to --max-length,
     every row scored by the official metric, one table column per dataset."""
     import lt_jax
-    from lt_jax import longbench
+    from lt_jax.eval import longbench
     data = REPO / "tests" / "data" / "longbench"
     model = lt_jax.load(tiny_chat)
     task = evaluate.LongBench(sorted(data.glob("*.jsonl")), max_length=120, limit=2)

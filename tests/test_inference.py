@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
-from lt_jax.inference import Shape, decode_step, plan_arrays, prefill
-from lt_jax.mask import attention_mask
-from lt_jax.params import param_specs
+from lt_jax.inference import decode_step, prefill
+from lt_jax.attention import attention_mask
+from lt_jax.params import stack_layers
 from lt_jax.plan import Plan, make_plan
 
 
@@ -60,8 +60,8 @@ def run_cached(model, plan, prompts, continuation):
     for b, p in enumerate(prompts):
         tokens[b, T - len(p):], positions[b, T - len(p):] = p, np.arange(len(p))
     cache = init_cache(model.config, plan, B, T + continuation.shape[1])
-    layers, shape = plan_arrays(plan), Shape.of(plan)
-    logits, cache, _ = prefill(model.params, tokens, positions, cache, layers, model.config, shape, all_logits=True)
+    layers, shape = plan.layers(model.config), plan.shape
+    logits, cache, _, _ = prefill(model.params, tokens, positions, cache, layers, model.config, shape, all_logits=True)
     prompt_logits = [np.asarray(logits[b, T - len(p):]) for b, p in enumerate(prompts)]
     steps = []
     for t in range(continuation.shape[1]):
@@ -91,18 +91,20 @@ def test_prefill_decode_equals_masked_forward(family, prefill_mode, seed, tiny_l
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_serving_layout_equals_checkpoint_layout_and_decode_reads_it_in_place(arch, tiny_lt):
-    """`Model` holds its weights in the serving layout (`serving_params`: per layer, fused, [out, in]). Every layer
-    loop gives what the checkpoint layout (stacked, unfused) gives (prefill and forward scan both, decode unrolls
-    over the per-layer one), and XLA's buffer plan for a serving decode step holds no copy of a layer's weights,
-    where the stacked (scanned) step copies at least one layer."""
+def test_stacked_and_per_layer_storage_agree_and_decode_reads_weights_in_place(arch, tiny_lt):
+    """One layout (`param_specs`), two storages: a loaded `Model` holds a buffer per layer (`split_layers`);
+    `stack_layers` stacks the same leaves on a layer axis. Every layer loop gives the same numbers on both (prefill
+    and forward scan both, decode unrolls over the per-layer one), and XLA's buffer plan for a per-layer decode step
+    holds no copy of a layer's weights, where the stacked (scanned) step copies at least one layer."""
     from lt_jax.model import forward
-    from lt_jax.params import checkpoint_params, serving_params
+    from lt_jax.params import abstract_params, split_layers
     model = tiny_lt(arch)
     cfg = model.config
-    stacked = checkpoint_params(model.params, cfg)
-    assert set(stacked["layers"]) == set(param_specs(cfg)["layers"])  # the exact inverse: unfused again
-    for a, b in zip(jax.tree.leaves(serving_params(stacked)), jax.tree.leaves(model.params)):
+    stacked = stack_layers(model.params)
+    want = abstract_params(cfg)
+    assert jax.tree.structure(stacked) == jax.tree.structure(want)  # the one set of names
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(want)))
+    for a, b in zip(jax.tree.leaves(split_layers(stacked)), jax.tree.leaves(model.params)):
         np.testing.assert_array_equal(a, b)
     assert isinstance(model.params["layers"], tuple) and len(model.params["layers"]) == cfg.num_layers
     plan = make_plan("random:0", cfg, sink=3, window=8)
@@ -111,10 +113,10 @@ def test_serving_layout_equals_checkpoint_layout_and_decode_reads_it_in_place(ar
     positions = np.broadcast_to(np.arange(30, dtype=np.int32), (2, 30))
     np.testing.assert_allclose(forward(model.params, tokens, positions, cfg, plan),
                                forward(stacked, tokens, positions, cfg, plan), rtol=0, atol=1e-6)
-    layers, shape = plan_arrays(plan), Shape.of(plan)
+    layers, shape = plan.layers(cfg), plan.shape
     runs = []
     for params in (model.params, stacked):
-        logits, cache, _ = prefill(params, tokens, positions, init_cache(cfg, plan, 2, 64), layers, cfg, shape)
+        logits, cache, _, _ = prefill(params, tokens, positions, init_cache(cfg, plan, 2, 64), layers, cfg, shape)
         steps = [logits]
         for t in range(12):
             logits, cache = decode_step(params, jnp.full((2,), 7 * t, jnp.int32), cache,
@@ -141,8 +143,8 @@ def test_decode_reads_and_writes_cache_slots_in_place(spec, tiny_lt):
     plan = make_plan(spec, cfg, sink=3, window=509)
     cache = init_cache(cfg, plan, 2, 512)  # every slot 512 places: 128 KB, against 16 KB of one slot's scores
     slot_bytes = min(a.nbytes for a in jax.tree.leaves(cache.kv))
-    compiled = decode_step.lower(model.params, jnp.zeros((2,), jnp.int32), cache, plan_arrays(plan), cfg,
-                                 Shape.of(plan).decoding).compile()
+    compiled = decode_step.lower(model.params, jnp.zeros((2,), jnp.int32), cache, plan.layers(cfg), cfg,
+                                 plan.shape.decoding).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < slot_bytes
 
 
@@ -313,7 +315,7 @@ def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, windo
     """Prompts longer than S + W + Q_CHUNK take the O(T (S+W)) streaming path: still equal to the masked forward,
     with left padding shifting the sink tokens of the shorter row; a window wider than a query block spans
     several blocks."""
-    from lt_jax.model import Q_CHUNK
+    from lt_jax.attention import Q_CHUNK
     model = tiny_lt("llama")
     plan = dataclasses.replace(make_plan(spec, model.config, sink=3, window=window), prefill="hybrid")
     rng = np.random.default_rng(11)
@@ -331,25 +333,25 @@ def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, windo
 def test_long_prefill_keeps_one_score_block_alive(tiny_lt):
     """XLA's buffer plan of a 4096-token exact prefill: the tiled path's temporaries stay under the scores of
     ONE query block against all keys (N x Q_CHUNK x T floats), where the blockwise path holds several times more."""
-    from lt_jax import model as model_module
+    from lt_jax import attention as attention_module
     model = tiny_lt("llama")
     cfg, T = model.config, 4096
     plan = Plan.full(cfg.num_layers)
-    row_block = cfg.num_heads * model_module.Q_CHUNK * T * 4
+    row_block = cfg.num_heads * attention_module.Q_CHUNK * T * 4
 
     def temp_bytes(T):  # a shape not traced before: TILED_FROM is read at trace time
         tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
         cache = jax.eval_shape(lambda: init_cache(cfg, plan, 1, T))
-        lowered = prefill.lower(model.params, tokens, tokens, cache, plan_arrays(plan), cfg=cfg, shape=Shape.of(plan))
+        lowered = prefill.lower(model.params, tokens, tokens, cache, plan.layers(cfg), cfg=cfg, shape=plan.shape)
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     tiled = temp_bytes(T)
-    saved = model_module.TILED_FROM
-    model_module.TILED_FROM = T  # the blockwise path, for contrast (one token shorter: a fresh trace)
+    saved = attention_module.TILED_FROM
+    attention_module.TILED_FROM = T  # the blockwise path, for contrast (one token shorter: a fresh trace)
     try:
         blockwise = temp_bytes(T - 1)
     finally:
-        model_module.TILED_FROM = saved
+        attention_module.TILED_FROM = saved
     assert tiled < row_block < blockwise / 2, (tiled, row_block, blockwise)
 
 
@@ -357,13 +359,13 @@ def test_hybrid_prefill_keeps_one_window_block_alive(tiny_lt):
     """XLA's buffer plan of a 4096-token hybrid prefill with every layer streaming: the temporaries stay under half
     of the window scores of all query blocks (N x Q_CHUNK x (S + W + Q_CHUNK - 1) floats each), i.e. the blocks
     are computed one at a time (unrolled over blocks, this plan held 34 MiB, > 2x that bound)."""
-    from lt_jax.model import Q_CHUNK
+    from lt_jax.attention import Q_CHUNK
     model = tiny_lt("llama")
     cfg, T = model.config, 4096
     plan = dataclasses.replace(make_plan("streaming", cfg, sink=4, window=64), prefill="hybrid")
     tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
     cache = jax.eval_shape(lambda: init_cache(cfg, plan, 1, T))
-    lowered = prefill.lower(model.params, tokens, tokens, cache, plan_arrays(plan), cfg=cfg, shape=Shape.of(plan))
+    lowered = prefill.lower(model.params, tokens, tokens, cache, plan.layers(cfg), cfg=cfg, shape=plan.shape)
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     all_blocks = (T // Q_CHUNK) * cfg.num_heads * Q_CHUNK * (4 + 64 + Q_CHUNK - 1) * 4
     assert temp < all_blocks / 2, (temp, all_blocks)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lt_jax.cache import expected_kv_bytes, init_cache
-from lt_jax.inference import Shape, decode_step, plan_arrays, prefill
+from lt_jax.inference import decode_step, prefill
 from lt_jax.lazy import init_queue, push, top_lazy
 from lt_jax.plan import Plan, make_plan
 
@@ -86,19 +86,25 @@ def test_queue_reaches_the_global_top_k(data, num_layers):
         queue, *_ = push(queue, jnp.int32(layer), jnp.float32(ratios[layer]))
     lazy = np.flatnonzero(np.asarray(queue.is_lazy))
     np.testing.assert_array_equal(lazy, top_lazy(ratios, num_lazy))
-    index = np.asarray(queue.index)
+    index = np.asarray(queue.slot)
     assert sorted(index[lazy]) == list(range(num_lazy))
     assert sorted(np.delete(index, lazy)) == list(range(num_layers - num_lazy))
 
 
 def lighttransfer_prefill(model, prompts, fraction, max_len, plan=None):
-    from lt_jax.api import left_pad
+    """(logits [B, T, V], cache, LayerPlan, ratios [L, B, N]) of one prefill under `plan` (default: selecting)."""
+    from lt_jax.batching import left_pad
     plan = plan or make_plan("lighttransfer", model.config, lazy_fraction=fraction, sink=S, window=W,
                              w_last=W_LAST)
     tokens, positions = left_pad(prompts, max(map(len, prompts)))
     cache = init_cache(model.config, plan, len(prompts), max_len)
-    return prefill(model.params, tokens, positions, cache, plan_arrays(plan), model.config, Shape.of(plan),
-                   all_logits=True)
+    return prefill(model.params, tokens, positions, cache, given_layers(plan, model.config), model.config,
+                   plan.shape, all_logits=True)
+
+
+def given_layers(plan, cfg):
+    """What `prefill` takes as the plan's data: None when it chooses the lazy layers itself."""
+    return None if plan.select_lazy is not None else plan.layers(cfg)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.34])
@@ -110,15 +116,16 @@ def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
     rng = np.random.default_rng(1)
     seqs = [rng.integers(0, 300, n + 6).astype(np.int32) for n in (90, 71)]
     prompts = [s[:-6] for s in seqs]
-    logits, cache, layers = lighttransfer_prefill(model, prompts, fraction, 100)
-    ratios = np.asarray(layers["ratios"])  # [L, B, N]
+    logits, cache, layers, ratios = lighttransfer_prefill(model, prompts, fraction, 100)
+    ratios = np.asarray(ratios)  # [L, B, N]
     num_lazy = int(np.floor(fraction * LAYERS + 0.5))
-    chosen = np.flatnonzero(np.asarray(layers["is_lazy"]))
+    chosen = np.flatnonzero(np.asarray(layers.is_lazy))
     np.testing.assert_array_equal(chosen, top_lazy(ratios.mean(axis=(1, 2)), num_lazy))
 
     fixed = Plan(LAYERS, tuple(int(i) for i in chosen), sink=S, window=W)
-    want_logits, want_cache, _ = lighttransfer_prefill(model, prompts, fraction, 100, plan=fixed)
-    index, fixed_index = np.asarray(layers["index"]), plan_arrays(fixed)["index"]
+    want_logits, want_cache, _, not_measured = lighttransfer_prefill(model, prompts, fraction, 100, plan=fixed)
+    assert np.isnan(np.asarray(not_measured)).all() and not_measured.shape == ratios.shape  # same structure
+    index, fixed_index = np.asarray(layers.slot), np.asarray(fixed.layers(model.config).slot)
     for layer in range(LAYERS):
         kind = ("ring_k", "ring_v") if layer in chosen else ("full_k", "full_v")
         for name in kind:
@@ -132,12 +139,11 @@ def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
     assert np.abs(np.asarray(logits[0, -90:]) - full_logits).max() <= 1e-5
     assert np.abs(np.asarray(logits) - np.asarray(want_logits)).max() == 0
 
-    shape = Shape.of(fixed)
+    shape = fixed.shape
     step_logits = []
     for t in range(6):
         token = jnp.asarray([s[-6 + t] for s in seqs])
-        lg, cache = decode_step(model.params, token, cache, {k: layers[k] for k in ("is_lazy", "index")},
-                                model.config, shape)
+        lg, cache = decode_step(model.params, token, cache, layers, model.config, shape)
         step_logits.append(np.asarray(lg))
     for b, s in enumerate(seqs):
         ref = model.logits(s, plan=fixed, prefix=len(s) - 6)[0]
@@ -157,8 +163,8 @@ def test_selecting_prefill_holds_at_most_p_plus_one_full_caches(deep):
     def peak(plan):
         cache = jax.eval_shape(lambda: init_cache(cfg, plan, B, M))
         tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
-        s = prefill.lower(model.params, tokens, tokens, cache, plan_arrays(plan), cfg,
-                          Shape.of(plan)).compile().memory_analysis()
+        s = prefill.lower(model.params, tokens, tokens, cache, given_layers(plan, cfg), cfg,
+                          plan.shape).compile().memory_analysis()
         return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
 
     lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=S, window=W)
@@ -214,7 +220,7 @@ def test_lighttransfer_plan_validation(deep):
     with pytest.raises(LtJaxError, match="w_last=0"):
         make_plan("lighttransfer", model.config, w_last=0)
     with pytest.raises(LtJaxError, match="resolve it on the prompt"):
-        make_plan("lighttransfer", model.config).layer_windows(model.config)
+        make_plan("lighttransfer", model.config).layers(model.config)
     assert dataclasses.replace(make_plan("lighttransfer", model.config), select_lazy=None).lazy_count == 0
     assert json.loads(make_plan("lighttransfer", model.config).to_json())["select_lazy"] == 3
 
@@ -290,9 +296,9 @@ def test_restricting_an_all_full_cache_equals_the_fixed_plan_prefill(deep):
     _, model = deep
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, 300, n).astype(np.int32) for n in (64, 41)]
-    _, full_cache, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=Plan.full(LAYERS))
+    _, full_cache, _, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=Plan.full(LAYERS))
     plan = Plan(LAYERS, (1, 4, 5), sink=S, window=W)
-    _, want, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=plan)
+    _, want, _, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=plan)
     got = restrict(full_cache, plan)
     for name in ("full_k", "full_v", "ring_k", "ring_v", "full_pos", "ring_pos", "length"):
         np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)

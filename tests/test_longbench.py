@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lt_jax import longbench as lb
+from lt_jax.eval import longbench as lb
 from lt_jax.errors import LtJaxError
 
 DATA = Path(__file__).parent / "data" / "longbench"

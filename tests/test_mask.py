@@ -1,8 +1,8 @@
-"""The one mask rule against a brute-force transcription of DESIGN.md section 3."""
+"""The one mask rule against a brute-force transcription of docs/design.md §4."""
 import numpy as np
 import pytest
 
-from lt_jax.mask import FULL, attention_mask
+from lt_jax.attention import FULL, attention_mask
 
 
 def brute_force(q_pos, k_pos, sink, window):

@@ -78,7 +78,7 @@ def test_long_prompts_take_the_tiled_path_and_still_match_transformers(family, t
     """Past TILED_FROM tokens attention runs flash-style over key blocks; a 2300-token left-padded batch (not a
     multiple of the key block) against transformers, Mistral's window included."""
     import torch
-    from lt_jax.model import TILED_FROM
+    from lt_jax.attention import TILED_FROM
     model, _ = tiny_models(family, np.zeros((1, 1), np.int32))
     T = TILED_FROM + 252
     ids = np.random.default_rng(5).integers(0, model.config.vocab_size, (2, T)).astype(np.int32)

@@ -47,7 +47,7 @@ def plot_lazy_ratios(stats: dict, path: str | Path, title: str) -> None:
 
 
 def plot_heat_maps(maps: dict, path: str | Path, title: str) -> None:
-    """One depth x length accuracy map per method (`lt_jax.evaluate.heat_maps`), side by side, one color scale."""
+    """One depth x length accuracy map per method (`lt_jax.eval.evaluate.heat_maps`), side by side, one color scale."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(maps), figsize=(2.2 + 2.0 * len(maps), 3.4), dpi=120, squeeze=False,
                              sharey=True)

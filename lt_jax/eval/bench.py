@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.api import left_pad
+from lt_jax.batching import left_pad
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, insert_rows
 from lt_jax.errors import LtJaxError
-from lt_jax.inference import Shape, generate_loop, plan_arrays, prefill, sample
+from lt_jax.eval.texts import parse_list
+from lt_jax.inference import Sampling, generate_loop, prefill, sample
 from lt_jax.plan import Plan
-from lt_jax.texts import parse_list
 
 MIB = 2**20
 DEFAULT_CONTEXTS = {False: "2048,4096", True: "4096,8192,16384,32768"}
@@ -88,7 +88,7 @@ def parse_ints(text: str, flag: str) -> list[int]:
 def _fixed(plan: Plan) -> Plan:
     """A plan whose lazy layers are fixed: lighttransfer's per-prompt choice becomes the last layers, same count
     and S/W. The choice never changes the cache's bytes nor the decode's speed (both compile from the count and
-    S/W only: `Shape.decoding`), so throughput and memory are those of any fixed plan with that count."""
+    S/W only: `PlanShape.decoding`), so throughput and memory are those of any fixed plan with that count."""
     if plan.select_lazy is None:
         return plan
     return plan.resolve(range(plan.num_layers - plan.select_lazy, plan.num_layers))
@@ -96,10 +96,14 @@ def _fixed(plan: Plan) -> Plan:
 
 # ---- compiled executables, by shape --------------------------------------------------------------------------
 
-def _loop_args(new_tokens: int) -> tuple:
-    """limit, stop ids (-2 never matches, so every row decodes all N tokens), key, greedy sampling."""
-    return (jnp.int32(new_tokens), jnp.asarray([-2], jnp.int32), jax.random.key(0), jnp.float32(0), jnp.int32(0),
-            jnp.float32(1))
+def _greedy(new_tokens: int) -> Sampling:
+    """Greedy, N tokens, no stop id (so every row decodes all N tokens)."""
+    return Sampling(new_tokens, stop_ids=()).prepared()
+
+
+def _prefill_layers(plan: Plan, cfg):
+    """What `prefill` takes as the plan's data: None when the prefill chooses the lazy layers."""
+    return None if plan.select_lazy is not None else plan.layers(cfg)
 
 
 class Executables:
@@ -128,20 +132,20 @@ class Executables:
         """(compiled prefill of [batch, context - N] into a cache of `context` slots, its compile seconds)."""
         m, T = self.model, context - self.new_tokens
         tokens = jax.ShapeDtypeStruct((batch, T), jnp.int32)
-        return self._get(("prefill", Shape.of(plan), batch, context), lambda: prefill.lower(
-            m.params, tokens, tokens, self.cache_shape(plan, batch, context), plan_arrays(plan), cfg=m.config,
-            shape=Shape.of(plan)))
+        return self._get(("prefill", plan.shape, batch, context), lambda: prefill.lower(
+            m.params, tokens, tokens, self.cache_shape(plan, batch, context), _prefill_layers(plan, m.config),
+            cfg=m.config, shape=plan.shape))
 
     def loop(self, plan: Plan, batch: int, context: int):
         """(compiled generation loop of N tokens for `batch` rows, its compile seconds)."""
-        m, shape = self.model, Shape.of(plan).decoding
+        m, shape = self.model, plan.shape.decoding
         logits = jax.ShapeDtypeStruct((batch, m.config.vocab_size), jnp.float32)
         return self._get(("loop", shape, batch, context), lambda: generate_loop.lower(
-            m.params, logits, self.cache_shape(plan, batch, context), plan_arrays(plan), *_loop_args(self.new_tokens),
-            cfg=m.config, shape=shape, max_new_tokens=self.new_tokens))
+            m.params, logits, self.cache_shape(plan, batch, context), _fixed(plan).layers(m.config),
+            _greedy(self.new_tokens), cfg=m.config, shape=shape))
 
     def insert(self, plan: Plan, batch: int, context: int):
-        return self._get(("insert", Shape.of(plan).decoding, batch, context), lambda: insert_rows.lower(
+        return self._get(("insert", plan.shape.decoding, batch, context), lambda: insert_rows.lower(
             self.cache_shape(plan, batch, context), self.cache_shape(plan, 1, context), jnp.int32(0)))
 
     def first_token(self, batch: int):
@@ -208,7 +212,7 @@ def _decode_seconds(exe: Executables, plan: Plan, logits, cache, layers, context
     best = math.inf
     for _ in range(repeats):
         (_, counts, cache), seconds = timed(lambda: block(loop(exe.model.params, logits, cache, layers,
-                                                               *_loop_args(exe.new_tokens))))
+                                                               _greedy(exe.new_tokens))))
         assert int(np.min(counts)) == exe.new_tokens, "the generation loop stopped early"
         cache = dataclasses.replace(cache, length=cache.length - exe.new_tokens)
         best = min(best, seconds)
@@ -225,11 +229,10 @@ def measure(exe: Executables, plan: Plan, context: int, batch: int, repeats: int
     tokens, positions = _prompt(rng, m.config, batch, T)
     cache = _new_cache(m.config, plan, batch, context)
     t0 = time.perf_counter()
-    logits, cache, layers = block(pre(m.params, tokens, positions, cache, plan_arrays(plan)))
+    logits, cache, layers, _ = block(pre(m.params, tokens, positions, cache, _prefill_layers(plan, m.config)))
     prefill_s = time.perf_counter() - t0
     block(first(logits, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1)))
     ttft = time.perf_counter() - t0
-    layers = {"is_lazy": layers["is_lazy"], "index": layers["index"]}  # what a selecting prefill chose
     decode_s = _decode_seconds(exe, plan, logits, cache, layers, context, repeats)
     return {"prompt_tokens": T, "prefill_tokens_per_s": round(batch * T / prefill_s, 1),
             "prefill_s": round(prefill_s, 3), "ttft_s": round(ttft, 3),
@@ -246,14 +249,14 @@ def serve(exe: Executables, plan: Plan, context: int, batch: int, repeats: int, 
     m = exe.model
     pre, _ = exe.prefill(plan, 1, context)
     insert, _ = exe.insert(plan, batch, context)
-    layers = plan_arrays(plan)
+    given = _prefill_layers(plan, m.config)
     cache = _new_cache(m.config, plan, batch, context)
     rows, prefill_s = [], []
     for row in range(batch):
         if every_row or not rows:
             tokens, positions = _prompt(rng, m.config, 1, context - exe.new_tokens)
-            (logits, small, _), seconds = timed(lambda: block(pre(m.params, tokens, positions,
-                                                                  _new_cache(m.config, plan, 1, context), layers)))
+            (logits, small, layers, _), seconds = timed(lambda: block(pre(
+                m.params, tokens, positions, _new_cache(m.config, plan, 1, context), given)))
             prefill_s.append(seconds)
         cache = insert(cache, small, jnp.int32(row))
         rows.append(logits)
@@ -439,7 +442,7 @@ def run(args, model, executables: Executables | None = None) -> dict:
                         (r["context"], r["batch"]))
             r["decode_vs_full"] = round(r["decode_tokens_per_s"] / full["decode_tokens_per_s"], 3)
             r["kv_vs_full"] = round(r["kv_bytes"] / full["kv_bytes"], 4)
-    result = {"mode": "throughput" if throughput else "speed", "model": str(model.path), "new_tokens": N,
+    result = {"mode": "throughput" if throughput else "speed", "model": model.label, "new_tokens": N,
               "weights_bytes": weights, "compilations": exe.count, "compile_s": round(sum(exe.seconds.values()), 1),
               "records": records}
     if throughput:

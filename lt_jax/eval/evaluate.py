@@ -2,10 +2,10 @@
 
 Methods with an exact prefill (all but hybrid-prefill plan files) share one prefill per example: every layer
 full, every lazy ratio measured (`Plan(select_lazy=0)`); each method's cache is that cache restricted to its plan
-(`cache.restrict`, tested equal to the plan's own prefill), and `lighttransfer` takes the top-k of the measured
-ratios (tested equal to the priority queue's choice). So methods differ only in which layers are lazy, and a
-prompt is prefilled once however many methods run. Perplexity examples are scored by one masked forward per
-method (`forward_masked`: the plan is data, so per-prompt lazy sets never recompile).
+(`Model.generate_from`, which restricts the cache, tested equal to the plan's own prefill), and `lighttransfer`
+takes the top-k of the measured ratios (tested equal to the priority queue's choice). So methods differ only in
+which layers are lazy, and a prompt is prefilled once however many methods run. Perplexity examples are scored by
+one masked forward per method (`Model.token_nll`: the plan is data, so per-prompt lazy sets never recompile).
 
 Rows are appended and flushed one at a time; the first line records what the file was made with. A rerun skips
 the (example, method) pairs already written, drops a row a killed run left half-written, and refuses a file made
@@ -20,15 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lt_jax import tasks
-from lt_jax.api import bucket, token_nll
-from lt_jax.cache import restrict
 from lt_jax.errors import LtJaxError
-from lt_jax.inference import Shape, generate_loop, plan_arrays
+from lt_jax.eval import tasks
+from lt_jax.inference import Sampling
 from lt_jax.lazy import top_lazy
 from lt_jax.plan import Plan
 
@@ -126,13 +122,13 @@ class LongBench:
     name, percent = "longbench", True
 
     def __init__(self, paths, max_length=None, limit=None):
-        from lt_jax import longbench
+        from lt_jax.eval import longbench
         self.data = [longbench.load(p) for p in paths]  # fails early, naming the file and line
         self.max_length, self.limit = max_length, limit
         self.settings = dict(data=[str(p) for p in paths], max_length=max_length, limit=limit)
 
     def examples(self, model):
-        from lt_jax import longbench
+        from lt_jax.eval import longbench
         context = model.config.max_position_embeddings
         chat = bool(model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None))
         template = len(model.chat_ids("")) if chat else 0
@@ -146,7 +142,7 @@ class LongBench:
                               target=(ds, record))
 
     def score(self, example, answer: str) -> float:
-        from lt_jax import longbench
+        from lt_jax.eval import longbench
         ds, record = example.target
         return longbench.score(ds, answer, record)
 
@@ -240,8 +236,8 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
             t0 = time.perf_counter()
             plan = _fixed(plan, ratios)
             prefix = None if plan.prefill == "hybrid" else example.prefix  # hybrid: the prompt streams too
-            nll = token_nll(model.params, tokens, plan.layer_windows(cfg), cfg, prefix)[0, example.prefix - 1:]
-            yield {**base, "method": name, "lazy_layers": list(plan.lazy_layers), "nll_sum": float(jnp.sum(nll)),
+            nll = model.token_nll(tokens, plan, prefix)[0, example.prefix - 1:]
+            yield {**base, "method": name, "lazy_layers": list(plan.lazy_layers), "nll_sum": float(np.sum(nll)),
                    "tokens": int(nll.shape[0]), "seconds": round(time.perf_counter() - t0, 3),
                    **({"ratios": _round(ratios)} if methods[name].select_lazy is not None else {})}
         return
@@ -264,10 +260,9 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
 
 
 def measure_prefill(model, example: Example, measure: Plan):
-    """One exact prefill, every layer full and its lazy ratio measured -> ((logits, cache), ratios [L])."""
-    logits, cache, layers = model.prefill_rows([example.ids], measure,
-                                           model.cache_len(len(example.ids), example.max_new_tokens))
-    return (logits, cache), np.asarray(layers["ratios"]).mean(axis=(1, 2))
+    """One exact prefill, every layer full and its lazy ratio measured -> (`Prefilled`, ratios [L])."""
+    done = model.prefill([example.ids], measure, model.cache_len(len(example.ids), example.max_new_tokens))
+    return done, done.ratios.mean(axis=0)
 
 
 def _fixed(plan: Plan, ratios) -> Plan:
@@ -276,13 +271,9 @@ def _fixed(plan: Plan, ratios) -> Plan:
 
 def generate_from(model, shared, plan: Plan, max_new_tokens: int, stop_ids=None) -> list[int]:
     """Greedy decode under `plan` from the shared all-full prefill (`measure_prefill`); stops at the model's EOS
-    (or `stop_ids`; [-2] never stops)."""
-    logits, cache = shared
-    stop = jnp.asarray(list(model.config.eos_token_ids if stop_ids is None else stop_ids) or [-2], jnp.int32)
-    out, counts, _ = generate_loop(model.params, logits, restrict(cache, plan), plan_arrays(plan),
-                                   jnp.int32(max_new_tokens), stop, jax.random.key(0), jnp.float32(0), jnp.int32(0),
-                                   jnp.float32(1), model.config, Shape.of(plan).decoding, bucket(max_new_tokens))
-    return [int(t) for t in np.asarray(out)[0, :int(counts[0])]]
+    (or `stop_ids`; () never stops)."""
+    sampling = Sampling(max_new_tokens, stop_ids=None if stop_ids is None else tuple(stop_ids))
+    return model.generate_from(shared, plan, sampling)[0]["ids"]
 
 
 def _round(ratios):

@@ -87,7 +87,7 @@ def decoder_layer(lp, x, positions, cfg: Config, inv_freq, attention):
     return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps)), aux
 
 
-def scan_layers(step, carry, layers, xs, unroll: bool = False):
+def scan_layers(step, carry, layers, xs, unroll: bool = False, remat: bool = False):
     """`step(carry, (layer weights, x_i)) -> (carry, y_i)` over the layers, like `lax.scan` over (layers, xs).
 
     layers: stacked (leaves [L, ...], scanned) or a tuple of per-layer dicts (`lt_jax.params.split_layers`),
@@ -95,7 +95,9 @@ def scan_layers(step, carry, layers, xs, unroll: bool = False):
     Why unroll: XLA:CPU copies a layer's slice of a stacked (or switched) weight before every matmul, which at a
     decode step is a copy of the whole model per token; unrolled over per-layer buffers, each matmul reads its
     weight in place (scripts/bench_inference.py). Prefill and training amortize that copy over many tokens and
-    keep one compiled layer body."""
+    keep one compiled layer body. `remat`: each layer's activations are recomputed in the backward pass
+    (`jax.checkpoint`), so a training step holds one layer's, not L layers'."""
+    step = jax.checkpoint(step) if remat else step
     if isinstance(layers, dict):
         return jax.lax.scan(step, carry, (layers, xs))
     if unroll:
@@ -128,9 +130,10 @@ def forward(params, tokens, positions, cfg: Config, plan: Plan | LayerPlan | Non
     return forward_masked(params, tokens, positions, plan, cfg, prefix)
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def forward_masked(params, tokens, positions, layers: LayerPlan, cfg: Config, prefix=None):
-    """`forward` with the plan as data (`LayerPlan`; only its sink and window are read)."""
+@partial(jax.jit, static_argnames=("cfg", "remat"))
+def forward_masked(params, tokens, positions, layers: LayerPlan, cfg: Config, prefix=None, remat: bool = False):
+    """`forward` with the plan as data (`LayerPlan`; only its sink and window are read); `remat` recomputes each
+    layer in the backward pass (`scan_layers`)."""
     native = cfg.sliding_window or FULL
     before = None if prefix is None else (positions < jnp.reshape(jnp.asarray(prefix), (-1, 1)))[:, :, None]
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
@@ -143,7 +146,7 @@ def forward_masked(params, tokens, positions, layers: LayerPlan, cfg: Config, pr
         return decoder_layer(lp, x, positions, cfg, inv_freq,
                              lambda q, k, v: (attend_causal(q, k, v, positions, sink, window), None))
 
-    x, _ = scan_layers(step, x, params["layers"], (layers.sink, layers.window))
+    x, _ = scan_layers(step, x, params["layers"], (layers.sink, layers.window), remat=remat)
     return unembed(params, x, cfg)
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
-from lt_jax.inference import decode_step, prefill
 from lt_jax.attention import attention_mask
+from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
+from lt_jax.errors import LtJaxError
+from lt_jax.inference import Sampling, decode_step, prefill
 from lt_jax.params import stack_layers
 from lt_jax.plan import Plan, make_plan
 
@@ -205,6 +206,34 @@ def test_sampling_filters(tiny_lt):
     a = model.generate(prompt, max_new_tokens=16, temperature=2.0, seed=1, stop_ids=[])[0]["ids"]
     assert a == model.generate(prompt, max_new_tokens=16, temperature=2.0, seed=1, stop_ids=[])[0]["ids"]
     assert a != model.generate(prompt, max_new_tokens=16, temperature=2.0, seed=2, stop_ids=[])[0]["ids"]
+    settings = Sampling(max_new_tokens=16, temperature=2.0, seed=1, stop_ids=())  # the same, as one argument
+    assert model.generate(prompt, sampling=settings)[0]["ids"] == a
+    with pytest.raises(LtJaxError, match="top_p=0"):
+        model.generate(prompt, sampling=Sampling(top_p=0))
+
+
+def test_old_names_still_work_with_a_deprecation_warning(tiny_lt):
+    """0.1's module paths and renamed methods work for one more release, each with a DeprecationWarning naming
+    the new one."""
+    import importlib
+    import sys
+    from lt_jax.attention import attention_mask as rule
+    model = tiny_lt("llama")
+    sys.modules.pop("lt_jax.mask", None)
+    with pytest.warns(DeprecationWarning, match="lt_jax.attention"):
+        assert importlib.import_module("lt_jax.mask").attention_mask is rule
+    with pytest.warns(DeprecationWarning, match="lt_jax.eval.evaluate"):
+        sys.modules.pop("lt_jax.evaluate", None)
+        assert importlib.import_module("lt_jax.evaluate").run is importlib.import_module("lt_jax.eval.evaluate").run
+    plan = make_plan("last", model.config, sink=2, window=8)
+    with pytest.warns(DeprecationWarning, match="Plan.layers"):
+        sinks, windows = plan.layer_windows(model.config)
+    np.testing.assert_array_equal(sinks, [0, 2, 2])  # "last": 2 of 3 layers lazy
+    assert windows[2] == 8
+    with pytest.warns(DeprecationWarning, match="Model.prefill"):
+        logits, _, layers = model.prefill_rows([[1, 2, 3]], plan, 64)
+    np.testing.assert_array_equal(layers["is_lazy"], [False, True, True])
+    np.testing.assert_allclose(logits, model.prefill([[1, 2, 3]], plan, 64).logits, rtol=0, atol=0)
 
 
 def test_batch_generation_equals_one_by_one(tiny_lt):
@@ -369,3 +398,34 @@ def test_hybrid_prefill_keeps_one_window_block_alive(tiny_lt):
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     all_blocks = (T // Q_CHUNK) * cfg.num_heads * Q_CHUNK * (4 + 64 + Q_CHUNK - 1) * 4
     assert temp < all_blocks / 2, (temp, all_blocks)
+
+
+def test_one_layout_differentiates_stacked_scanned_and_rematerialized():
+    """`init_params` builds the one layout (`param_specs`' shapes, zero biases); the gradient of a next-token loss
+    under a hybrid plan through the stacked, scanned layer loop equals the per-layer (switched) one, and stays
+    the same with each layer rematerialized (what a training step will run), fp32 <= 1e-6."""
+    from lt_jax.config import Config, Rope
+    from lt_jax.model import forward_masked
+    from lt_jax.params import abstract_params, init_params, split_layers
+    cfg = Config(arch="qwen2", vocab_size=64, dim=32, ffn_dim=48, num_layers=3, num_heads=4, num_kv_heads=2,
+                 head_dim=8, norm_eps=1e-6, rope=Rope(), max_position_embeddings=128, tie_embeddings=False,
+                 qkv_bias=True)
+    params = init_params(cfg, jax.random.key(0))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(lambda a: (a.shape, a.dtype),
+                                                                                abstract_params(cfg))
+    assert not np.any(params["layers"]["qkv_bias"])
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 24)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape)
+    layers = Plan(3, (1,), sink=2, window=5).layers(cfg)
+
+    def loss(p, remat):
+        logp = jax.nn.log_softmax(forward_masked(p, tokens, positions, layers, cfg, remat=remat)[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    grad = jax.grad(loss)
+    stacked, remat = grad(params, False), grad(params, True)
+    per_layer = stack_layers(grad(split_layers(params), False))
+    for a, b, c in zip(jax.tree.leaves(stacked), jax.tree.leaves(remat), jax.tree.leaves(per_layer)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)
+    assert float(jnp.abs(stacked["layers"]["qkv_proj"]).max()) > 0

@@ -109,3 +109,18 @@ def test_demo_json(assets, capsys):
     assert got["answer"].strip() and len(got["plan"]["lazy_layers"]) == 15
     assert got["plan"]["source"] == "lighttransfer:0.5" and len(got["lazy_ratios"]) == 30
     assert got["kv_cache_bytes"] < got["kv_cache_bytes_all_full"]
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run_as_pasted(assets, tmp_path):
+    """Every ```python block of the README, joined in order, runs in the repository root on the real model."""
+    import re
+    import subprocess
+    import sys
+    from conftest import REPO
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    script = tmp_path / "readme.py"
+    script.write_text("\n".join(blocks))
+    run = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]

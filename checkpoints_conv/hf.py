@@ -79,6 +79,9 @@ def _slot(params, leaf: str, layer, index) -> np.ndarray:
 # ---- reading ---------------------------------------------------------------------------------------------
 
 def read_hf_config(hf_dir: Path, dtype: str = "float32") -> Config:
+    if not Path(hf_dir).is_dir():
+        raise LtJaxError(f"{hf_dir} {'is not a directory' if Path(hf_dir).exists() else 'does not exist'}; give a "
+                         f"Hugging Face model directory.")
     path = Path(hf_dir) / "config.json"
     try:
         hf = json.loads(path.read_text())

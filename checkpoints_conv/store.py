@@ -43,6 +43,9 @@ def atomic_dir(out: Path):
         raise LtJaxError(f"cannot write output directory {out}: {e.strerror}.") from None
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the mode any new directory gets
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,7 +69,7 @@ class Model:
     def chat_ids(self, text: str) -> list[int]:
         """The prompt wrapped in the model's chat template, ready for generation."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise LtJaxError(f"model {self.path} has no chat template; drop --chat.")
+            raise LtJaxError(f"model {self.path} has no chat template (tokenizer_config.json names none).")
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -187,13 +187,15 @@ class Model:
         """{"ppl", "nll", "tokens", "plan"}: mean NLL over the predicted tokens (all but the first; with prefix=N,
         the tokens at positions >= N) of one sequence, and the fixed plan used (lighttransfer: chosen on the
         prefix, or on the whole sequence without one, then also "lazy_ratios")."""
-        limit = max_tokens or self.config.max_position_embeddings
-        tokens = as_batch(ids, self.config.vocab_size)[:, :limit]
+        context = self.config.max_position_embeddings
+        if max_tokens is not None and not 1 <= max_tokens <= context:
+            raise LtJaxError(f"max_tokens={max_tokens} must lie in 1..{context} (the model's context).")
+        tokens = as_batch(ids, self.config.vocab_size)[:, :max_tokens or context]
         T = tokens.shape[1]
         if tokens.shape[0] != 1 or T < 2:
             raise LtJaxError(f"perplexity needs one sequence of at least 2 tokens; got shape {tokens.shape}.")
         if prefix is not None and not 1 <= prefix < T:
-            raise LtJaxError(f"--prefix {prefix} must lie in 1..{T - 1} for a sequence of {T} tokens.")
+            raise LtJaxError(f"prefix={prefix} must lie in 1..{T - 1} for a sequence of {T} tokens.")
         plan, ratios = self.select(tokens[:, :prefix], plan)
         nll = self.token_nll(tokens, plan, prefix)[0]
         scored = nll[(prefix or 1) - 1:]

@@ -2,9 +2,11 @@
 
 - full layers:      `full_k` [B, K, H, M] and `full_v` [B, K, M, H], a tuple of Lf slots each; a token's place
                     is its position (M = max length).
-- streaming layers: `ring_k` [B, K, H, R] and `ring_v` [B, K, R, H] with R = sink + window, a tuple of Ls slots
-                    each; `sink` places (positions 0..sink-1) then a ring of `window` (position p >= sink lives
-                    at sink + (p - sink) % window). A token in the sink never enters the ring.
+- streaming layers: `ring_k` [B, K, H, R] and `ring_v` [B, K, R, H] with R = min(sink + window, M), a tuple of
+                    Ls slots each; `sink` places (positions 0..sink-1) then a ring of `window` (position p >= sink
+                    lives at sink + (p - sink) % window). A token in the sink never enters the ring. When M <=
+                    sink + window no position wraps, so M places hold all of them: a streaming layer's buffer is
+                    never larger than a full layer's.
 - Keys are stored transposed (head_dim before time), as `model.qkv` makes them (see `attention.dot_scores`).
 - `full_pos` [B, M] and `ring_pos` [B, R]: the position stored at each place (-1 = empty), shared by all layers
   of a kind; masks are built from them with the one rule, never from slot order.
@@ -56,17 +58,22 @@ class KVCache:
 
 
 def expected_kv_bytes(cfg: Config, plan: Plan, batch: int, max_len: int) -> int:
-    """docs/design.md §5's formula: full layers `max_len` entries, streaming layers `sink + window` entries, K and V
-    each."""
+    """docs/design.md §5's formula: full layers `max_len` entries, streaming layers min(sink + window, max_len)
+    entries, K and V each."""
     per_entry = 2 * batch * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
     lazy = plan.lazy_count
-    return per_entry * ((cfg.num_layers - lazy) * max_len + lazy * (plan.sink + plan.window))
+    return per_entry * ((cfg.num_layers - lazy) * max_len + lazy * ring_size(plan.sink, plan.window, max_len))
+
+
+def ring_size(sink: int, window: int, max_len: int) -> int:
+    """Places of a streaming layer's buffer: its sinks and window, or all `max_len` places if fewer."""
+    return min(sink + window, max_len)
 
 
 def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
     lazy = plan.lazy_count
     K, H, dt = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
-    ring = plan.sink + plan.window
+    ring = ring_size(plan.sink, plan.window, max_len)
     slots = lambda n, shape: tuple(jnp.zeros(shape, dt) for _ in range(n))  # noqa: E731
     return KVCache(
         full_k=slots(cfg.num_layers - lazy, (batch, K, H, max_len)),
@@ -129,7 +136,8 @@ def restrict(cache: KVCache, plan: Plan) -> KVCache:
     own `full_pos` (a full layer's place is the position). The input is left intact."""
     positions = cache.full_pos
     B, sink, window = positions.shape[0], plan.sink, plan.window
-    empty = dataclasses.replace(cache, ring_pos=jnp.full((B, sink + window), -1, jnp.int32),
+    ring = ring_size(sink, window, positions.shape[1])
+    empty = dataclasses.replace(cache, ring_pos=jnp.full((B, ring), -1, jnp.int32),
                                 length=jnp.zeros((B,), jnp.int32))
     ring_pos = write_positions(empty, positions, sink, window).ring_pos
     lazy = sorted(plan.lazy_layers)

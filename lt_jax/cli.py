@@ -16,6 +16,25 @@ DEMO_TOKENS = 1024
 DEMO_QUESTION = "In one sentence: what is this essay about?"
 
 
+def _number(kind, low=None, high=None, low_open=False, what=""):
+    """An argparse type: `kind` within [low, high] ((low, high] with low_open), checked while parsing, before any
+    model loads (a bad value fails in the time it takes to parse)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, what="at least 1")
+NON_NEGATIVE = _number(int, 0, what=">= 0")
+FRACTION = _number(float, 0.0, 1.0, what="in [0, 1]")
+
+
 def _enable_compilation_cache():
     import jax
     from lt_jax.assets import cache_dir
@@ -53,10 +72,43 @@ def cmd_export(args) -> dict:
 
 def cmd_ppl(args) -> dict:
     import lt_jax
+    text = read_text(args.text_file) if args.text_file else None
+    ids = None if text is not None else _read_ids(args.ids_file)
     model = lt_jax.load(args.model)
-    ids = model.encode(read_text(args.text_file)) if args.text_file else _read_ids(args.ids_file)
-    result = model.perplexity(ids, args.max_tokens, plan=_plan(model, args), prefix=args.prefix)
-    return {**result, "plan": _plan_json(result["plan"])}
+    if text is not None:
+        ids = model.encode(text)
+    if not ids:
+        raise LtJaxError(f"{args.text_file or args.ids_file} holds no tokens.")
+    context = model.config.max_position_embeddings
+    if args.max_tokens is not None and args.max_tokens > context:
+        raise LtJaxError(f"--max-tokens {args.max_tokens} exceeds the model's context of {context} tokens; it "
+                         f"cannot score past it.")
+    limit = args.max_tokens or context
+    if len(ids) > limit:
+        print(f"[lt-jax ppl] the text holds {len(ids)} tokens; scoring its first {limit} "
+              f"({'--max-tokens' if args.max_tokens else 'the model context'})", file=sys.stderr)
+    print(f"[lt-jax ppl] scoring {min(len(ids), limit)} tokens ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    result = model.perplexity(ids, limit, plan=_plan(model, args), prefix=args.prefix)
+    out = {**result, "plan": _plan_json(result["plan"]), "text_tokens": len(ids),
+           "seconds": round(time.perf_counter() - t0, 2)}
+    if not args.json:
+        plan = result["plan"]
+        print(f"ppl {result['ppl']:.4f} (nll {result['nll']:.4f} over {result['tokens']} tokens, "
+              f"{out['seconds']} s)")
+        print(f"plan {plan.source}: " + (f"layers {list(plan.lazy_layers)} streaming (S={plan.sink}, "
+                                         f"W={plan.window}), the rest full" if plan.lazy_layers else "every layer full"))
+        _note_if_plan_cannot_matter(plan, result["tokens"] + (args.prefix or 1))
+    return out
+
+
+def _note_if_plan_cannot_matter(plan, length: int):
+    """Prompts or texts no longer than S + W: a streaming layer sees everything, every lazy ratio is 1."""
+    if plan.lazy_layers and length <= plan.sink + plan.window:
+        print(f"[note: {length} tokens <= S + W = {plan.sink + plan.window}: a streaming layer still sees every "
+              f"token, so this plan gives the same numbers as all-full" + (
+                  "; lighttransfer's choice is the tie rule (every ratio is 1)"
+                  if plan.source.startswith("lighttransfer") else "") + "]", file=sys.stderr)
 
 
 def _plan(model, args):
@@ -80,6 +132,14 @@ def cmd_generate(args) -> dict:
         prompt = model.chat_ids(text) if args.chat else model.encode(text)
     plan = _plan(model, args)
     stop = None if args.stop_ids is None else _parse_ids(args.stop_ids, "--stop-ids")
+    context = model.config.max_position_embeddings
+    if not prompt:
+        raise LtJaxError("the prompt must hold at least one token.")
+    if len(prompt) + args.max_new_tokens > context:
+        raise LtJaxError(f"a prompt of {len(prompt)} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
+                         f"model's context of {context} tokens.")
+    print(f"[lt-jax generate] prefill of {len(prompt)} prompt tokens, then up to {args.max_new_tokens} new tokens "
+          f"in one compiled loop ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     (result,) = model.generate([prompt], plan=plan, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -97,6 +157,7 @@ def cmd_generate(args) -> dict:
                   f"{' '.join(f'{r:.2f}' for r in result['lazy_ratios'])}]", file=sys.stderr)
         print(f"[{len(result['ids'])} tokens, {seconds:.1f} s; KV cache {kv / 2**20:.1f} MiB vs "
               f"{kv_full / 2**20:.1f} MiB all-full, {max_len} slots]", file=sys.stderr)
+    _note_if_plan_cannot_matter(result["plan"], len(prompt) + len(result["ids"]))
     return out
 
 
@@ -126,15 +187,20 @@ def cmd_demo(args) -> dict:
     model = lt_jax.load(paths["smollm2"])
     essay_text = (Path(paths["essays"]) / DEMO_ESSAY).read_text()
     ids = model.encode(essay_text)[:args.tokens]
+    say = lambda msg: print(f"[lt-jax demo] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"perplexity of {len(ids)} essay tokens, lt-jax ...")
     t0 = time.perf_counter()
     ours = model.perplexity(ids)
     t_ours = time.perf_counter() - t0
+    say("the same with transformers (the reference) ...")
     reference = transformers_ppl(Path(paths["smollm2_hf"]), ids)
 
     # A question about the essay, answered with half of the layers streaming (S=4 sinks + a 1020-token window).
     plan = model.plan(args.plan, lazy_fraction=0.5)
     essay = model.decode(model.encode(essay_text)[:args.essay_tokens])
     prompt = model.chat_ids(f"{essay}\n\n{DEMO_QUESTION}")
+    say(f"answering a question after {len(prompt)} tokens of the essay, plan {args.plan} "
+        f"(prefill, lazy-layer choice, up to {args.new_tokens} new tokens) ...")
     t0 = time.perf_counter()
     (answer,) = model.generate([prompt], plan=plan, max_new_tokens=args.new_tokens)
     t_gen = time.perf_counter() - t0
@@ -162,6 +228,10 @@ def cmd_demo(args) -> dict:
         print(f"answer      {answer['text'].strip()}")
         print(f"KV cache    {kv * mib:.1f} MiB vs {kv_full * mib:.1f} MiB with every layer full "
               f"({1 - kv / kv_full:.0%} saved; {t_gen:.1f} s)")
+        ring = min(chosen.sink + chosen.window, slots)
+        print(f"            a streaming layer keeps {ring} of the cache's {slots} slots, so the saving grows with the "
+              f"context toward {len(chosen.lazy_layers) / model.config.num_layers:.0%} (the share of streaming "
+              f"layers)")
     return result
 
 
@@ -173,14 +243,18 @@ def cmd_identify(args) -> dict:
     from lt_jax.lazy import calibrate
     from lt_jax.plan import Plan, num_lazy
     from lt_jax.eval.texts import read_samples
-    out, _ = _writable(args.out, "--out"), _writable(args.plot, "--plot")
-    if not 0 <= args.lazy_fraction <= 1:
-        raise LtJaxError(f"--lazy-fraction {args.lazy_fraction} is outside [0, 1].")
+    from lt_jax.eval.plots import check_path
+    out = _writable(args.out, "--out")
+    if args.plot:
+        check_path(args.plot, "--plot")
     texts = read_samples(args.files, args.field)
     model = lt_jax.load(args.model)
     sink = 4 if args.sink is None else args.sink
     window = 1020 if args.window is None else args.window
     context = min(args.context, model.config.max_position_embeddings)
+    if context <= sink + window:
+        raise LtJaxError(f"samples of --context {context} tokens are no longer than S + W = {sink + window}, so every "
+                         f"lazy ratio would be 1; give a larger --context or a smaller --window.")
     samples = []  # consecutive chunks of `context` tokens; a chunk no longer than S + W has every ratio 1
     for text in texts:
         ids = model.encode(text) if isinstance(text, str) else text
@@ -197,13 +271,13 @@ def cmd_identify(args) -> dict:
     record = {**json.loads(plan.to_json()),
               "identify": {"model": model.label, "files": [str(f) for f in args.files], "context": context,
                            "lazy_fraction": args.lazy_fraction, "tokens": int(sum(map(len, samples))), **stats}}
-    if args.plot:
-        from lt_jax.eval.plots import plot_lazy_ratios
-        plot_lazy_ratios(stats, args.plot, f"{model.path.name}: lazy ratio over {len(samples)} samples of "
-                         f"<= {context} tokens (S={sink}, W={window}); lazy: {stats['lazy_layers']}")
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(out)
+    tmp.replace(out)  # the plan first: a figure that fails later loses nothing computed
+    if args.plot:
+        from lt_jax.eval.plots import plot_lazy_ratios
+        plot_lazy_ratios(stats, args.plot, f"{model.label}: lazy ratio over {len(samples)} samples of "
+                         f"<= {context} tokens (S={sink}, W={window}); lazy: {stats['lazy_layers']}")
     if not args.json:
         print(f"lazy layers {stats['lazy_layers']} from {len(samples)} samples -> {out}"
               + (f" (plot: {args.plot})" if args.plot else ""))
@@ -225,11 +299,13 @@ def _eval_task(args, model):
     text = lambda: [read_text(f) for f in (args.haystack or sorted(Path(assets.essays()).glob("*.txt")))]  # noqa: E731
     if args.task in ("niah", "passkey"):
         lengths = parse_list(args.lengths, int, "--lengths")
-        return evaluate.Retrieval(args.task, lengths, parse_list(args.depths, float, "--depths"), args.samples or 2,
-                                  keys=args.keys, max_new_tokens=args.max_new_tokens or 16,
+        return evaluate.Retrieval(args.task, lengths, parse_list(args.depths, float, "--depths"),
+                                  2 if args.samples is None else args.samples, keys=args.keys,
+                                  max_new_tokens=16 if args.max_new_tokens is None else args.max_new_tokens,
                                   haystack=None if args.task == "passkey" else text())
     if args.task == "ppl":
-        return evaluate.Perplexity(args.prefix, args.score_tokens, args.samples or 3, text())
+        return evaluate.Perplexity(args.prefix, args.score_tokens, 3 if args.samples is None else args.samples,
+                                   text())
     if not args.data:
         raise LtJaxError("--task longbench needs --data: LongBench's JSONL files, or folders holding them.")
     files = [f for d in map(Path, args.data) for f in (sorted(d.glob("*.jsonl")) if d.is_dir() else [d])]
@@ -248,7 +324,8 @@ def cmd_eval(args) -> dict:
     if len(set(methods)) != len(methods):
         raise LtJaxError(f"--methods names a method twice: {args.methods}.")
     out = _writable(args.out or f"eval-{args.task}.jsonl", "--out")
-    plot, ratio_plot = _writable(args.plot, "--plot"), _writable(args.ratio_plot, "--ratio-plot")
+    plot = plots.check_path(args.plot, "--plot") if args.plot else None
+    ratio_plot = plots.check_path(args.ratio_plot, "--ratio-plot") if args.ratio_plot else None
     model = lt_jax.load(args.model)
     flags = dict(lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window, preset=args.stream_preset,
                  prefill=args.prefill, w_last=args.w_last)
@@ -260,7 +337,7 @@ def cmd_eval(args) -> dict:
     rows = evaluate.run(model, task, plans, out, meta)
     summary = evaluate.summarize(task, rows, methods)
     table = evaluate.markdown(task, summary)
-    title = f"{model.path.name}: {task.name}"
+    title = f"{model.label}: {task.name}"
     if plot and task.name in ("niah", "passkey"):
         plots.plot_heat_maps(evaluate.heat_maps(rows, methods), plot, f"{title} (exact match)")
     elif plot:
@@ -294,19 +371,30 @@ def _plan_flags(s, with_plan=True):
         s.add_argument("--plan", default="full",
                        help="full | streaming | first | last | random[:SEED] | lighttransfer (chosen per prompt "
                             "from the lazy ratios) | PLAN.json (default: full)")
-    s.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
-    s.add_argument("--sink", type=int, default=None, help="sink tokens S of streaming layers (default 4)")
-    s.add_argument("--window", type=int, default=None, help="window W of streaming layers (default 1020)")
+    s.add_argument("--lazy-fraction", type=FRACTION, default=0.5, help="fraction of lazy layers (default 0.5)")
+    s.add_argument("--sink", type=NON_NEGATIVE, default=None, help="sink tokens S of streaming layers (default 4)")
+    s.add_argument("--window", type=POSITIVE, default=None, help="window W of streaming layers (default 1020)")
     s.add_argument("--stream-preset", choices=["lighttrans-code"], default=None,
                    help="lighttrans-code: S=129, W=1025 (the released LightTransfer training mask)")
     s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
                    help="exact: full attention over the prompt in every layer (default); hybrid: each layer's mask")
-    s.add_argument("--w-last", type=int, default=None,
+    s.add_argument("--w-last", type=POSITIVE, default=None,
                    help="lighttransfer: last prompt queries that measure the lazy ratios (default 32)")
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags as one line (`lt-jax CMD: error: ...`, exit 2) like every other bad input, not usage + error."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lt-jax", description="LightTransfer in JAX: hybrid streaming/full attention "
+    p = _Parser(prog="lt-jax", description="LightTransfer in JAX: hybrid streaming/full attention "
                                 "LLMs converted from Hugging Face checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -317,40 +405,47 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     s = add("convert", cmd_convert, "convert an HF checkpoint directory (safetensors or .bin, sharded or not)")
-    s.add_argument("hf_dir")
-    s.add_argument("out_dir")
-    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("hf_dir", help="a Hugging Face model directory (config.json + weights)")
+    s.add_argument("out_dir", help="the lt-jax checkpoint directory to create (must not exist)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the converted weights (default float32)")
     s = add("export", cmd_export, "export an lt-jax checkpoint back to an HF safetensors directory")
-    s.add_argument("ckpt_dir")
-    s.add_argument("hf_out_dir")
-    s = add("ppl", cmd_ppl, "perplexity of a text or of token ids (all layers full attention)")
+    s.add_argument("ckpt_dir", help="an lt-jax checkpoint directory")
+    s.add_argument("hf_out_dir", help="the Hugging Face directory to create (must not exist)")
+    s = add("ppl", cmd_ppl, "perplexity of a text or of token ids under a layer plan (default: every layer full)")
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text-file")
+    src.add_argument("--text-file", help="a UTF-8 text file, tokenized with the model's tokenizer")
     src.add_argument("--ids-file", help="whitespace-separated token ids")
-    s.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: context)")
-    s.add_argument("--prefix", type=int, default=None,
+    s.add_argument("--max-tokens", type=POSITIVE, default=None,
+                   help="score the first N tokens (default and at most: the model's context)")
+    s.add_argument("--prefix", type=POSITIVE, default=None,
                    help="exact prefill of the first N tokens, the rest scored as decode steps (default: none)")
     _plan_flags(s)
     s = add("generate", cmd_generate, "generate a continuation with a full, streaming or hybrid layer plan")
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompt-file")
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt text")
     src.add_argument("--ids", help="prompt token ids, e.g. '1 2 3'")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0, help="0 = off")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate at most (default 64)")
+    s.add_argument("--temperature", type=_number(float, 0.0, what=">= 0"), default=0.0,
+                   help="sampling temperature; 0 = greedy (default 0)")
+    s.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sample among the K likeliest tokens; 0 = off "
+                   "(default 0)")
+    s.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True, what="in (0, 1]"), default=1.0,
+                   help="sample among the likeliest tokens holding this much probability; 1 = off (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     s.add_argument("--stop-ids", default=None, help="token ids that end a row (default: the model's EOS ids)")
     _plan_flags(s)
     s = add("demo", cmd_demo, "fetch SmolLM2-135M-Instruct, compare perplexity with transformers, answer a question "
             "about an essay with half of the layers chosen lazy by LightTransfer-Test")
-    s.add_argument("--tokens", type=int, default=DEMO_TOKENS, help="tokens of the essay scored for perplexity")
-    s.add_argument("--essay-tokens", type=int, default=1800, help="tokens of the essay put before the question")
-    s.add_argument("--new-tokens", type=int, default=48)
+    s.add_argument("--tokens", type=POSITIVE, default=DEMO_TOKENS,
+                   help=f"tokens of the essay scored for perplexity (default {DEMO_TOKENS})")
+    s.add_argument("--essay-tokens", type=POSITIVE, default=1800,
+                   help="tokens of the essay put before the question (default 1800)")
+    s.add_argument("--new-tokens", type=POSITIVE, default=48, help="answer tokens at most (default 48)")
     s.add_argument("--plan", default="lighttransfer",
                    help="layer plan for the answer (default: lighttransfer, 50%% of the layers chosen lazy)")
     s = add("identify", cmd_identify, "choose lazy layers offline from the lazy ratios over many samples "
@@ -359,20 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+", help="text files, or .jsonl files with a text field per line")
     s.add_argument("--out", required=True, help="plan JSON to write")
     s.add_argument("--plot", default=None, help="also draw the per-layer ratios (PNG or SVG)")
-    s.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
-    s.add_argument("--context", type=int, default=4096, help="tokens per sample; longer texts are split (default 4096)")
-    s.add_argument("--max-samples", type=int, default=64, help="at most this many samples (default 64)")
+    s.add_argument("--lazy-fraction", type=FRACTION, default=0.5, help="fraction of lazy layers (default 0.5)")
+    s.add_argument("--context", type=POSITIVE, default=4096,
+                   help="tokens per sample; longer texts are split (default 4096)")
+    s.add_argument("--max-samples", type=POSITIVE, default=64, help="at most this many samples (default 64)")
     s.add_argument("--field", default="text",
                    help="JSONL field holding the text, or a list of token ids (default: text)")
-    s.add_argument("--sink", type=int, default=None, help="sink tokens S (default 4)")
-    s.add_argument("--window", type=int, default=None, help="window W (default 1020)")
-    s.add_argument("--w-last", type=int, default=32, help="last queries that measure the ratios (default 32)")
+    s.add_argument("--sink", type=NON_NEGATIVE, default=None, help="sink tokens S (default 4)")
+    s.add_argument("--window", type=POSITIVE, default=None, help="window W (default 1020)")
+    s.add_argument("--w-last", type=POSITIVE, default=32, help="last queries that measure the ratios (default 32)")
     s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
                    help="prefill mode stored in the plan (default exact)")
     s = add("eval", cmd_eval, "run evaluation methods side by side on one task (niah, passkey, ppl, longbench); "
             "per-example rows go to a resumable JSONL, then a summary table and plots")
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
-    s.add_argument("--task", required=True, choices=["niah", "passkey", "ppl", "longbench"])
+    s.add_argument("--task", required=True, choices=["niah", "passkey", "ppl", "longbench"],
+                   help="niah: needles in the essays (RULER); passkey; ppl: decode-mode perplexity; longbench")
     s.add_argument("--methods", default="full,lighttransfer,streaming",
                    help="comma-separated plans: full, lighttransfer, streaming, random[:SEED], first, last, "
                         "PLAN.json (default: full,lighttransfer,streaming)")
@@ -381,17 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ratio-plot", default=None, help="PNG: per-layer lazy ratios over the prompts (lighttransfer)")
     s.add_argument("--lengths", default="2048,4096", help="niah/passkey prompt lengths in tokens")
     s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah/passkey needle depths in [0, 1]")
-    s.add_argument("--samples", type=int, default=None,
+    s.add_argument("--samples", type=POSITIVE, default=None,
                    help="niah/passkey: prompts per (length, depth) (default 2); ppl: windows (default 3)")
-    s.add_argument("--keys", type=int, default=1, help="niah: needles per prompt (1 = single-key; >1 = multi-key)")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="niah/passkey answer tokens (default 16)")
+    s.add_argument("--keys", type=POSITIVE, default=1, help="niah: needles per prompt (1 = single-key; >1 = multi-key)")
+    s.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="niah/passkey answer tokens (default 16)")
     s.add_argument("--haystack", nargs="+", default=None, help="niah/ppl text files (default: the essays)")
-    s.add_argument("--prefix", type=int, default=2048, help="ppl: tokens of exact prefill (default 2048)")
-    s.add_argument("--score-tokens", type=int, default=512, help="ppl: tokens scored after it (default 512)")
+    s.add_argument("--prefix", type=POSITIVE, default=2048, help="ppl: tokens of exact prefill (default 2048)")
+    s.add_argument("--score-tokens", type=POSITIVE, default=512, help="ppl: tokens scored after it (default 512)")
     s.add_argument("--data", nargs="+", default=None, help="longbench: LongBench JSONL files or folders of them")
-    s.add_argument("--max-length", type=int, default=None,
+    s.add_argument("--max-length", type=POSITIVE, default=None,
                    help="longbench: prompt tokens before middle truncation (default: the model's context)")
-    s.add_argument("--limit", type=int, default=None, help="longbench: at most this many records per dataset")
+    s.add_argument("--limit", type=POSITIVE, default=None, help="longbench: at most this many records per dataset")
     _plan_flags(s, with_plan=False)
     s = add("bench", cmd_bench, "prefill/decode speed, time to first token, KV bytes, peak memory and compile times "
             "per method; --throughput: the largest batch a memory budget fits and its throughput relative to full")
@@ -405,7 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         if args.command not in ("convert", "bench"):  # bench reports compile times: no persistent cache
             _enable_compilation_cache()
@@ -415,7 +516,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps(result))
-    elif args.command not in ("demo", "generate", "eval", "bench"):
+    elif args.command not in ("demo", "generate", "eval", "bench", "identify", "ppl"):
         print("\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 

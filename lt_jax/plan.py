@@ -105,13 +105,20 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path, cfg: Config) -> "Plan":
+        def whole(value, what):  # 1.7 or "3" is refused, not rounded
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{what} must be a whole number, got {value!r}")
+            return value
+
         try:
             d = json.loads(Path(path).read_text())
-            plan = cls(num_layers=int(d["num_layers"]), lazy_layers=tuple(sorted(int(i) for i in d["lazy_layers"])),
-                       sink=int(d.get("sink", DEFAULT_SINK)), window=int(d.get("window", DEFAULT_WINDOW)),
+            plan = cls(num_layers=whole(d["num_layers"], "num_layers"),
+                       lazy_layers=tuple(sorted(whole(i, "a lazy layer") for i in d["lazy_layers"])),
+                       sink=whole(d.get("sink", DEFAULT_SINK), "sink"),
+                       window=whole(d.get("window", DEFAULT_WINDOW), "window"),
                        source=str(d.get("source", str(path))), prefill=str(d.get("prefill", "exact")),
-                       select_lazy=None if d.get("select_lazy") is None else int(d["select_lazy"]),
-                       w_last=int(d.get("w_last", DEFAULT_W_LAST)))
+                       select_lazy=None if d.get("select_lazy") is None else whole(d["select_lazy"], "select_lazy"),
+                       w_last=whole(d.get("w_last", DEFAULT_W_LAST), "w_last"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LtJaxError(f"cannot read plan file {path}: {e}.") from None
         return plan.validate(cfg, where=f"plan file {path}")
@@ -174,7 +181,7 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
     """`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer` (chosen per prompt), or a plan JSON
     path; flags override S/W/prefill."""
     if not 0.0 <= lazy_fraction <= 1.0:
-        raise LtJaxError(f"--lazy-fraction {lazy_fraction} is outside [0, 1].")
+        raise LtJaxError(f"lazy_fraction={lazy_fraction} is outside [0, 1].")
     if preset is not None and preset not in PRESETS:
         raise LtJaxError(f"unknown stream preset {preset!r} (known: {', '.join(PRESETS)}).")
     L = cfg.num_layers

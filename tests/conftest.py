@@ -119,3 +119,40 @@ def tiny_lt(tiny_models, prompt_ids, tmp_path_factory):
             cache[family] = lt_jax.load(save_hf(model, tmp_path_factory.mktemp(family) / "hf", "safetensors"))
         return cache[family]
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(assets, tmp_path_factory):
+    """A 4-layer random llama with SmolLM2's vocabulary, tokenizer and chat template, saved as an HF dir. Its
+    weights are scaled up so attention is peaked and what a layer sees decides its output: full and streaming
+    plans give different answers on a few hundred tokens (with the default small init every plan generated the
+    same tokens, so a broken eviction could not show)."""
+    import shutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" not in name:
+                p.mul_(TINY_CHAT_SCALE)
+    out = tmp_path_factory.mktemp("tiny_chat") / "hf"
+    hf.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(assets["smollm2_hf"]) / name).exists():
+            shutil.copy(Path(assets["smollm2_hf"]) / name, out / name)
+    return out
+
+
+TINY_CHAT_SCALE = 8.0
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_models, prompt_ids, tmp_path_factory):
+    """The tiny llama converted through the CLI into an lt-jax checkpoint (no tokenizer)."""
+    from lt_jax.cli import main
+    hf = save_hf(tiny_models("llama", prompt_ids)[0], tmp_path_factory.mktemp("gen") / "hf", "safetensors")
+    out = hf.parent / "ckpt"
+    assert main(["convert", str(hf), str(out)]) == 0
+    return out

@@ -181,7 +181,7 @@ def test_parse_budget_garbage(text):
     (dict(contexts="2048"), "exceeds the model's 1024 positions"),
     (dict(throughput=True, memory_budget="lots"), "--memory-budget"),
     (dict(transformers=True), "add --throughput"),
-    (dict(lazy_fraction=2.0), "--lazy-fraction 2"),
+    (dict(lazy_fraction=2.0), "lazy_fraction=2.0"),
 ])
 def test_bad_input(model, over, words):
     with pytest.raises(LtJaxError, match=None) as e:

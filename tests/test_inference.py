@@ -170,8 +170,43 @@ def test_cache_bytes_equal_formula():
     assert kv == expected_kv_bytes(cfg, plan, 8, 8192) == by_hand == 1_698_693_120
     full = expected_kv_bytes(cfg, Plan.full(30), 8, 8192)
     assert full == 2 * 8 * 3 * 64 * 4 * 30 * 8192
-    small = init_cache(cfg, plan, 1, 256)
-    assert small.kv_bytes == expected_kv_bytes(cfg, plan, 1, 256)
+    small = init_cache(cfg, plan, 1, 256)  # shorter than S + W: a streaming layer holds 256 places, not 1024
+    assert small.kv_bytes == expected_kv_bytes(cfg, plan, 1, 256) == 2 * 3 * 64 * 4 * 30 * 256
+    assert small.ring_k[0].shape[3] == small.ring_pos.shape[1] == 256
+    for max_len in (64, 1023, 1024, 1025, 4096):  # never more than the all-full cache of the same length
+        assert expected_kv_bytes(cfg, plan, 1, max_len) <= expected_kv_bytes(cfg, Plan.full(30), 1, max_len)
+
+
+@pytest.mark.parametrize("prefill_mode", ["exact", "hybrid"])
+def test_cache_shorter_than_sink_plus_window_decodes_like_the_masked_forward(prefill_mode, tiny_lt):
+    """A streaming layer's buffer shrinks to the cache's length when that is under S + W (no position wraps):
+    prefill and 20 decode steps still equal the masked forward (fp32, <= 1e-5), and the evaluation's
+    restrict-from-all-full path gives the same cache."""
+    from lt_jax.cache import restrict
+    model = tiny_lt("llama")
+    plan = dataclasses.replace(make_plan("random:0", model.config, sink=4, window=60), prefill=prefill_mode)
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(0, 300, n + 20).astype(np.int32) for n in (30, 17)]
+    prompts = [s[:-20] for s in seqs]
+    prompt_logits, step_logits, cache = run_cached(model, plan, prompts, np.stack([s[-20:] for s in seqs]))
+    assert cache.ring_pos.shape[1] == 50 < 64  # max_len 30 + 20
+    for b, s in enumerate(seqs):
+        ref = model.logits(s, plan=plan, prefix=len(s) - 20 if prefill_mode == "exact" else None)[0]
+        assert np.abs(step_logits[b] - ref[-20:]).max() <= 1e-5
+    if prefill_mode == "exact":  # one all-full prefill restricted to the plan: the plan's own prefill
+        from lt_jax.batching import left_pad
+        tokens, positions = left_pad([list(p) for p in prompts], 30)
+        caches = {}
+        for name, p in (("full", Plan.full(3)), ("plan", plan)):
+            _, caches[name], _, _ = prefill(model.params, tokens, positions, init_cache(model.config, p, 2, 50),
+                                            p.layers(model.config), model.config, p.shape)
+        got, want = restrict(caches["full"], plan), caches["plan"]
+        np.testing.assert_array_equal(got.ring_pos, want.ring_pos)
+        filled = np.asarray(want.ring_pos) >= 0  # empty places hold whatever: their position hides them
+        for a, b in zip(got.ring_k, want.ring_k):
+            np.testing.assert_array_equal(np.moveaxis(np.asarray(a), 3, 1)[filled], np.moveaxis(np.asarray(b), 3, 1)[filled])
+        for a, b in zip(got.ring_v, want.ring_v):
+            np.testing.assert_array_equal(np.moveaxis(np.asarray(a), 2, 1)[filled], np.moveaxis(np.asarray(b), 2, 1)[filled])
 
 
 class CompileCounter:
@@ -265,28 +300,18 @@ def test_mistral_native_window_generation_matches_transformers(tiny_models, prom
     assert model.generate([prompt], max_new_tokens=40, stop_ids=[])[0]["ids"] == want
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tiny_models, prompt_ids, tmp_path_factory):
-    from conftest import save_hf
-    from lt_jax.cli import main
-    hf = save_hf(tiny_models("llama", prompt_ids)[0], tmp_path_factory.mktemp("gen") / "hf", "safetensors")
-    out = hf.parent / "ckpt"
-    assert main(["convert", str(hf), str(out)]) == 0
-    return out
-
-
 @pytest.mark.parametrize("argv,words", [
     (["--ids", " ".join(["5"] * 1000), "--max-new-tokens", "64"], ["1000 tokens", "context of 1024"]),
     (["--ids", ""], ["at least one token"]),
     (["--ids", "1 2 x"], ["--ids"]),
-    (["--ids", "1 2 3", "--temperature", "-1"], ["temperature=-1"]),
-    (["--ids", "1 2 3", "--top-p", "0"], ["top_p=0"]),
-    (["--ids", "1 2 3", "--top-k", "-2"], ["top_k=-2"]),
-    (["--ids", "1 2 3", "--max-new-tokens", "0"], ["max_new_tokens=0"]),
+    (["--ids", "1 2 3", "--temperature", "-1"], ["argument --temperature"]),  # CLI errors name the flags
+    (["--ids", "1 2 3", "--top-p", "0"], ["argument --top-p"]),
+    (["--ids", "1 2 3", "--top-k", "-2"], ["argument --top-k"]),
+    (["--ids", "1 2 3", "--max-new-tokens", "0"], ["argument --max-new-tokens"]),
     (["--ids", "1 2 3", "--plan", "sideways"], ["unknown plan 'sideways'"]),
     (["--ids", "1 2 3", "--plan", "random:x"], ["random:x"]),
-    (["--ids", "1 2 3", "--lazy-fraction", "1.5"], ["--lazy-fraction 1.5"]),
-    (["--ids", "1 2 3", "--plan", "streaming", "--window", "0"], ["window=0"]),
+    (["--ids", "1 2 3", "--lazy-fraction", "1.5"], ["argument --lazy-fraction", "1.5"]),
+    (["--ids", "1 2 3", "--plan", "streaming", "--window", "0"], ["argument --window"]),
 ])
 def test_generate_bad_input(tiny_ckpt, argv, words, capsys):
     from lt_jax.cli import main
@@ -303,7 +328,9 @@ def test_plan_file_that_does_not_fit(tiny_ckpt, tmp_path, capsys):
     from lt_jax.cli import main
     for plan, words in [({"num_layers": 3, "lazy_layers": [0, 7]}, "[7] outside 0..2"),
                         ({"num_layers": 30, "lazy_layers": [0]}, "for 30 layers but the model has 3"),
-                        ({"lazy_layers": [0]}, "cannot read plan file")]:
+                        ({"lazy_layers": [0]}, "cannot read plan file"),
+                        ({"num_layers": 3, "lazy_layers": [1.7]}, "a lazy layer must be a whole number, got 1.7"),
+                        ({"num_layers": 3, "lazy_layers": [1], "sink": "4"}, "sink must be a whole number")]:
         f = tmp_path / "plan.json"
         f.write_text(json.dumps(plan))
         capsys.readouterr()

@@ -93,9 +93,11 @@ def test_needle_prompt_places_the_number_at_its_depth(smol, essay_ids, depth):
     assert first_number(" 31,337.") == "31337" and first_number("none") is None
 
 
-def test_unknown_asset_name_is_a_clear_error(capsys):
+def test_unknown_asset_name_is_a_clear_error(capsys, tmp_path):
     capsys.readouterr()
-    assert main(["ppl", "no-such-model", "--ids-file", "x"]) == 2
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3")
+    assert main(["ppl", "no-such-model", "--ids-file", str(ids)]) == 2
     assert "no-such-model does not exist" in capsys.readouterr().err
 
 

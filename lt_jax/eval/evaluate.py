@@ -49,9 +49,10 @@ class Retrieval:
     def __init__(self, name, lengths, depths, samples, keys=1, max_new_tokens=16, seed=0, haystack=None):
         if not all(0 <= d <= 1 for d in depths):
             raise LtJaxError(f"--depths must lie in [0, 1]; got {depths}.")
-        if keys < 1 or samples < 1 or min(lengths) < 64:
-            raise LtJaxError(f"need --keys >= 1, --samples >= 1 and lengths >= 64 tokens; got keys={keys}, "
-                             f"samples={samples}, lengths={lengths}.")
+        if keys < 1 or samples < 1 or max_new_tokens < 1 or min(lengths) < 64:
+            raise LtJaxError(f"need --keys >= 1, --samples >= 1, --max-new-tokens >= 1 and lengths >= 64 tokens; "
+                             f"got keys={keys}, samples={samples}, max_new_tokens={max_new_tokens}, "
+                             f"lengths={lengths}.")
         self.name, self.lengths, self.depths, self.samples = name, lengths, depths, samples
         self.keys, self.max_new_tokens, self.seed, self.haystack = keys, max_new_tokens, seed, haystack
         self.settings = dict(lengths=lengths, depths=depths, samples=samples, keys=keys,
@@ -160,22 +161,28 @@ class Results:
         self.rows: list[dict] = []
         lines = []
         if path.exists() and path.stat().st_size:
+            # Read and check everything before writing anything: the file must be ours.
             raw = path.read_bytes()
-            if not raw.endswith(b"\n"):  # a killed run's half-written row: drop it
-                cut = raw.rfind(b"\n") + 1
-                print(f"[lt-jax eval] {path}: dropping an incomplete last row", file=sys.stderr)
-                with open(path, "r+b") as f:
-                    f.truncate(cut)
-                raw = raw[:cut]
-            lines = [_parse(path, number, line) for number, line in enumerate(raw.decode().splitlines(), 1)
-                     if line.strip()]
-            if lines and lines[0].get("meta") != meta:
-                old = lines[0].get("meta") or {}
+            complete, _, partial = raw.rpartition(b"\n")  # a killed run may leave a half-written last row
+            try:
+                text = complete.decode()
+            except UnicodeDecodeError:
+                raise LtJaxError(f"{path} is not a results file of lt-jax eval (not UTF-8 text).") from None
+            lines = [_parse(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+            if not lines or "meta" not in lines[0]:
+                raise LtJaxError(f"{path} is not a results file of lt-jax eval (its first line is not the settings "
+                                 f"line); give another --out.")
+            if lines[0]["meta"] != meta:
+                old = lines[0]["meta"] or {}
                 diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
                 raise LtJaxError(f"{path} holds results made with other settings ({', '.join(diff)} differ); "
                                  f"give another --out or delete it.")
+            if partial:  # ours, with a killed run's half-written row: drop it
+                print(f"[lt-jax eval] {path}: dropping an incomplete last row", file=sys.stderr)
+                with open(path, "r+b") as f:
+                    f.truncate(len(complete) + 1)
             self.rows = lines[1:]
-        if not lines:  # a new file, or one a killed run left empty
+        if not lines:  # a new file, or an empty one
             path.write_text(json.dumps({"meta": meta}) + "\n")
         self.done = {(r["example"], r["method"]) for r in self.rows}
 
@@ -210,8 +217,10 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
     results = Results(Path(out), meta)
     todo = [(e, [m for m in methods if (e.id, m) not in results.done]) for e in examples]
     todo = [(e, ms) for e, ms in todo if ms]
+    if not todo and progress:
+        print(f"[lt-jax eval] {out}: already complete ({len(results.rows)} rows); nothing to run", file=sys.stderr)
     bar = tqdm(total=sum(len(ms) for _, ms in todo), desc=f"eval {task.name}", unit="run", file=sys.stderr,
-               disable=not progress)
+               disable=not progress or not todo)
     for example, names in todo:
         for row in run_example(model, example, {m: methods[m] for m in names}, task):
             results.add(row)

@@ -13,6 +13,29 @@ def _pyplot():
     return plt
 
 
+FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "eps", "ps", "webp", "tif", "tiff")
+
+
+def check_path(path: str | Path, flag: str) -> Path:
+    """Fails before any work if a figure cannot be written there: an unknown format or a missing folder."""
+    from lt_jax.errors import LtJaxError
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise LtJaxError(f"cannot write {flag} {path}: the format {'.' + fmt if fmt else '(no suffix)'} is not one "
+                         f"of {', '.join('.' + f for f in FORMATS)}.")
+    if path.is_dir() or not path.parent.is_dir():
+        raise LtJaxError(f"cannot write {flag} {path}: it is a directory or its folder does not exist.")
+    return path
+
+
+def _title(ax_or_fig, title: str, width: int) -> None:
+    """A title wrapped to the figure's width (a long one was clipped at both edges)."""
+    import textwrap
+    text = "\n".join(textwrap.wrap(title, width))
+    (ax_or_fig.suptitle if hasattr(ax_or_fig, "suptitle") else ax_or_fig.set_title)(text, fontsize=9)
+
+
 def _save(fig, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -40,7 +63,7 @@ def plot_lazy_ratios(stats: dict, path: str | Path, title: str) -> None:
     ax.set_ylabel("lazy ratio (mass on sinks + window)")
     ax.set_xticks(layers)
     ax.tick_params(axis="x", labelsize=7)
-    ax.set_title(title, fontsize=9)
+    _title(ax, title, int(14 * fig.get_size_inches()[0]))
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     fig.tight_layout()
     _save(fig, path)
@@ -64,7 +87,7 @@ def plot_heat_maps(maps: dict, path: str | Path, title: str) -> None:
                     ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=6)
     axes[0][0].set_ylabel("needle depth", fontsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="accuracy")
-    fig.suptitle(title, fontsize=9)
+    _title(fig, title, int(14 * fig.get_size_inches()[0]))
     _save(fig, path)
 
 
@@ -79,6 +102,6 @@ def plot_bars(values: dict, path: str | Path, title: str, ylabel: str) -> None:
     lo, hi = min(values.values()), max(values.values())
     if ylabel == "perplexity":  # differences of a few percent: start the axis near the values
         ax.set_ylim(lo - 0.5 * (hi - lo + 1e-9) - 0.02 * lo, hi + 0.3 * (hi - lo + 1e-9) + 0.02 * hi)
-    ax.set_title(title, fontsize=9)
+    _title(ax, title, int(14 * fig.get_size_inches()[0]))
     fig.tight_layout()
     _save(fig, path)

@@ -1,0 +1,190 @@
+"""The command line as a new user meets it: flags checked before any model loads, one clear sentence per bad
+input, nothing of the user's overwritten, results written before optional figures, short human output, progress
+and notes on stderr, and the paths a user relies on (text prompts, chat, presets, plan files in --methods,
+eval --task ppl, --keys, bench) run end to end."""
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from lt_jax.cli import build_parser, main
+
+MISSING = "/no/such/model"
+
+
+def run(capsys, *argv):
+    capsys.readouterr()
+    code = main([*map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("text") / "t.txt"
+    f.write_text("The sea is wide and deep. " * 40)
+    return f
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", MISSING, "--ids", "1", "--temperature", "-1"], "argument --temperature: must be >= 0, got -1"),
+    (["generate", MISSING, "--ids", "1", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+    (["generate", MISSING, "--ids", "1", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
+    (["generate", MISSING, "--ids", "1", "--lazy-fraction", "1.5"], "argument --lazy-fraction: must be in [0, 1]"),
+    (["generate", MISSING, "--ids", "1", "--window", "0"], "argument --window: must be at least 1, got 0"),
+    (["ppl", MISSING, "--ids-file", "x", "--max-tokens", "0"], "argument --max-tokens: must be at least 1, got 0"),
+    (["ppl", MISSING, "--ids-file", "x", "--max-tokens", "-5"], "argument --max-tokens: must be at least 1"),
+    (["identify", MISSING, "f", "--out", "p.json", "--context", "0"], "argument --context: must be at least 1"),
+    (["identify", MISSING, "f", "--out", "p.json", "--context", "-5"], "argument --context: must be at least 1"),
+    (["identify", MISSING, "f", "--out", "p.json", "--max-samples", "0"], "argument --max-samples: must be at"),
+    (["eval", MISSING, "--task", "niah", "--samples", "0"], "argument --samples: must be at least 1, got 0"),
+    (["eval", MISSING, "--task", "niah", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1"),
+    (["eval", MISSING, "--task", "niah", "--keys", "1.5"], "argument --keys: must be an integer, got '1.5'"),
+    (["eval", MISSING, "--task", "niah", "--plot", "heat.xyz"], "cannot write --plot heat.xyz: the format .xyz"),
+    (["eval", MISSING, "--task", "niah", "--ratio-plot", "r"], "the format (no suffix) is not one of"),
+    (["demo", "--new-tokens", "0"], "argument --new-tokens: must be at least 1, got 0"),
+])
+def test_flags_are_checked_before_the_model_loads(capsys, argv, words):
+    """The model path does not exist: a flag error that names the flag proves the flags came first."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+    assert err.startswith(f"lt-jax {argv[0]}: error:") and MISSING not in err
+
+
+def test_identify_plot_checked_first_and_plan_written_before_the_figure(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"ids": list(range(1, 120))}) for _ in range(2)) + "\n")
+    out = tmp_path / "plan.json"
+    code, _, err = run(capsys, "identify", tiny_ckpt, data, "--field", "ids", "--out", out, "--plot",
+                       tmp_path / "x.xyz")
+    assert code == 2 and "the format .xyz" in err and not out.exists()
+    from lt_jax.eval import plots
+
+    def broken(*a, **k):
+        raise RuntimeError("the figure failed")
+    monkeypatch.setattr(plots, "plot_lazy_ratios", broken)
+    with pytest.raises(RuntimeError, match="the figure failed"):
+        main(["identify", str(tiny_ckpt), str(data), "--field", "ids", "--out", str(out), "--plot",
+              str(tmp_path / "r.png"), "--context", "100", "--sink", "2", "--window", "8"])
+    assert json.loads(out.read_text())["num_layers"] == 3  # the computed plan survived the failing figure
+    monkeypatch.undo()
+    code, stdout, _ = run(capsys, "identify", tiny_ckpt, data, "--field", "ids", "--out", tmp_path / "p2.json",
+                          "--context", "100", "--sink", "2", "--window", "8")
+    assert code == 0 and len(stdout.splitlines()) == 1 and stdout.startswith("lazy layers [")  # no record dump
+    code, _, err = run(capsys, "identify", tiny_ckpt, data, "--field", "ids", "--out", tmp_path / "p3.json",
+                       "--context", "8", "--sink", "2", "--window", "8")
+    assert code == 2 and "samples of --context 8 tokens are no longer than S + W = 10" in err
+
+
+def test_ppl_refuses_what_the_model_cannot_score_and_says_when_it_cuts(tiny_ckpt, tmp_path, capsys):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i % 300) for i in range(1500)))  # the tiny model's context is 1024
+    code, _, err = run(capsys, "ppl", tiny_ckpt, "--ids-file", ids, "--max-tokens", "2000")
+    assert code == 2 and "--max-tokens 2000 exceeds the model's context of 1024 tokens" in err
+    code, out, err = run(capsys, "ppl", tiny_ckpt, "--ids-file", ids, "--plan", "last", "--sink", "2",
+                         "--window", "8")
+    assert code == 0 and "the text holds 1500 tokens; scoring its first 1024 (the model context)" in err
+    assert out.startswith("ppl ") and "over 1023 tokens" in out and "plan last: layers [1, 2] streaming" in out
+    assert "{" not in out  # not a Python dict
+    short = tmp_path / "short.txt"
+    short.write_text("1 2 3 4 5 6 7 8")
+    code, _, err = run(capsys, "ppl", tiny_ckpt, "--ids-file", short, "--plan", "last")
+    assert code == 0 and "same numbers as all-full" in err  # 8 tokens <= S + W: the plan cannot matter
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = run(capsys, "ppl", tiny_ckpt, "--ids-file", empty)
+    assert code == 2 and "holds no tokens" in err and "float64" not in err
+
+
+def test_text_and_chat_prompts_presets_and_notes(tiny_chat, capsys):
+    code, out, err = run(capsys, "generate", tiny_chat, "--prompt", "Tell me about the sea.", "--chat",
+                         "--max-new-tokens", "4", "--plan", "last", "--stream-preset", "lighttrans-code", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["plan"]["sink"] == 129 and result["plan"]["window"] == 1025
+    assert len(result["ids"]) == 4 and isinstance(result["text"], str)
+    assert "prefill of" in err and "same numbers as all-full" in err  # a short chat prompt: S + W covers it
+    import lt_jax
+    model = lt_jax.load(tiny_chat)
+    texts = model.generate(["Tell me about the sea.", "Name three primes."], max_new_tokens=3)
+    assert len(texts) == 2 and all(len(t["ids"]) == 3 for t in texts)
+    assert texts[0]["ids"] == model.generate("Tell me about the sea.", max_new_tokens=3)[0]["ids"]
+
+
+def test_eval_ppl_keys_and_plan_files_through_the_cli(tiny_chat, tmp_path, capsys):
+    plan = tmp_path / "mine.json"
+    plan.write_text(json.dumps({"num_layers": 4, "lazy_layers": [1, 3], "sink": 4, "window": 32}))
+    out = tmp_path / "ppl.jsonl"
+    code, stdout, _ = run(capsys, "eval", tiny_chat, "--task", "ppl", "--prefix", "200", "--score-tokens", "50",
+                          "--samples", "2", "--methods", f"full,{plan}", "--out", out, "--json")
+    summary = json.loads(stdout)["summary"]["methods"]
+    assert code == 0 and set(summary) == {"full", str(plan)} and summary["full"]["examples"] == 2
+    assert summary["full"]["average"] != summary[str(plan)]["average"]
+    code, stdout, _ = run(capsys, "eval", tiny_chat, "--task", "niah", "--keys", "3", "--lengths", "300",
+                          "--depths", "0.5", "--samples", "1", "--max-new-tokens", "4", "--methods", "full",
+                          "--out", tmp_path / "k.jsonl", "--json")
+    assert code == 0 and json.loads(stdout)["settings"]["keys"] == 3
+
+
+def test_bench_through_the_cli(tiny_lt, capsys):
+    model = tiny_lt("llama")
+    code, out, _ = run(capsys, "bench", model.path, "--methods", "full", "--contexts", "128", "--batches", "1",
+                       "--new-tokens", "4", "--repeats", "1", "--json")
+    rows = json.loads(out)["records"]
+    assert code == 0 and rows[0]["method"] == "full" and rows[0]["decode_tokens_per_s"] > 0
+
+
+def test_eval_never_writes_into_a_file_that_is_not_its_own(tiny_chat, tmp_path, capsys):
+    for text in ("my notes\nlast line without newline", '{"a": 1}\n{"b": 2}', "no newline at all"):
+        out = tmp_path / "notes.txt"
+        out.write_text(text)
+        code, _, err = run(capsys, "eval", tiny_chat, "--task", "passkey", "--lengths", "300", "--out", out)
+        assert code == 2 and out.read_text() == text, err
+
+
+def test_help_names_every_flag_and_its_default():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command, parser in sub.items():
+        for action in parser._actions:
+            assert action.help, (command, action.dest)
+    gen = {a.dest: a.help for a in sub["generate"]._actions}
+    for dest in ("max_new_tokens", "top_p", "seed", "temperature", "top_k"):
+        assert "default" in gen[dest], dest
+    assert "all layers full" not in sub["ppl"].description
+
+
+def test_output_directories_follow_the_umask(tiny_models, prompt_ids, tmp_path, capsys):
+    from conftest import save_hf
+    hf = save_hf(tiny_models("qwen2", prompt_ids)[0], tmp_path / "hf", "safetensors")
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", str(hf), str(tmp_path / "ckpt")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    code, _, err = run(capsys, "convert", tmp_path / "nowhere", tmp_path / "x")
+    assert code == 2 and "nowhere does not exist" in err and "config.json" not in err
+
+
+def test_sampling_filters_keep_to_their_candidates(tiny_lt):
+    """top_k = 3 and top_p = 0.5 on a real distribution: every sampled token lies in the set the filter allows
+    at its step (checked against the no-cache forward over the generated sequence), and sampling does vary."""
+    model = tiny_lt("qwen2")
+    prompt = list(range(3, 30))
+    for flags in (dict(top_k=3), dict(top_p=0.5)):
+        seen = set()
+        for seed in range(4):
+            ids = model.generate([prompt], max_new_tokens=12, temperature=1.0, seed=seed, stop_ids=[], **flags)[0]["ids"]
+            logits = model.logits(prompt + ids)[0, len(prompt) - 1:-1]
+            for step, token in enumerate(ids):
+                order = np.argsort(-logits[step])
+                if "top_k" in flags:
+                    allowed = order[:3]
+                else:  # the candidates whose likelier ones hold less than top_p of the mass
+                    p = np.exp(logits[step] - logits[step].max())
+                    p = p[order] / p.sum()
+                    allowed = order[np.cumsum(p) - p < 0.5]
+                assert token in allowed, (flags, step)
+            seen.add(tuple(ids))
+        assert len(seen) > 1, flags

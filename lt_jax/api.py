@@ -64,6 +64,8 @@ class Model:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise LtJaxError(f"model {self.path} has no tokenizer files; pass token ids instead of text.")
+        if not isinstance(text, str):
+            raise LtJaxError(f"encode takes a str; got {type(text).__name__}.")
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     def chat_ids(self, text: str) -> list[int]:
@@ -91,6 +93,9 @@ class Model:
         the whole sequence (hybrid); with prefix=N, positions < N are an exact prefill and positions >= N are
         scored as decode steps would score them."""
         tokens = as_batch(ids, self.config.vocab_size)
+        if prefix is not None and not 1 <= prefix <= tokens.shape[1]:
+            raise LtJaxError(f"prefix={prefix} must lie in 1..{tokens.shape[1]} for a sequence of {tokens.shape[1]} "
+                             f"tokens.")
         plan, _ = self.select(tokens[:, :prefix], plan)
         return np.asarray(forward(self.params, tokens, default_positions(tokens), self.config, plan, prefix))
 
@@ -240,12 +245,13 @@ class Model:
     def _prompt_rows(self, prompts) -> list[list[int]]:
         if _is_single(prompts):
             prompts = [prompts]
-        rows = [self.encode(p) if isinstance(p, str) else [int(t) for t in np.asarray(p).reshape(-1)]
-                for p in prompts]
+        rows = [self.encode(p) if isinstance(p, str) else list(np.asarray(p).reshape(-1)) for p in prompts]
         if not rows or any(len(r) == 0 for r in rows):
             raise LtJaxError("every prompt must hold at least one token.")
-        as_batch(np.concatenate([np.asarray(r) for r in rows]), self.config.vocab_size)  # range check
-        return rows
+        if any(not isinstance(p, str) and np.ndim(p) != 1 for p in prompts):
+            raise LtJaxError("each prompt must be a text or one sequence of token ids.")
+        # integer ids in the vocabulary (1.5 is refused, not truncated)
+        return [as_batch(np.asarray(r), self.config.vocab_size)[0].tolist() for r in rows]
 
 
 def _is_single(prompts) -> bool:

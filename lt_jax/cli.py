@@ -84,6 +84,9 @@ def cmd_ppl(args) -> dict:
         raise LtJaxError(f"--max-tokens {args.max_tokens} exceeds the model's context of {context} tokens; it "
                          f"cannot score past it.")
     limit = args.max_tokens or context
+    if args.prefix is not None and args.prefix >= min(len(ids), limit):
+        raise LtJaxError(f"--prefix {args.prefix} leaves nothing to score: the text gives {min(len(ids), limit)} "
+                         f"tokens; give a smaller --prefix.")
     if len(ids) > limit:
         print(f"[lt-jax ppl] the text holds {len(ids)} tokens; scoring its first {limit} "
               f"({'--max-tokens' if args.max_tokens else 'the model context'})", file=sys.stderr)
@@ -122,42 +125,53 @@ def _plan_json(plan) -> dict:
 
 def cmd_generate(args) -> dict:
     import lt_jax
+    from lt_jax.batching import as_batch
     from lt_jax.cache import expected_kv_bytes
+    from lt_jax.inference import Sampling
     from lt_jax.plan import Plan
+    # everything that can be checked without the model, first
+    prompt = _parse_ids(args.ids, "--ids") if args.ids is not None else None
+    text = None if prompt is not None else args.prompt if args.prompt is not None else read_text(args.prompt_file)
+    stop = None if args.stop_ids is None else _parse_ids(args.stop_ids, "--stop-ids")
     model = lt_jax.load(args.model)
-    if args.ids is not None:
-        prompt = _parse_ids(args.ids, "--ids")
-    else:
-        text = args.prompt if args.prompt is not None else read_text(args.prompt_file)
+    if prompt is None:
         prompt = model.chat_ids(text) if args.chat else model.encode(text)
     plan = _plan(model, args)
-    stop = None if args.stop_ids is None else _parse_ids(args.stop_ids, "--stop-ids")
     context = model.config.max_position_embeddings
     if not prompt:
         raise LtJaxError("the prompt must hold at least one token.")
+    as_batch(prompt, model.config.vocab_size)  # ids in the vocabulary, before any work
     if len(prompt) + args.max_new_tokens > context:
         raise LtJaxError(f"a prompt of {len(prompt)} tokens plus --max-new-tokens {args.max_new_tokens} exceeds the "
                          f"model's context of {context} tokens.")
-    print(f"[lt-jax generate] prefill of {len(prompt)} prompt tokens, then up to {args.max_new_tokens} new tokens "
-          f"in one compiled loop ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    (result,) = model.generate([prompt], plan=plan, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                               stop_ids=stop)
-    seconds = time.perf_counter() - t0
+    say = lambda msg: print(f"[lt-jax generate] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"prefill of {len(prompt)} prompt tokens ({plan.source}) ...")
     max_len = model.cache_len(len(prompt), args.max_new_tokens)
+    t0 = time.perf_counter()
+    done = model.prefill([prompt], plan, max_len)
+    done.logits.block_until_ready()
+    prefill_s = time.perf_counter() - t0
+    say(f"prefill {prefill_s:.1f} s; decoding up to {args.max_new_tokens} tokens in one compiled loop ...")
+    t1 = time.perf_counter()
+    (result,) = model.generate_from(done, sampling=Sampling(args.max_new_tokens, args.temperature, args.top_k,
+                                                            args.top_p, args.seed, None if stop is None else tuple(stop)))
+    decode_s = time.perf_counter() - t1
+    if done.ratios is not None:
+        result["lazy_ratios"] = [float(r) for r in done.ratios[0]]
     kv = expected_kv_bytes(model.config, plan, 1, max_len)
     kv_full = expected_kv_bytes(model.config, Plan.full(model.config.num_layers), 1, max_len)
     out = {**result, "prompt_tokens": len(prompt), "plan": _plan_json(result["plan"]), "kv_cache_bytes": kv,
-           "kv_cache_bytes_all_full": kv_full, "seconds": round(seconds, 2)}
+           "kv_cache_bytes_all_full": kv_full, "prefill_seconds": round(prefill_s, 2),
+           "decode_seconds": round(decode_s, 2), "seconds": round(prefill_s + decode_s, 2)}
     if not args.json:
         print(result["text"] if result["text"] is not None else " ".join(map(str, result["ids"])))
         if "lazy_ratios" in result:
             print(f"[lighttransfer: layers {list(result['plan'].lazy_layers)} streaming; ratios "
                   f"{' '.join(f'{r:.2f}' for r in result['lazy_ratios'])}]", file=sys.stderr)
-        print(f"[{len(result['ids'])} tokens, {seconds:.1f} s; KV cache {kv / 2**20:.1f} MiB vs "
-              f"{kv_full / 2**20:.1f} MiB all-full, {max_len} slots]", file=sys.stderr)
-    _note_if_plan_cannot_matter(result["plan"], len(prompt) + len(result["ids"]))
+    n = len(result["ids"])
+    say(f"{n} tokens in {decode_s:.1f} s ({n / max(decode_s, 1e-9):.1f} tok/s, compilation included on a first "
+        f"run); KV cache {kv / 2**20:.1f} MiB vs {kv_full / 2**20:.1f} MiB all-full, {max_len} slots")
+    _note_if_plan_cannot_matter(result["plan"], len(prompt) + n)
     return out
 
 

@@ -129,14 +129,19 @@ class Sampling:
 
     def check(self) -> "Sampling":
         """Raises LtJaxError naming the bad value."""
-        if int(self.max_new_tokens) < 1:
-            raise LtJaxError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
-        if self.temperature < 0:
+        whole = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise LtJaxError(f"max_new_tokens={self.max_new_tokens!r} must be a whole number of at least 1.")
+        if not self.temperature >= 0:  # NaN fails too
             raise LtJaxError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
-        if self.top_k < 0:
-            raise LtJaxError(f"top_k={self.top_k} must be >= 0 (0 = off).")
+        if not whole(self.top_k) or self.top_k < 0:
+            raise LtJaxError(f"top_k={self.top_k!r} must be a whole number >= 0 (0 = off).")
         if not 0 < self.top_p <= 1:
             raise LtJaxError(f"top_p={self.top_p} must lie in (0, 1].")
+        if not whole(self.seed):
+            raise LtJaxError(f"seed={self.seed!r} must be a whole number.")
+        if self.stop_ids is not None and not all(whole(t) for t in self.stop_ids):
+            raise LtJaxError(f"stop_ids={list(self.stop_ids)!r} must be token ids (whole numbers).")
         return self
 
     def prepared(self, eos_ids=()) -> "Sampling":

@@ -188,3 +188,20 @@ def test_sampling_filters_keep_to_their_candidates(tiny_lt):
                 assert token in allowed, (flags, step)
             seen.add(tuple(ids))
         assert len(seen) > 1, flags
+
+
+def test_bad_input_found_by_a_second_probe(tiny_ckpt, tiny_chat, tmp_path, capsys):
+    """Each one line naming its cause, with no progress line before it."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3")
+    for argv, words in [
+        (["generate", tiny_ckpt, "--ids", "1 2 99999999"], "token ids must lie in 0..299"),
+        (["ppl", tiny_ckpt, "--ids-file", ids, "--prefix", "50"], "--prefix 50 leaves nothing to score"),
+        (["eval", tiny_chat, "--task", "niah", "--lengths", "30", "--out", tmp_path / "a.jsonl"],
+         "--lengths must be at least 64 tokens each; got 30"),
+        (["eval", tiny_chat, "--task", "ppl", "--prefix", "4000", "--out", tmp_path / "b.jsonl"],
+         "--prefix + --score-tokens = 4512 exceeds the model's context of 2048 tokens"),
+    ]:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and words in err, err
+        assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()

@@ -456,3 +456,21 @@ def test_one_layout_differentiates_stacked_scanned_and_rematerialized():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
         np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)
     assert float(jnp.abs(stacked["layers"]["qkv_proj"]).max()) > 0
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: m.generate([[1.5, 2.0]], max_new_tokens=2), "integer array"),  # was truncated to [1, 2]
+    (lambda m: m.generate([1, 2], max_new_tokens=1.5), "max_new_tokens=1.5 must be a whole number"),
+    (lambda m: m.generate([1, 2], max_new_tokens=2, temperature=float("nan")), "temperature=nan"),
+    (lambda m: m.generate([1, 2], max_new_tokens=2, stop_ids=["a"]), "stop_ids=['a'] must be token ids"),
+    (lambda m: m.generate([[[1, 2]]], max_new_tokens=2), "one sequence of token ids"),
+    (lambda m: m.logits([1, 2, 3], prefix=0), "prefix=0 must lie in 1..3"),
+    (lambda m: m.logits([1, 2, 3], prefix=5), "prefix=5 must lie in 1..3"),
+    (lambda m: m.perplexity([1, 2, 3], max_tokens=0), "max_tokens=0 must lie in 1..1024"),
+    (lambda m: m.perplexity([1, 2, 3], max_tokens=-5), "max_tokens=-5"),  # was: the last 5 tokens dropped
+    (lambda m: m.plan("last", lazy_fraction=2), "lazy_fraction=2 is outside [0, 1]"),  # no CLI flag names
+])
+def test_python_api_bad_input_is_one_clear_error(tiny_lt, call, words):
+    with pytest.raises(LtJaxError) as e:
+        call(tiny_lt("llama"))
+    assert words in str(e.value) and "--" not in str(e.value), str(e.value)

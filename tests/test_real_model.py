@@ -113,7 +113,6 @@ def test_demo_json(assets, capsys):
     assert got["kv_cache_bytes"] < got["kv_cache_bytes_all_full"]
 
 
-@pytest.mark.slow
 def test_readme_python_blocks_run_as_pasted(assets, tmp_path):
     """Every ```python block of the README, joined in order, runs in the repository root on the real model."""
     import re

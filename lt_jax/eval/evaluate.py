@@ -49,10 +49,11 @@ class Retrieval:
     def __init__(self, name, lengths, depths, samples, keys=1, max_new_tokens=16, seed=0, haystack=None):
         if not all(0 <= d <= 1 for d in depths):
             raise LtJaxError(f"--depths must lie in [0, 1]; got {depths}.")
-        if keys < 1 or samples < 1 or max_new_tokens < 1 or min(lengths) < 64:
-            raise LtJaxError(f"need --keys >= 1, --samples >= 1, --max-new-tokens >= 1 and lengths >= 64 tokens; "
-                             f"got keys={keys}, samples={samples}, max_new_tokens={max_new_tokens}, "
-                             f"lengths={lengths}.")
+        if min(lengths) < 64:
+            raise LtJaxError(f"--lengths must be at least 64 tokens each; got {min(lengths)}.")
+        if keys < 1 or samples < 1 or max_new_tokens < 1:
+            raise LtJaxError(f"need --keys >= 1, --samples >= 1 and --max-new-tokens >= 1; got keys={keys}, "
+                             f"samples={samples}, max_new_tokens={max_new_tokens}.")
         self.name, self.lengths, self.depths, self.samples = name, lengths, depths, samples
         self.keys, self.max_new_tokens, self.seed, self.haystack = keys, max_new_tokens, seed, haystack
         self.settings = dict(lengths=lengths, depths=depths, samples=samples, keys=keys,
@@ -100,8 +101,11 @@ class Perplexity:
         self.settings = dict(prefix=prefix, score_tokens=score_tokens, samples=samples)
 
     def examples(self, model):
-        hay = model.encode("\n\n".join(self.haystack))
         span = self.prefix + self.score_tokens
+        context = model.config.max_position_embeddings
+        if span > context:
+            raise LtJaxError(f"--prefix + --score-tokens = {span} exceeds the model's context of {context} tokens.")
+        hay = model.encode("\n\n".join(self.haystack))
         if len(hay) < span:
             raise LtJaxError(f"the text holds {len(hay)} tokens, fewer than --prefix + --score-tokens = {span}.")
         stride = max(1, (len(hay) - span) // max(1, self.samples - 1))
@@ -214,6 +218,12 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
         if len(e.ids) + e.max_new_tokens > context:
             raise LtJaxError(f"example {e.id}: {len(e.ids)} prompt tokens + {e.max_new_tokens} new exceed the "
                              f"model's context of {context}.")
+    longest = max(len(e.ids) + e.max_new_tokens for e in examples)
+    same = [m for m, p in methods.items() if p.lazy_count and longest <= p.sink + p.window]
+    if same and progress:
+        print(f"[lt-jax eval] note: no example is longer than S + W, so {', '.join(same)} will give the same numbers "
+              f"as all-full (a streaming layer still sees every token; lighttransfer's choice is the tie rule)",
+              file=sys.stderr)
     results = Results(Path(out), meta)
     todo = [(e, [m for m in methods if (e.id, m) not in results.done]) for e in examples]
     todo = [(e, ms) for e, ms in todo if ms]

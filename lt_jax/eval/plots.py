@@ -63,7 +63,7 @@ def plot_lazy_ratios(stats: dict, path: str | Path, title: str) -> None:
     ax.set_ylabel("lazy ratio (mass on sinks + window)")
     ax.set_xticks(layers)
     ax.tick_params(axis="x", labelsize=7)
-    _title(ax, title, int(14 * fig.get_size_inches()[0]))
+    _title(ax, title, int(11 * fig.get_size_inches()[0]))
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     fig.tight_layout()
     _save(fig, path)
@@ -87,7 +87,7 @@ def plot_heat_maps(maps: dict, path: str | Path, title: str) -> None:
                     ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=6)
     axes[0][0].set_ylabel("needle depth", fontsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="accuracy")
-    _title(fig, title, int(14 * fig.get_size_inches()[0]))
+    _title(fig, title, int(11 * fig.get_size_inches()[0]))
     _save(fig, path)
 
 
@@ -102,6 +102,6 @@ def plot_bars(values: dict, path: str | Path, title: str, ylabel: str) -> None:
     lo, hi = min(values.values()), max(values.values())
     if ylabel == "perplexity":  # differences of a few percent: start the axis near the values
         ax.set_ylim(lo - 0.5 * (hi - lo + 1e-9) - 0.02 * lo, hi + 0.3 * (hi - lo + 1e-9) + 0.02 * hi)
-    _title(ax, title, int(14 * fig.get_size_inches()[0]))
+    _title(ax, title, int(11 * fig.get_size_inches()[0]))
     fig.tight_layout()
     _save(fig, path)

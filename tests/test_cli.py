@@ -175,7 +175,8 @@ def test_sampling_filters_keep_to_their_candidates(tiny_lt):
     for flags in (dict(top_k=3), dict(top_p=0.5)):
         seen = set()
         for seed in range(4):
-            ids = model.generate([prompt], max_new_tokens=12, temperature=1.0, seed=seed, stop_ids=[], **flags)[0]["ids"]
+            ids = model.generate([prompt], max_new_tokens=12, temperature=1.0, seed=seed, stop_ids=[],
+                                 **flags)[0]["ids"]
             logits = model.logits(prompt + ids)[0, len(prompt) - 1:-1]
             for step, token in enumerate(ids):
                 order = np.argsort(-logits[step])

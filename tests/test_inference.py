@@ -203,10 +203,10 @@ def test_cache_shorter_than_sink_plus_window_decodes_like_the_masked_forward(pre
         got, want = restrict(caches["full"], plan), caches["plan"]
         np.testing.assert_array_equal(got.ring_pos, want.ring_pos)
         filled = np.asarray(want.ring_pos) >= 0  # empty places hold whatever: their position hides them
-        for a, b in zip(got.ring_k, want.ring_k):
-            np.testing.assert_array_equal(np.moveaxis(np.asarray(a), 3, 1)[filled], np.moveaxis(np.asarray(b), 3, 1)[filled])
-        for a, b in zip(got.ring_v, want.ring_v):
-            np.testing.assert_array_equal(np.moveaxis(np.asarray(a), 2, 1)[filled], np.moveaxis(np.asarray(b), 2, 1)[filled])
+        by_place = lambda a, axis: np.moveaxis(np.asarray(a), axis, 1)[filled]  # noqa: E731
+        for kind, axis in (("ring_k", 3), ("ring_v", 2)):
+            for a, b in zip(getattr(got, kind), getattr(want, kind)):
+                np.testing.assert_array_equal(by_place(a, axis), by_place(b, axis), err_msg=kind)
 
 
 class CompileCounter:

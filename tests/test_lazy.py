@@ -102,13 +102,8 @@ def lighttransfer_prefill(model, prompts, fraction, max_len, plan=None):
                              w_last=W_LAST)
     tokens, positions = left_pad(prompts, max(map(len, prompts)))
     cache = init_cache(model.config, plan, len(prompts), max_len)
-    return prefill(model.params, tokens, positions, cache, given_layers(plan, model.config), model.config,
+    return prefill(model.params, tokens, positions, cache, plan.prefill_layers(model.config), model.config,
                    plan.shape, all_logits=True)
-
-
-def given_layers(plan, cfg):
-    """What `prefill` takes as the plan's data: None when it chooses the lazy layers itself."""
-    return None if plan.select_lazy is not None else plan.layers(cfg)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.34])
@@ -167,7 +162,7 @@ def test_selecting_prefill_holds_at_most_p_plus_one_full_caches(deep):
     def peak(plan):
         cache = jax.eval_shape(lambda: init_cache(cfg, plan, B, M))
         tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
-        s = prefill.lower(model.params, tokens, tokens, cache, given_layers(plan, cfg), cfg,
+        s = prefill.lower(model.params, tokens, tokens, cache, plan.prefill_layers(cfg), cfg,
                           plan.shape).compile().memory_analysis()
         return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
 

@@ -101,10 +101,6 @@ def _greedy(new_tokens: int) -> Sampling:
     return Sampling(new_tokens, stop_ids=()).prepared()
 
 
-def _prefill_layers(plan: Plan, cfg):
-    """What `prefill` takes as the plan's data: None when the prefill chooses the lazy layers."""
-    return None if plan.select_lazy is not None else plan.layers(cfg)
-
 
 class Executables:
     """Compiled prefills, generation loops and row inserts keyed by shape: the compile-only memory analysis and
@@ -133,7 +129,7 @@ class Executables:
         m, T = self.model, context - self.new_tokens
         tokens = jax.ShapeDtypeStruct((batch, T), jnp.int32)
         return self._get(("prefill", plan.shape, batch, context), lambda: prefill.lower(
-            m.params, tokens, tokens, self.cache_shape(plan, batch, context), _prefill_layers(plan, m.config),
+            m.params, tokens, tokens, self.cache_shape(plan, batch, context), plan.prefill_layers(m.config),
             cfg=m.config, shape=plan.shape))
 
     def loop(self, plan: Plan, batch: int, context: int):
@@ -229,7 +225,7 @@ def measure(exe: Executables, plan: Plan, context: int, batch: int, repeats: int
     tokens, positions = _prompt(rng, m.config, batch, T)
     cache = _new_cache(m.config, plan, batch, context)
     t0 = time.perf_counter()
-    logits, cache, layers, _ = block(pre(m.params, tokens, positions, cache, _prefill_layers(plan, m.config)))
+    logits, cache, layers, _ = block(pre(m.params, tokens, positions, cache, plan.prefill_layers(m.config)))
     prefill_s = time.perf_counter() - t0
     block(first(logits, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1)))
     ttft = time.perf_counter() - t0
@@ -249,7 +245,7 @@ def serve(exe: Executables, plan: Plan, context: int, batch: int, repeats: int, 
     m = exe.model
     pre, _ = exe.prefill(plan, 1, context)
     insert, _ = exe.insert(plan, batch, context)
-    given = _prefill_layers(plan, m.config)
+    given = plan.prefill_layers(m.config)
     cache = _new_cache(m.config, plan, batch, context)
     rows, prefill_s = [], []
     for row in range(batch):

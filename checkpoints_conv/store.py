@@ -3,6 +3,7 @@ directory that convert and export write into (a failure leaves nothing at the de
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from lt_jax.errors import LtJaxError
 from lt_jax.params import LEGACY_LAYER_LEAVES, abstract_params, from_legacy
 
 CONFIG_FILE = "lt_config.json"
+PLAN_FILE = "plan.json"  # the default plan of a trained hybrid (`lt-jax train`); absent: every layer full
+HF_PLAN_KEY = "lt_jax_plan"  # the same plan inside an exported config.json
 
 
 def check_output_dir(out: Path) -> Path:
@@ -56,17 +59,46 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).exists()
 
 
-def save_checkpoint(out: Path, cfg: Config, params, tokenizer_dir: Path | None = None):
-    import orbax.checkpoint as ocp
+def save_checkpoint(out: Path, cfg: Config, params, tokenizer_dir: Path | None = None, plan_json: str | None = None):
     with atomic_dir(out) as tmp:
-        (tmp / CONFIG_FILE).write_text(cfg.to_json())
-        # Uncompressed (weights barely compress; zstd buffers cost ~0.6 of a model copy) and at most 1 GB in
-        # flight, so saving adds well under one copy of the model to the params already in memory.
-        handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1,
-                                              use_compression=False)
-        ocp.Checkpointer(handler).save((tmp / "params").absolute(), params)
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp)
+        write_model_files(tmp, cfg, params, tokenizer_dir, plan_json)
+
+
+def write_model_files(dest: Path, cfg: Config, params, tokenizer_dir: Path | None = None,
+                      plan_json: str | None = None):
+    """params/, the tokenizer, plan.json (a default plan, if any), and lt_config.json last: a directory is a
+    checkpoint (`is_checkpoint`) only once everything else is in place."""
+    import orbax.checkpoint as ocp
+    dest = Path(dest)
+    shutil.rmtree(dest / "params", ignore_errors=True)  # a write killed before lt_config.json
+    # Uncompressed (weights barely compress; zstd buffers cost ~0.6 of a model copy) and at most 1 GB in
+    # flight, so saving adds well under one copy of the model to the params already in memory.
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1,
+                                          use_compression=False)
+    ocp.Checkpointer(handler).save((dest / "params").absolute(), params)
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, dest)
+    if plan_json is not None:
+        _write_atomic(dest / PLAN_FILE, plan_json)
+    _write_atomic(dest / CONFIG_FILE, cfg.to_json())
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def default_plan_json(path: Path) -> str | None:
+    """The default plan stored with a checkpoint (plan.json) or an exported HF dir (config.json's lt_jax_plan)."""
+    path = Path(path)
+    if (path / PLAN_FILE).exists():
+        return (path / PLAN_FILE).read_text()
+    try:
+        plan = json.loads((path / "config.json").read_text()).get(HF_PLAN_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if plan is None else json.dumps(plan)
 
 
 def load_checkpoint(path: Path) -> tuple[Config, dict]:
@@ -107,7 +139,11 @@ def convert(hf_dir: Path, out: Path, dtype: str = "float32", progress=None) -> C
 def export(ckpt: Path, out: Path, max_shard_bytes: int = 2 << 30) -> Config:
     """Our checkpoint -> an HF safetensors directory that transformers loads."""
     cfg, params = load_checkpoint(ckpt)
+    plan = default_plan_json(ckpt)
     with atomic_dir(out) as tmp:
         write_hf_dir(tmp, cfg, params, max_shard_bytes)
+        if plan is not None:  # transformers keeps unknown config keys: the plan travels with the weights
+            hf = json.loads((tmp / "config.json").read_text())
+            (tmp / "config.json").write_text(json.dumps({**hf, HF_PLAN_KEY: json.loads(plan)}, indent=2))
         copy_tokenizer(ckpt, tmp)
     return cfg

@@ -20,7 +20,7 @@ from lt_jax.inference import Sampling, generate_loop, prefill
 from lt_jax.lazy import top_lazy
 from lt_jax.model import default_positions, forward, forward_masked
 from lt_jax.params import split_layers
-from lt_jax.plan import LayerPlan, Plan, make_plan
+from lt_jax.plan import LayerPlan, Plan, make_plan, override
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -45,11 +45,14 @@ class Prefilled:
 
 
 class Model:
-    def __init__(self, config: Config, params, tokenizer=None, path: Path | None = None):
+    def __init__(self, config: Config, params, tokenizer=None, path: Path | None = None,
+                 default_plan: Plan | None = None):
         self.config = config
         self.params = split_layers(params)  # per-layer buffers: decode reads each weight in place
         self.tokenizer = tokenizer
         self.path = path
+        # What plan=None means: a trained hybrid's training plan (stored with its checkpoint), else all full
+        self.default_plan = None if default_plan is None else default_plan.validate(config, "the model's default plan")
 
     @property
     def label(self) -> str:
@@ -83,10 +86,15 @@ class Model:
 
     def plan(self, plan: Plan | str | None = None, **flags) -> Plan:
         """A Plan from a Plan, a spec (`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer`, a
-        .json path), or None (all layers full); flags: lazy_fraction, sink, window, preset, prefill, w_last."""
+        .json path), or None: the model's default plan (a trained hybrid's training plan; otherwise every layer
+        full); flags: lazy_fraction, sink, window, preset, prefill, w_last."""
         if isinstance(plan, Plan):
             return plan.validate(self.config)
-        return make_plan(plan or "full", self.config, **{k: v for k, v in flags.items() if v is not None})
+        flags = {k: v for k, v in flags.items() if v is not None}
+        if plan is None and self.default_plan is not None:
+            flags.pop("lazy_fraction", None)  # the stored plan fixes its layers; S, W and the prefill may change
+            return override(self.default_plan, **flags).validate(self.config)
+        return make_plan(plan or "full", self.config, **flags)
 
     def logits(self, ids, plan: Plan | str | None = None, prefix: int | None = None) -> np.ndarray:
         """ids int [B, T] or [T] -> float32 logits [B, T, V]. With no prefix every layer uses its plan's mask over
@@ -262,10 +270,11 @@ def _is_single(prompts) -> bool:
 def load(path: str | Path, dtype: str | None = None) -> Model:
     """A converted lt-jax checkpoint, an HF model directory (converted in memory), or an asset name
     (`smollm2`, `qwen2.5-coder`: fetched and converted on first use)."""
-    from checkpoints_conv import is_checkpoint, load_checkpoint, read_hf_config, read_hf_params
+    from checkpoints_conv import default_plan_json, is_checkpoint, load_checkpoint, read_hf_config, read_hf_params
     from lt_jax import assets
 
     path = assets.resolve_model(path)
+    stored_plan = default_plan_json(path)
     if is_checkpoint(path):
         cfg, params = load_checkpoint(path)
         if dtype and dtype != cfg.dtype:
@@ -276,7 +285,8 @@ def load(path: str | Path, dtype: str | None = None) -> Model:
         params = read_hf_params(path, cfg)
     else:
         raise LtJaxError(f"{path} is neither an lt-jax checkpoint nor a Hugging Face model directory.")
-    return Model(cfg, params, _tokenizer(path), path)
+    default = None if stored_plan is None else Plan.from_text(stored_plan, cfg, f"the plan stored with {path}")
+    return Model(cfg, params, _tokenizer(path), path, default)
 
 
 def _tokenizer(path: Path):

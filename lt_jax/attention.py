@@ -77,7 +77,7 @@ def attend(q, k, v, q_pos, k_pos, sink, window):
     return merge_heads(value_product(probs, v) / jnp.sum(probs, axis=-1, keepdims=True), v.dtype)
 
 
-def attend_causal(q, k, v, positions, sink, window):
+def attend_causal(q, k, v, positions, sink, window, tiled: bool | None = None):
     """Self-attention over one call's own tokens, in query blocks of Q_CHUNK.
 
     Block c sees only keys 0..end of its own block: later keys are later positions (rows are left padded,
@@ -86,9 +86,11 @@ def attend_causal(q, k, v, positions, sink, window):
     Past TILED_FROM tokens the blocks run one at a time over key blocks (`attend_tiled`), so the scores alive at
     once are one [Q_CHUNK, K_CHUNK] block, not the whole triangle.
     sink, window: scalars, or per-query [B, T, 1] (teacher-forced scoring with an exact prefix).
+    tiled: force the tiled path on or off (default: past TILED_FROM). Training turns it off: its key loop has a
+    traced bound, which reverse-mode differentiation cannot go through.
     """
     T = q.shape[1]
-    if T > TILED_FROM:
+    if (T > TILED_FROM) if tiled is None else tiled:
         return attend_tiled(q, k, v, positions, sink, window)
     per_query = lambda a, s, e: a[:, s:e] if jnp.ndim(a) == 3 else a  # noqa: E731
     outs = []
@@ -151,17 +153,17 @@ def attend_tiled(q, k, v, positions, sink, window):
     return over_query_blocks(query_block, n_q, T)
 
 
-def attend_streaming(q, k, v, positions, sink: int, window: int):
+def attend_streaming(q, k, v, positions, sink: int, window: int, tiled: bool | None = None):
     """Self-attention of a streaming layer in O(T * (sink + window)): each query block sees the row's `sink` first
     keys (gathered per row, since left padding shifts them) plus the window + Q_CHUNK - 1 keys ending at the
     block's end; the rest is never computed. Keys with position < sink are hidden in the window part, so none
     counts twice.
     A scan over query blocks: one block's scores and keys are alive at a time, whatever T.
-    sink, window: static ints (the plan's)."""
+    sink, window: static ints (the plan's); tiled: as `attend_causal` takes it, for short prompts."""
     B, T = positions.shape
     span = window + Q_CHUNK - 1
     if T <= sink + span:
-        return attend_causal(q, k, v, positions, sink, window)
+        return attend_causal(q, k, v, positions, sink, window, tiled)
     pad = jnp.sum(positions < 0, axis=1, keepdims=True)  # [B, 1]
     at = pad + jnp.arange(sink)  # index of position j of each row
     idx = jnp.minimum(at, T - 1)

@@ -70,6 +70,38 @@ def cmd_export(args) -> dict:
     return {"out": args.hf_out_dir, "model_type": cfg.arch, "layers": cfg.num_layers}
 
 
+def cmd_train(args) -> dict:
+    """LightTransfer-Train: fine-tune a fixed hybrid plan; OUT becomes a checkpoint with that plan as default."""
+    import lt_jax
+    from lt_jax.train.run import RunOptions, check_out, train
+    from lt_jax.train.step import TrainSettings
+    check_out(Path(args.out), args.resume)  # before the model loads
+    model = lt_jax.load(args.model)
+    plan = _plan(model, args)
+    settings = TrainSettings.for_plan(
+        plan, steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
+        weight_decay=args.weight_decay, clip=args.clip, trainable=args.trainable, compute_dtype=args.dtype,
+        remat=args.remat)
+    options = RunOptions(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         seed=args.seed, save_every=args.save_every, keep=args.keep, eval_every=args.eval_every)
+    say = lambda msg: print(f"[lt-jax train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    layers = f"layers {list(plan.lazy_layers)} streaming (S={plan.sink}, W={plan.window})" if plan.lazy_layers \
+        else "every layer full"
+    say(f"training {model.label} as {plan.source}: {layers}; {args.steps} steps of {args.batch_size} x "
+        f"{args.grad_accum} sequences of <= {args.seq_len} tokens")
+    result = train(model, plan, args.data, args.out, settings, options, args.eval_data, args.resume)
+    if not args.json:
+        if result["already_complete"]:
+            print(f"{args.out}: already complete ({args.steps} steps); nothing to do.")
+        else:
+            print(f"trained {args.steps} steps: loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}"
+                  + (f", held-out {result['final_eval_loss']:.4f}" if result["final_eval_loss"] is not None else "")
+                  + f"; {result['tokens_per_s']:.0f} tokens/s")
+            print(f"checkpoint {args.out} (lt_jax.load opens it with this plan as its default; "
+                  f"lt-jax export {args.out} HF_DIR for transformers)")
+    return result
+
+
 def cmd_ppl(args) -> dict:
     import lt_jax
     text = read_text(args.text_file) if args.text_file else None
@@ -117,7 +149,8 @@ def _note_if_plan_cannot_matter(plan, length: int):
 
 def _plan(model, args):
     return model.plan(args.plan, lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window,
-                      preset=args.stream_preset, prefill=args.prefill, w_last=args.w_last)
+                      preset=args.stream_preset, prefill=getattr(args, "prefill", None),
+                      w_last=getattr(args, "w_last", None))
 
 
 def _plan_json(plan) -> dict:
@@ -384,9 +417,10 @@ def cmd_fetch(args) -> dict:
 
 def _plan_flags(s, with_plan=True):
     if with_plan:
-        s.add_argument("--plan", default="full",
+        s.add_argument("--plan", default=None,
                        help="full | streaming | first | last | random[:SEED] | lighttransfer (chosen per prompt "
-                            "from the lazy ratios) | PLAN.json (default: full)")
+                            "from the lazy ratios) | PLAN.json (default: the model's stored plan, which a trained "
+                            "hybrid has; otherwise full)")
     s.add_argument("--lazy-fraction", type=FRACTION, default=0.5, help="fraction of lazy layers (default 0.5)")
     s.add_argument("--sink", type=NON_NEGATIVE, default=None, help="sink tokens S of streaming layers (default 4)")
     s.add_argument("--window", type=POSITIVE, default=None, help="window W of streaming layers (default 1020)")
@@ -428,6 +462,50 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("export", cmd_export, "export an lt-jax checkpoint back to an HF safetensors directory")
     s.add_argument("ckpt_dir", help="an lt-jax checkpoint directory")
     s.add_argument("hf_out_dir", help="the Hugging Face directory to create (must not exist)")
+    s = add("train", cmd_train, "LightTransfer-Train: fine-tune the model as a fixed hybrid (streaming layers masked "
+            "in training too) with AdamW; resumable; OUT becomes a checkpoint whose default plan is the training plan")
+    s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
+    s.add_argument("--data", nargs="+", required=True,
+                   help="text files (split into --seq-len windows) or JSONL with text, prompt+completion, chat "
+                        "messages, or ids (+ labels) per line")
+    s.add_argument("--plan", required=True,
+                   help="the fixed hybrid to train: a plan file from `lt-jax identify`, first, last, random[:SEED], "
+                        "streaming, full")
+    s.add_argument("--out", required=True, help="output directory (must not exist, unless --resume)")
+    s.add_argument("--steps", type=POSITIVE, default=200, help="optimizer steps (default 200)")
+    s.add_argument("--seq-len", type=POSITIVE, default=512, help="tokens per sequence at most (default 512)")
+    s.add_argument("--batch-size", type=POSITIVE, default=1, help="sequences per micro-batch (default 1)")
+    s.add_argument("--grad-accum", type=POSITIVE, default=1,
+                   help="micro-batches per optimizer step; the loss is the mean over all their labelled tokens "
+                        "(default 1)")
+    s.add_argument("--lr", type=_number(float, 0.0, low_open=True, what="> 0"), default=1e-5,
+                   help="peak learning rate (default 1e-5)")
+    s.add_argument("--warmup", type=NON_NEGATIVE, default=0, help="linear warmup steps (default 0)")
+    s.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after warmup: cosine decay to 10%% of --lr, or constant (default cosine)")
+    s.add_argument("--weight-decay", type=_number(float, 0.0, what=">= 0"), default=0.0,
+                   help="AdamW's decoupled weight decay, not on norms and biases (default 0)")
+    s.add_argument("--clip", type=_number(float, 0.0, what=">= 0"), default=1.0,
+                   help="clip the global gradient norm to this; 0 = off (default 1.0)")
+    s.add_argument("--trainable", choices=["all", "attention", "mlp", "lazy-layers", "lazy-attention"],
+                   default="all", help="what trains; the rest stays bit-identical (default all)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the forward and backward; master weights stay float32 (default float32)")
+    s.add_argument("--remat", action="store_true",
+                   help="recompute each layer in the backward pass: less memory, about a third more compute")
+    s.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+    s.add_argument("--save-every", type=POSITIVE, default=50, help="checkpoint every N steps (default 50)")
+    s.add_argument("--keep", type=POSITIVE, default=2, help="checkpoints kept (default 2)")
+    s.add_argument("--eval-data", nargs="+", default=None, help="held-out files (same formats as --data)")
+    s.add_argument("--eval-every", type=POSITIVE, default=50, help="held-out loss every N steps (default 50)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same settings and data), bit-exactly")
+    s.add_argument("--lazy-fraction", type=FRACTION, default=0.5,
+                   help="fraction of lazy layers for first/last/random plans (default 0.5)")
+    s.add_argument("--sink", type=NON_NEGATIVE, default=None, help="sink tokens S of streaming layers (default 4)")
+    s.add_argument("--window", type=POSITIVE, default=None, help="window W of streaming layers (default 1020)")
+    s.add_argument("--stream-preset", choices=["lighttrans-code"], default=None,
+                   help="lighttrans-code: S=129, W=1025 (the released LightTransfer training mask)")
     s = add("ppl", cmd_ppl, "perplexity of a text or of token ids under a layer plan (default: every layer full)")
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     src = s.add_mutually_exclusive_group(required=True)
@@ -532,7 +610,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps(result))
-    elif args.command not in ("demo", "generate", "eval", "bench", "identify", "ppl"):
+    elif args.command not in ("demo", "generate", "eval", "bench", "identify", "ppl", "train"):
         print("\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 

@@ -109,23 +109,32 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path, cfg: Config) -> "Plan":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise LtJaxError(f"cannot read plan file {path}: {e}.") from None
+        return cls.from_text(text, cfg, f"plan file {path}", source=str(path))
+
+    @classmethod
+    def from_text(cls, text: str, cfg: Config, where: str, source: str | None = None) -> "Plan":
+        """A plan from its JSON text; errors name `where`."""
         def whole(value, what):  # 1.7 or "3" is refused, not rounded
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{what} must be a whole number, got {value!r}")
             return value
 
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(text)
             plan = cls(num_layers=whole(d["num_layers"], "num_layers"),
                        lazy_layers=tuple(sorted(whole(i, "a lazy layer") for i in d["lazy_layers"])),
                        sink=whole(d.get("sink", DEFAULT_SINK), "sink"),
                        window=whole(d.get("window", DEFAULT_WINDOW), "window"),
-                       source=str(d.get("source", str(path))), prefill=str(d.get("prefill", "exact")),
+                       source=str(d.get("source", source or "stored")), prefill=str(d.get("prefill", "exact")),
                        select_lazy=None if d.get("select_lazy") is None else whole(d["select_lazy"], "select_lazy"),
                        w_last=whole(d.get("w_last", DEFAULT_W_LAST), "w_last"))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LtJaxError(f"cannot read plan file {path}: {e}.") from None
-        return plan.validate(cfg, where=f"plan file {path}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LtJaxError(f"cannot read {where}: {e}.") from None
+        return plan.validate(cfg, where=where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +210,7 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
         layers = tuple(range(L - n, L))
     elif name == "lighttransfer":
         plan = Plan(num_layers=L, select_lazy=n, source=f"lighttransfer:{lazy_fraction:g}")
-        return _override(plan, sink, window, preset, prefill, w_last).validate(cfg)
+        return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
     elif name == "random":
         try:
             seed = int(arg or 0)
@@ -210,15 +219,16 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
         layers = tuple(sorted(int(i) for i in np.random.default_rng(seed).choice(L, n, replace=False)))
     elif Path(spec).suffix == ".json" or Path(spec).exists():
         plan = Plan.from_json(spec, cfg)
-        return _override(plan, sink, window, preset, prefill, w_last).validate(cfg, where=f"plan file {spec}")
+        return override(plan, sink, window, preset, prefill, w_last).validate(cfg, where=f"plan file {spec}")
     else:
         raise LtJaxError(f"unknown plan {spec!r} (full, streaming, first, last, random[:SEED], lighttransfer, "
                          f"or a .json file).")
     plan = Plan(num_layers=L, lazy_layers=layers, source=spec)
-    return _override(plan, sink, window, preset, prefill, w_last).validate(cfg)
+    return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
 
 
-def _override(plan: Plan, sink, window, preset, prefill, w_last=None) -> Plan:
+def override(plan: Plan, sink=None, window=None, preset=None, prefill=None, w_last=None) -> Plan:
+    """The plan with S, W (or a preset's), the prefill mode or w_last replaced where given."""
     if preset is not None:
         plan = dataclasses.replace(plan, sink=PRESETS[preset][0], window=PRESETS[preset][1])
     changes = {k: v for k, v in dict(sink=sink, window=window, prefill=prefill, w_last=w_last).items() if v is not None}

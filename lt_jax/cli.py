@@ -81,7 +81,7 @@ def cmd_train(args) -> dict:
     settings = TrainSettings.for_plan(
         plan, steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, clip=args.clip, trainable=args.trainable, compute_dtype=args.dtype,
-        remat=args.remat)
+        remat=args.remat, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     options = RunOptions(seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          seed=args.seed, save_every=args.save_every, keep=args.keep, eval_every=args.eval_every)
     say = lambda msg: print(f"[lt-jax train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -493,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the forward and backward; master weights stay float32 (default float32)")
     s.add_argument("--remat", action="store_true",
                    help="recompute each layer in the backward pass: less memory, about a third more compute")
+    s.add_argument("--lora-rank", type=NON_NEGATIVE, default=0,
+                   help="train rank-R LoRA adapters on the projections instead of the weights (merged into the "
+                        "saved model); 0 = off (default 0)")
+    s.add_argument("--lora-alpha", type=_number(float, 0.0, what=">= 0"), default=0.0,
+                   help="LoRA scale alpha / R (default: alpha = R)")
     s.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     s.add_argument("--save-every", type=POSITIVE, default=50, help="checkpoint every N steps (default 50)")
     s.add_argument("--keep", type=POSITIVE, default=2, help="checkpoints kept (default 2)")

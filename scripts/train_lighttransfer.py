@@ -11,6 +11,7 @@
    with and without remat (tokens/s side by side, XLA's peak buffer plan).
 
     .venv/bin/python scripts/train_lighttransfer.py [--work runs/train] [--steps 250] [--json results/train/train.json]
+    .venv/bin/python scripts/train_lighttransfer.py --report      # the tables again, from --json
 """
 from __future__ import annotations
 
@@ -112,7 +113,68 @@ def jax_step_rates(plan_file: Path, batch: int, steps: int = 3) -> dict:
         out["remat" if remat else "no_remat"] = {"tokens_per_s": batch * SEQ_LEN / float(np.median(times[1:])),
                                                  "peak_bytes": peak_bytes(compiled)}
         del state
+    out["peak_bytes_2k"] = step_memory(model, plan, 2048)
     return out
+
+
+def step_memory(model, plan, T: int) -> dict:
+    """XLA's peak buffer plan of one training step on a [1, T] batch (compiled, not run), all-full against the
+    hybrid plan against every layer streaming, with and without remat."""
+    import jax
+    import jax.numpy as jnp
+    from lt_jax.eval.bench import peak_bytes
+    from lt_jax.plan import Plan
+    from lt_jax.train.step import TrainSettings, init_state, train_step
+    L = model.config.num_layers
+    batch = {k: jax.ShapeDtypeStruct((1, 1, T), jnp.int32) for k in ("tokens", "labels", "positions")}
+    out = {}
+    for name, p in (("full", Plan.full(L)), ("hybrid", plan),
+                    ("streaming", Plan(L, tuple(range(L)), sink=plan.sink, window=plan.window))):
+        for remat in (False, True):
+            settings = TrainSettings.for_plan(p, steps=10, remat=remat)
+            state = jax.eval_shape(lambda: init_state(model.params, settings))
+            compiled = train_step.lower(state, batch, p.layers(model.config), model.config, settings).compile()
+            out[f"{name}{'_remat' if remat else ''}"] = peak_bytes(compiled)
+    return out
+
+
+def report(result: dict) -> str:
+    """The README's table and the targets, from the result JSON."""
+    plan_key = str(Path(result["plan_file"]))
+    rows, cells = [], {}
+    for name in ("base", "trained"):
+        e = result["evals"][name]
+        for method, label in (("full", "all full"), (plan_key, "hybrid (50 %)")):
+            ppl = e["ppl"]["summary"]["methods"][method]["average"]
+            cells[name, label] = {"ppl": ppl, "niah": e["niah"]["summary"]["methods"][method]["average"],
+                                  "passkey": e["passkey"]["summary"]["methods"][method]["average"]}
+        full = cells[name, "all full"]["ppl"]
+        for label in ("all full", "hybrid (50 %)"):
+            c = cells[name, label]
+            rows.append(f"| {name} | {label} | {c['ppl']:.3f} | {c['ppl'] / full - 1:+.2%} | {c['niah']:.1f} | "
+                        f"{c['passkey']:.1f} |")
+    gap = {n: cells[n, "hybrid (50 %)"]["ppl"] / cells[n, "all full"]["ppl"] - 1 for n in ("base", "trained")}
+    needle = cells["trained", "hybrid (50 %)"]["niah"] - cells["base", "all full"]["niah"]
+    ours, torch_rate = result["train"]["tokens_per_s"], result["torch_tokens_per_s"]
+    lines = ["| weights | plan | ppl, essays split B | vs all full | niah 512/1024 | passkey 512/1024 |",
+             "|---|---|---|---|---|---|", *rows, "",
+             f"- ppl gap: base {gap['base']:+.2%}, trained {gap['trained']:+.2%} (target: at most half of the base "
+             f"gap: {'met' if gap['trained'] <= gap['base'] / 2 else 'not met'})",
+             f"- niah: trained hybrid {cells['trained', 'hybrid (50 %)']['niah']:.1f} vs base all-full "
+             f"{cells['base', 'all full']['niah']:.1f} ({needle:+.1f} points; target within 10: "
+             f"{'met' if needle >= -10 else 'not met'})",
+             f"- training: {ours:.0f} tokens/s (median step of the run) vs the torch step {torch_rate:.0f} tokens/s "
+             f"({ours / torch_rate:.2f}x; target >= 1: {'met' if ours >= torch_rate else 'not met'})"]
+    step = result["step"]
+    lines.append(f"- step side by side (batch {result['settings']['batch_size']} x {SEQ_LEN}): no remat "
+                 f"{step['no_remat']['tokens_per_s']:.0f} tokens/s, peak {step['no_remat']['peak_bytes'] / 2**30:.2f} "
+                 f"GiB; remat {step['remat']['tokens_per_s']:.0f} tokens/s, peak "
+                 f"{step['remat']['peak_bytes'] / 2**30:.2f} GiB; torch {torch_rate:.0f} tokens/s")
+    mem = step.get("peak_bytes_2k", {})
+    if mem:
+        lines.append("- one 2048-token step, XLA's peak buffer plan (GiB): " + ", ".join(
+            f"{k} {v / 2**30:.2f}" for k, v in mem.items()))
+    return "\n".join(lines)
 
 
 def main():
@@ -122,8 +184,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--retrieval", type=int, default=240, help="synthetic needle samples")
+    p.add_argument("--remat", action="store_true", help="train with --remat (on this CPU also the faster step)")
     p.add_argument("--json", default="results/train/train.json")
+    p.add_argument("--report", action="store_true", help="only print the tables of an earlier run's --json")
     args = p.parse_args()
+    if args.report:
+        result = json.loads((REPO / args.json).read_text())
+        result.setdefault("plan_file", f"{args.work}/plan.json")
+        print(report(result))
+        return
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     split_a, split_b = essays()
@@ -140,7 +209,8 @@ def main():
     trained = work / "trained"
     train = sh([*LT, "train", model_name, "--data", *split_a, retrieval, "--plan", plan, "--out", trained,
                 "--steps", args.steps, "--seq-len", SEQ_LEN, "--batch-size", args.batch_size, "--lr", args.lr,
-                "--warmup", 20, "--save-every", 25, "--keep", 1, *(["--resume"] if trained.exists() else [])])
+                "--warmup", 20, "--save-every", 25, "--keep", 1, *(["--remat"] if args.remat else []),
+                *(["--resume"] if trained.exists() else [])])
 
     evals = {}
     for name, model in (("base", model_name), ("trained", trained)):
@@ -156,12 +226,14 @@ def main():
         }
     rates = jax_step_rates(plan, args.batch_size)
     torch_rate = torch_step_rate(args.batch_size)
-    result = {"train": train, "plan": json.loads(plan.read_text()), "evals": evals, "step": rates,
-              "torch_tokens_per_s": torch_rate, "settings": vars(args)}
+    result = {"train": train, "plan": json.loads(plan.read_text()), "plan_file": str(plan), "evals": evals,
+              "step": rates, "torch_tokens_per_s": torch_rate, "settings": vars(args)}
     out = REPO / args.json
     out.parent.mkdir(parents=True, exist_ok=True)
+    # paths relative to the repository, so the file reads the same wherever it was made
+    result = json.loads(json.dumps(result).replace(str(REPO) + "/", ""))
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("step", "torch_tokens_per_s")}))
+    print(report(result))
 
 
 if __name__ == "__main__":

@@ -358,9 +358,14 @@ def test_bad_input_one_sentence_and_nothing_written(tiny_ckpt, tmp_path):
         lines = run.stderr.strip().splitlines()
         assert message in lines[-1] and lines[-1].startswith("lt-jax train: error:"), (name, run.stderr[-500:])
         assert not out.exists(), name
-    out = tmp_path / "run"
-    _cli("train", *base, "--out", out, "--save-every", 2)
-    run = _cli("train", *base, "--out", out, "--resume", "--lr", "2e-3", check=False)
+    out = tmp_path / "run"  # a LoRA run through the CLI: its output holds the merged weights
+    _cli("train", *base, "--out", out, "--save-every", 2, "--lora-rank", 2, "--eval-data", data, "--eval-every", 2)
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval_loss" in r] == [2, 4]
+    import lt_jax
+    ids = np.arange(40)[None]
+    assert np.abs(lt_jax.load(out).logits(ids) - lt_jax.load(tiny_ckpt).logits(ids)).max() > 1e-4
+    run = _cli("train", *base, "--out", out, "--resume", "--lr", "2e-3", "--lora-rank", 2, check=False)
     assert run.returncode == 2 and "settings.lr (saved 0.001, now 0.002)" in run.stderr
     run = _cli("train", *base, "--out", out, check=False)
     assert run.returncode == 2 and "already exists; pass --resume" in run.stderr
@@ -394,3 +399,36 @@ def test_loss_terms_are_sums(tiny_lt, prompt_ids):
     total, count = loss_terms(params, batch, np.zeros(3, bool), model.config, Plan.full(3).shape)
     assert int(count) == int(np.sum(labels[:, 1:] != IGNORE))
     assert abs(float(total / count) - float(loss_fn(params, batch, model.config))) <= 1e-6
+
+
+def test_lora_gradient_is_the_chain_rule_of_the_weight_gradient(tiny_lt, prompt_ids):
+    """With W' = W + s B A: dL/dB = s (dL/dW') A^T and dL/dA = s B^T (dL/dW'), against the weight gradient of
+    the merged model; a step moves only the adapters, and the merged weights carry them."""
+    from lt_jax.train.lora import INPUT_AXES, merge
+    from lt_jax.train.step import model_weights
+    model = tiny_lt("llama")
+    cfg = model.config
+    plan = Plan(3, (1,), sink=SINK, window=WINDOW)
+    s = TrainSettings.for_plan(plan, steps=5, lr=1e-2, lora_rank=4, lora_alpha=8.0)
+    state = init_state(model.params, s, seed=3)
+    base = jax.tree.map(np.array, state.params["base"])
+    lora = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(1), a.shape), state.params["lora"])
+    ids = prompt_ids[:, :T]
+    batch = _batch(ids, _labels(ids))
+    grads, _, _ = gradients({"base": state.params["base"], "lora": lora}, batch, plan.layers(cfg).is_lazy, cfg, s)
+    merged = merge(state.params["base"], lora, s.lora_scale)
+    dw = jax.grad(lambda p: loss_fn(p, {k: v[0] for k, v in batch.items()}, cfg, plan))(merged)
+    for name, n_in in INPUT_AXES.items():
+        g = np.asarray(dw["layers"][name])
+        g = g.reshape(g.shape[0], -1, int(np.prod(g.shape[g.ndim - n_in:])))
+        a, b = np.asarray(lora["layers"][name]["a"]), np.asarray(lora["layers"][name]["b"])
+        assert _rel(grads["lora"]["layers"][name]["b"], s.lora_scale * np.einsum("loi,lri->lor", g, a)) <= 1e-5
+        assert _rel(grads["lora"]["layers"][name]["a"], s.lora_scale * np.einsum("lor,loi->lri", b, g)) <= 1e-5
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(grads["base"]))
+    for _ in range(2):
+        state, _ = train_step(state, batch, plan.layers(cfg), cfg, s)
+    for a, b in zip(jax.tree.leaves(state.params["base"]), jax.tree.leaves(base)):
+        assert np.array_equal(np.asarray(a), b)
+    weights = model_weights(state.params, s)
+    assert not np.array_equal(np.asarray(weights["layers"]["qkv_proj"]), base["layers"]["qkv_proj"])
+    assert np.array_equal(np.asarray(weights["layers"]["attn_norm"]), base["layers"]["attn_norm"])

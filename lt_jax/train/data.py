@@ -184,12 +184,13 @@ def chat_sequence(model, messages) -> tuple[list[int], list[int]]:
 def step_rows(n: int, rows_per_step: int, seed: int, step: int) -> np.ndarray:
     """Indices of the sequences step `step` trains on: positions [step*R, (step+1)*R) of the stream of epoch
     permutations, epoch e's drawn from (seed, e)."""
-    start = step * rows_per_step
-    out = []
-    for at in range(start, start + rows_per_step):
-        epoch, i = divmod(at, n)
-        out.append(np.random.default_rng([seed, epoch]).permutation(n)[i])
-    return np.asarray(out)
+    at = np.arange(step * rows_per_step, (step + 1) * rows_per_step)
+    epochs, index = np.divmod(at, n)
+    out = np.empty(rows_per_step, np.int64)
+    for epoch in np.unique(epochs):  # one permutation per epoch the step touches (one or two)
+        here = epochs == epoch
+        out[here] = np.random.default_rng([seed, int(epoch)]).permutation(n)[index[here]]
+    return out
 
 
 def make_batch(data: Sequences, rows: np.ndarray, micro_batches: int, seq_len: int) -> dict:

@@ -26,7 +26,8 @@ import numpy as np
 from lt_jax.errors import LtJaxError
 from lt_jax.plan import Plan
 from lt_jax.train.data import Sequences, eval_batches, make_batch, read_sequences, step_rows
-from lt_jax.train.step import TrainSettings, TrainState, eval_terms, host_metrics, init_state, train_step
+from lt_jax.train.step import (TrainSettings, TrainState, eval_terms, host_metrics, init_state, model_weights,
+                               train_step)
 
 RUN_FILE, LOG_FILE, PLOT_FILE, CHECKPOINTS = "run.json", "train_log.jsonl", "loss.png", "checkpoints"
 
@@ -151,7 +152,7 @@ def train(model, plan: Plan, data_paths, out, settings: TrainSettings, options: 
     layers = plan.layers(cfg)
     rows_per_step = options.batch_size * options.grad_accum
     manager = _manager(out, options.keep)
-    state = init_state(model.params, settings)
+    state = init_state(model.params, settings, options.seed)
     start = 0
     if manager.latest_step() is not None:
         state = _restore(manager, state)
@@ -186,7 +187,7 @@ def train(model, plan: Plan, data_paths, out, settings: TrainSettings, options: 
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
     bar.close()
-    _finish(out, model, state, plan)
+    _finish(out, model, state, plan, settings)
     return _summary(out, plan, settings, data)
 
 
@@ -196,11 +197,12 @@ def _bar(total: int, start: int, enabled: bool):
                 leave=False)
 
 
-def _finish(out: Path, model, state: TrainState, plan: Plan):
+def _finish(out: Path, model, state: TrainState, plan: Plan, settings: TrainSettings):
     """The trained weights as an lt-jax checkpoint in OUT with the training plan as its default, then the plot."""
     from checkpoints_conv import write_model_files
     cfg = model.config
-    params = jax.tree.map(lambda a: np.asarray(a).astype(cfg.dtype), jax.device_get(state.params))
+    params = jax.tree.map(lambda a: np.asarray(a).astype(cfg.dtype), jax.device_get(model_weights(state.params,
+                                                                                                  settings)))
     trained = dataclasses.replace(plan, source=f"lt-jax train ({plan.source})")
     tokenizer_dir = model.path if model.path is not None and model.tokenizer is not None else None
     write_model_files(out, cfg, params, tokenizer_dir, trained.to_json())
@@ -227,8 +229,15 @@ def plot_losses(rows: list[dict], path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], lw=0.8, label="train loss")
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    ax.plot(steps, loss, lw=0.6, alpha=0.35, label="train loss per step")
+    # token-weighted mean over the last `span` steps: steps differ in how many tokens carry loss
+    span = max(1, min(20, len(rows) // 5))
+    weights = np.array([r["tokens"] for r in rows], np.float64)
+    kernel = np.ones(span)
+    smooth = np.convolve(loss * weights, kernel)[:len(loss)] / np.maximum(np.convolve(weights, kernel)[:len(loss)], 1)
+    ax.plot(steps, smooth, lw=1.6, label=f"per token, last {span} steps")
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")

@@ -25,6 +25,7 @@ from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.model import decoder_layer, default_positions, rope_inv_freq, scan_layers, unembed
 from lt_jax.plan import LayerPlan, Plan, PlanShape
+from lt_jax.train.lora import init_lora, merge
 
 IGNORE = -100  # a label that is not predicted (transformers' ignore_index)
 TRAINABLE = ("all", "attention", "mlp", "lazy-layers", "lazy-attention")
@@ -48,6 +49,8 @@ class TrainSettings:
     trainable: str = "all"  # one of TRAINABLE
     compute_dtype: str = "float32"  # master weights stay float32; "bfloat16" runs the forward in bfloat16
     remat: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the projections instead of the weights
+    lora_alpha: float = 0.0  # the adapters' scale is alpha / rank (0: alpha = rank, scale 1)
     num_lazy: int = 0  # the plan's shape: lazy count, S, W (which layers are lazy is data)
     sink: int = 4
     window: int = 1020
@@ -59,11 +62,17 @@ class TrainSettings:
             raise LtJaxError(f"schedule={self.schedule!r}; expected cosine or constant.")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise LtJaxError(f"compute dtype {self.compute_dtype!r}; expected float32 or bfloat16.")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise LtJaxError(f"lora rank {self.lora_rank} and alpha {self.lora_alpha} must be >= 0.")
         if self.steps < 1 or self.warmup < 0 or self.lr <= 0 or self.clip < 0 or self.weight_decay < 0:
             raise LtJaxError(f"need steps >= 1, warmup >= 0, lr > 0, clip >= 0, weight_decay >= 0; got steps="
                              f"{self.steps}, warmup={self.warmup}, lr={self.lr}, clip={self.clip}, "
                              f"weight_decay={self.weight_decay}.")
         return self
+
+    @property
+    def lora_scale(self) -> float:
+        return (self.lora_alpha or self.lora_rank) / max(self.lora_rank, 1)
 
     @property
     def shape(self) -> PlanShape:
@@ -81,8 +90,16 @@ class TrainSettings:
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done
-    params: dict  # float32 master weights, layers stacked [L, ...]
+    params: dict  # float32 master weights, layers stacked [L, ...]; with LoRA {"base": those, "lora": adapters}
     opt_state: optax.OptState
+
+
+def model_weights(params, settings: TrainSettings):
+    """The model's weights from a state's params: the params themselves, or with LoRA the frozen base with the
+    adapters merged in (the base behind stop_gradient: no weight gradient is computed for it)."""
+    if not settings.lora_rank:
+        return params
+    return merge(jax.lax.stop_gradient(params["base"]), params["lora"], settings.lora_scale)
 
 
 def hidden_states(params, tokens, positions, is_lazy, cfg: Config, shape: PlanShape, remat: bool = False):
@@ -144,16 +161,26 @@ def schedule(settings: TrainSettings) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(settings.steps, warmup + 1), end_value=0.1 * lr)
 
 
+def _where(path) -> tuple[str, bool, str]:
+    """(part: "base" | "lora" | "", whether the leaf is a layer leaf, the weight's name) of a state leaf."""
+    keys = [p.key for p in path]
+    part = keys[0] if keys[0] in ("base", "lora") else ""
+    keys = [k for k in keys[1 if part else 0:] if k not in ("a", "b")]
+    return part, keys[0] == "layers", keys[-1]
+
+
 def leaf_labels(params, trainable: str):
-    """"train" / "frozen" per leaf: which leaves the optimizer touches at all."""
+    """"train" / "frozen" per leaf: which leaves the optimizer touches at all (with LoRA: adapters only)."""
     def label(path, _):
-        name = path[-1].key
+        part, in_layers, name = _where(path)
+        if part == "base":
+            return "frozen"
         if trainable in ("attention", "lazy-attention"):
             return "train" if name in ATTENTION_LEAVES else "frozen"
         if trainable == "mlp":
             return "train" if name in MLP_LEAVES else "frozen"
         if trainable == "lazy-layers":
-            return "train" if path[0].key == "layers" else "frozen"
+            return "train" if in_layers else "frozen"
         return "train"
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -162,7 +189,7 @@ def layer_mask(params, is_lazy, trainable: str):
     """Per leaf a float32 multiplier on gradients and updates: 1, or for the lazy-* choices [L, 1, ...] picking
     the lazy layers of a stacked leaf (which layers: data)."""
     def mask(path, a):
-        if trainable.startswith("lazy-") and path[0].key == "layers":
+        if trainable.startswith("lazy-") and _where(path)[1]:
             return jnp.asarray(is_lazy, jnp.float32).reshape((-1,) + (1,) * (a.ndim - 1))
         return jnp.ones((), jnp.float32)
     return jax.tree_util.tree_map_with_path(mask, params)
@@ -171,7 +198,7 @@ def layer_mask(params, is_lazy, trainable: str):
 def optimizer(settings: TrainSettings, params) -> optax.GradientTransformation:
     """Clip (global norm over the trained leaves), then AdamW (no decay on norms and biases); frozen leaves get
     zero updates and no optimizer state."""
-    decays = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in NO_DECAY, p)  # noqa
+    decays = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: _where(path)[2] not in NO_DECAY, p)  # noqa
     adamw = optax.adamw(schedule(settings), settings.b1, settings.b2, settings.eps,
                         weight_decay=settings.weight_decay, mask=decays)
     train = optax.chain(optax.clip_by_global_norm(settings.clip), adamw) if settings.clip else adamw
@@ -179,11 +206,13 @@ def optimizer(settings: TrainSettings, params) -> optax.GradientTransformation:
                                  leaf_labels(params, settings.trainable))
 
 
-def init_state(params, settings: TrainSettings) -> TrainState:
-    """Float32 master weights (stacked layers) and a fresh optimizer state."""
+def init_state(params, settings: TrainSettings, seed: int = 0) -> TrainState:
+    """Float32 master weights (stacked layers), LoRA adapters if asked (seeded), a fresh optimizer state."""
     from lt_jax.params import stack_layers
     # a copy, always: the step donates the state, and the caller's arrays (a Model's) must survive it
     params = jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), stack_layers(params))
+    if settings.lora_rank:
+        params = {"base": params, "lora": init_lora(params, settings.lora_rank, seed)}
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer(settings, params).init(params))
 
 
@@ -191,7 +220,7 @@ def gradients(params, batch, is_lazy, cfg: Config, settings: TrainSettings):
     """Gradient of the mean NLL over every labelled token of a batch [A, B, T] of A micro-batches (gradient
     accumulation: their sums are added, then divided once by the total count, so the result equals one batch of
     A*B rows). Returns (grads, mean loss, labelled token count)."""
-    terms = jax.value_and_grad(loss_terms, has_aux=True)
+    terms = jax.value_and_grad(lambda p, *a: loss_terms(model_weights(p, settings), *a), has_aux=True)
 
     def micro(acc, mb):
         (total, count), g = terms(params, mb, is_lazy, cfg, settings.shape, settings.remat, settings.compute_dtype)
@@ -223,7 +252,8 @@ def train_step(state: TrainState, batch, layers: LayerPlan, cfg: Config, setting
 @partial(jax.jit, static_argnames=("cfg", "settings"))
 def eval_terms(params, batch, layers: LayerPlan, cfg: Config, settings: TrainSettings):
     """(NLL sum, count) of a batch [B, T] under the plan: held-out loss without a gradient."""
-    return loss_terms(params, batch, layers.is_lazy, cfg, settings.shape, False, settings.compute_dtype)
+    return loss_terms(model_weights(params, settings), batch, layers.is_lazy, cfg, settings.shape, False,
+                      settings.compute_dtype)
 
 
 def make_step(cfg: Config, settings: TrainSettings, plan: Plan):
@@ -237,5 +267,5 @@ def host_metrics(metrics) -> dict:
 
 
 __all__ = ["IGNORE", "TRAINABLE", "TrainSettings", "TrainState", "eval_terms", "gradients", "hidden_states",
-           "init_state", "loss_fn", "loss_terms", "make_step", "optimizer", "schedule", "train_step"]
+           "init_state", "loss_fn", "loss_terms", "make_step", "model_weights", "optimizer", "schedule", "train_step"]
 

@@ -12,6 +12,7 @@
 
     .venv/bin/python scripts/train_lighttransfer.py [--work runs/train] [--steps 250] [--json results/train/train.json]
     .venv/bin/python scripts/train_lighttransfer.py --report      # the tables again, from --json
+    .venv/bin/python scripts/train_lighttransfer.py --remeasure-step --work W --json J   # the step timings again
 """
 from __future__ import annotations
 
@@ -187,7 +188,16 @@ def main():
     p.add_argument("--remat", action="store_true", help="train with --remat (on this CPU also the faster step)")
     p.add_argument("--json", default="results/train/train.json")
     p.add_argument("--report", action="store_true", help="only print the tables of an earlier run's --json")
+    p.add_argument("--remeasure-step", action="store_true",
+                   help="measure the step (lt-jax and torch, side by side) again into an earlier run's --json")
     args = p.parse_args()
+    if args.remeasure_step:
+        path = REPO / args.json
+        result = json.loads(path.read_text())
+        result["step"] = jax_step_rates(REPO / args.work / "plan.json", args.batch_size)
+        result["torch_tokens_per_s"] = torch_step_rate(args.batch_size)
+        path.write_text(json.dumps(result, indent=1))
+        args.report = True
     if args.report:
         result = json.loads((REPO / args.json).read_text())
         result.setdefault("plan_file", f"{args.work}/plan.json")

@@ -114,11 +114,17 @@ def hidden_states(params, tokens, positions, is_lazy, cfg: Config, shape: PlanSh
 
         def attention(q, k, v):
             # tiled=False: the flash-style path's loop bound is traced, which reverse-mode cannot differentiate
-            full = lambda: attend_causal(q, k, v, positions, 0, native, tiled=False)  # noqa: E731
-            stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window, False)  # noqa: E731
+            full = lambda q, k, v: attend_causal(q, k, v, positions, 0, native, tiled=False)  # noqa: E731
+            stream = lambda q, k, v: attend_streaming(q, k, v, positions, shape.sink, shape.window, False)  # noqa
+            if not remat:
+                # Attention is recomputed in the backward pass even without layer remat: its residuals (the
+                # score blocks) are most of a step's memory, and under grad `cond` would keep both branches'.
+                full, stream = jax.checkpoint(full), jax.checkpoint(stream)
             if shape.num_lazy == 0:
-                return full(), None
-            return (stream() if shape.num_lazy == L else jax.lax.cond(lazy, stream, full)), None
+                return full(q, k, v), None
+            if shape.num_lazy == L:
+                return stream(q, k, v), None
+            return jax.lax.cond(lazy, stream, full, q, k, v), None
 
         return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
 

@@ -432,3 +432,19 @@ def test_lora_gradient_is_the_chain_rule_of_the_weight_gradient(tiny_lt, prompt_
     weights = model_weights(state.params, s)
     assert not np.array_equal(np.asarray(weights["layers"]["qkv_proj"]), base["layers"]["qkv_proj"])
     assert np.array_equal(np.asarray(weights["layers"]["attn_norm"]), base["layers"]["attn_norm"])
+
+
+def test_streaming_layers_cost_linear_time_forward_and_backward(tiny_lt):
+    """XLA's FLOP count of the gradient (forward + backward, compiled, not run): doubling T doubles a streaming
+    model's cost (O(T (S + W))) and more than triples a full one's (the T^2 of attention)."""
+    model = tiny_lt("llama")
+    cfg, params = model.config, stack_layers(model.params)
+
+    def flops(T, plan):
+        batch = {k: jax.ShapeDtypeStruct((1, T), jnp.int32) for k in ("tokens", "labels")}
+        grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, cfg, plan)))
+        return grad.lower(params, batch).compile().cost_analysis()["flops"]
+
+    streaming = Plan(3, (0, 1, 2), sink=SINK, window=WINDOW)
+    assert flops(2048, streaming) / flops(1024, streaming) < 2.0
+    assert flops(2048, None) / flops(1024, None) > 2.8

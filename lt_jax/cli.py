@@ -76,6 +76,9 @@ def cmd_train(args) -> dict:
     from lt_jax.train.run import RunOptions, check_out, train
     from lt_jax.train.step import TrainSettings
     check_out(Path(args.out), args.resume)  # before the model loads
+    for path in [*args.data, *(args.eval_data or [])]:
+        if not Path(path).is_file():
+            raise LtJaxError(f"data file {path} does not exist (or is not a file).")
     model = lt_jax.load(args.model)
     plan = _plan(model, args)
     settings = TrainSettings.for_plan(

@@ -95,11 +95,14 @@ class TrainState:
 
 
 def model_weights(params, settings: TrainSettings):
-    """The model's weights from a state's params: the params themselves, or with LoRA the frozen base with the
-    adapters merged in (the base behind stop_gradient: no weight gradient is computed for it)."""
+    """The model's weights from a state's params: the params themselves, or with LoRA the base with the adapters
+    merged in. Frozen leaves (the LoRA base among them) sit behind stop_gradient: no gradient is computed for
+    them, and theirs is exactly zero."""
+    labels = leaf_labels(params, settings.trainable)
+    params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
     if not settings.lora_rank:
         return params
-    return merge(jax.lax.stop_gradient(params["base"]), params["lora"], settings.lora_scale)
+    return merge(params["base"], params["lora"], settings.lora_scale)
 
 
 def hidden_states(params, tokens, positions, is_lazy, cfg: Config, shape: PlanShape, remat: bool = False):
@@ -248,9 +251,7 @@ def train_step(state: TrainState, batch, layers: LayerPlan, cfg: Config, setting
     tx = optimizer(settings, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates, mask)
-    trained = jax.tree.map(lambda g, lab: g if lab == "train" else jnp.zeros_like(g), grads,
-                           leaf_labels(grads, settings.trainable))
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(trained), "lr": schedule(settings)(state.step),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(settings)(state.step),
                "tokens": count}
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
 

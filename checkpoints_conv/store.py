@@ -101,8 +101,10 @@ def default_plan_json(path: Path) -> str | None:
     return None if plan is None else json.dumps(plan)
 
 
-def load_checkpoint(path: Path) -> tuple[Config, dict]:
-    """(config, numpy params) of a converted checkpoint, shapes checked against the config."""
+def load_checkpoint(path: Path, shardings=None) -> tuple[Config, dict]:
+    """(config, params) of a converted checkpoint, shapes checked against the config: numpy arrays, or with
+    `shardings` (a function of the config -> a NamedSharding per stacked leaf) jax arrays restored straight into
+    their shards (each process reads only the shards it addresses; no host copy of the whole model)."""
     import orbax.checkpoint as ocp
     path = Path(path)
     try:
@@ -112,16 +114,39 @@ def load_checkpoint(path: Path) -> tuple[Config, dict]:
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise LtJaxError(f"cannot read {path / CONFIG_FILE}: {e}.") from None
     try:
-        params = ocp.PyTreeCheckpointer().restore((path / "params").absolute())
+        params = None
+        if shardings is not None:
+            params = _restore_sharded(path / "params", cfg, shardings(cfg))
+        if params is None:
+            params = ocp.PyTreeCheckpointer().restore((path / "params").absolute())
     except Exception as e:  # orbax raises many kinds for missing/corrupt files
         raise LtJaxError(f"cannot restore params from {path / 'params'}: {e}.") from None
     if isinstance(params, dict) and LEGACY_LAYER_LEAVES <= set(params.get("layers") or ()):
         params = from_legacy(params, cfg)  # written by lt-jax 0.1 (unfused, [in, out]): fused at read time
     want = abstract_params(cfg)
-    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), params)
+    got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.dtype(a.dtype)), params)
     if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
         raise LtJaxError(f"params in {path / 'params'} do not match {path / CONFIG_FILE}.")
     return cfg, params
+
+
+def _restore_sharded(params_dir: Path, cfg: Config, shardings):
+    """Restore into the target shardings, or None when the stored tree is not this layout (a 0.1 checkpoint, which
+    is read whole and converted)."""
+    import orbax.checkpoint as ocp
+    want = abstract_params(cfg)
+    # One leaf in flight at a time (orbax's default reads every leaf at once: a second copy of the model)
+    largest = max(a.size * a.dtype.itemsize for a in jax.tree.leaves(want))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=(largest + 2**20) / 1e9))
+    stored = checkpointer.metadata(params_dir.absolute())
+    stored = getattr(stored, "item_metadata", stored)
+    stored = getattr(stored, "tree", stored)
+    if jax.tree.structure(jax.tree.map(lambda _: 0, dict(stored))) != jax.tree.structure(want):
+        return None
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), want, shardings)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return checkpointer.restore(params_dir.absolute(), args=ocp.args.PyTreeRestore(item=target,
+                                                                                   restore_args=restore_args))
 
 
 def convert(hf_dir: Path, out: Path, dtype: str = "float32", progress=None) -> Config:

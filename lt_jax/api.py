@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lt_jax import sharding
 from lt_jax.batching import as_batch, bucket, left_pad
 from lt_jax.cache import KVCache, init_cache, restrict
 from lt_jax.config import Config
@@ -46,9 +47,14 @@ class Prefilled:
 
 class Model:
     def __init__(self, config: Config, params, tokenizer=None, path: Path | None = None,
-                 default_plan: Plan | None = None):
+                 default_plan: Plan | None = None, mesh=None, rules=None):
         self.config = config
-        self.params = split_layers(params)  # per-layer buffers: decode reads each weight in place
+        # Where the model runs: None (one device), or the part of a mesh this process addresses (lt_jax.sharding)
+        self.mesh = None if mesh is None else sharding.local_mesh(sharding.make_mesh(mesh))
+        self.rules = sharding.RULES if rules is None else tuple(rules)
+        # per-layer buffers: decode reads each weight in place
+        self.params = split_layers(params) if self.mesh is None else sharding.place_params(
+            params, config, self.mesh, self.rules)
         self.tokenizer = tokenizer
         self.path = path
         # What plan=None means: a trained hybrid's training plan (stored with its checkpoint), else all full
@@ -105,7 +111,8 @@ class Model:
             raise LtJaxError(f"prefix={prefix} must lie in 1..{tokens.shape[1]} for a sequence of {tokens.shape[1]} "
                              f"tokens.")
         plan, _ = self.select(tokens[:, :prefix], plan)
-        return np.asarray(forward(self.params, tokens, default_positions(tokens), self.config, plan, prefix))
+        return np.asarray(forward(self.params, self.rows(tokens), self.rows(default_positions(tokens)), self.config,
+                                  plan, prefix))
 
     def select(self, ids, plan: Plan | str | None = None, **flags) -> tuple[Plan, np.ndarray | None]:
         """(fixed plan, ratios): `plan` itself and None, or for `lighttransfer` the lazy layers its priority queue
@@ -114,7 +121,7 @@ class Model:
         plan = self.plan(plan, **flags)
         if plan.select_lazy is None:
             return plan, None
-        rows = self._prompt_rows(ids)
+        rows = self.prompt_rows(ids)
         done = self.prefill(rows, plan, bucket(max(len(r) for r in rows)))
         return done.plan, done.ratios.mean(axis=0)
 
@@ -123,7 +130,7 @@ class Model:
         """Every layer's lazy ratio for one prompt ([L], or [L, N] per query head) or a batch of prompts of any
         lengths ([B, L] or [B, L, N]): the attention mass of the last `w_last` queries on the first `sink` and last
         `window` positions of the prompt, from one exact prefill whose caches are all rings (little memory)."""
-        rows = self._prompt_rows(ids)
+        rows = self.prompt_rows(ids)
         plan = Plan(self.config.num_layers, sink=sink, window=window, select_lazy=self.config.num_layers,
                     w_last=w_last, source="lazy_ratios").validate(self.config)
         _, _, _, ratios = self._prefill(rows, plan, bucket(max(len(r) for r in rows)))
@@ -137,18 +144,34 @@ class Model:
         every layer full with an exact prefill (e.g. `Plan(L, select_lazy=0)`, which also measures every ratio),
         under any other plan. Rows are left padded into one bucketed batch."""
         plan = self.plan(plan, **plan_flags)
-        rows = self._prompt_rows(prompts)
+        rows = self.prompt_rows(prompts)
         longest = max(len(r) for r in rows)
         logits, cache, layers, ratios = self._prefill(rows, plan, max_len or bucket(longest))
         if plan.select_lazy is None:
             return Prefilled(logits, cache, plan, layers, None)
         return Prefilled(logits, cache, plan.resolve(layers.lazy_layers), layers, np.asarray(ratios).mean(axis=-1).T)
 
+    def empty_cache(self, plan: Plan, batch: int, max_len: int) -> KVCache:
+        """A fresh cache of `batch` rows and `max_len` places for `plan`'s shape, placed where the model runs (on a
+        mesh: made in its shards, rows over `data`, KV heads over `model` where they divide)."""
+        make = partial(init_cache, self.config, plan, batch, max_len)
+        if self.mesh is None:
+            return make()
+        shardings = sharding.cache_shardings(jax.eval_shape(make), self.mesh, self.rules)
+        return jax.jit(make, out_shardings=shardings)()
+
+    def rows(self, array) -> jax.Array:
+        """A host batch (first axis = rows) on the device, or on a mesh split over `data` where the rows divide."""
+        array = np.asarray(array)
+        if self.mesh is None:
+            return jnp.asarray(array)
+        return jax.device_put(array, sharding.rows_sharding(self.mesh, array.shape, self.rules))
+
     def _prefill(self, rows: list[list[int]], plan: Plan, max_len: int):
         context = self.config.max_position_embeddings
         tokens, positions = left_pad(rows, min(bucket(max(len(r) for r in rows)), context))
-        cache = init_cache(self.config, plan, len(rows), max_len)
-        return prefill(self.params, jnp.asarray(tokens), jnp.asarray(positions), cache,
+        cache = self.empty_cache(plan, len(rows), max_len)
+        return prefill(self.params, self.rows(tokens), self.rows(positions), cache,
                        plan.prefill_layers(self.config), self.config, plan.shape)
 
     def prefill_rows(self, rows: list[list[int]], plan: Plan, max_len: int):
@@ -191,8 +214,8 @@ class Model:
     def token_nll(self, ids, plan: Plan | str | None = None, prefix=None) -> np.ndarray:
         """-log p(token t | tokens < t) for t >= 1: float32 [B, T-1], under a fixed plan (`logits`' prefix rule)."""
         plan = self.plan(plan)
-        return np.asarray(token_nll(self.params, as_batch(ids, self.config.vocab_size), plan.layers(self.config),
-                                    self.config, prefix))
+        return np.asarray(token_nll(self.params, self.rows(as_batch(ids, self.config.vocab_size)),
+                                    plan.layers(self.config), self.config, prefix))
 
     def perplexity(self, ids, max_tokens: int | None = None, plan: Plan | str | None = None,
                    prefix: int | None = None) -> dict:
@@ -226,7 +249,7 @@ class Model:
         batch, from the row-averaged ratios). Rows are left padded into one batch; lengths are bucketed so prompts
         of the same bucket, whatever layers they choose, reuse one compilation."""
         plan = self.plan(plan, **plan_flags)
-        rows = self._prompt_rows(prompts)
+        rows = self.prompt_rows(prompts)
         sampling = (sampling or Sampling(max_new_tokens, temperature, top_k, top_p, seed,
                                          None if stop_ids is None else tuple(stop_ids))).check()
         longest = max(len(r) for r in rows)
@@ -249,7 +272,8 @@ class Model:
         """Greedy continuation of one sequence of ids (stops after EOS)."""
         return self.generate([list(np.asarray(ids).reshape(-1))], max_new_tokens=max_new_tokens)[0]["ids"]
 
-    def _prompt_rows(self, prompts) -> list[list[int]]:
+    def prompt_rows(self, prompts) -> list[list[int]]:
+        """Prompts as `generate` takes them (a text, ids, or a list of either) -> checked lists of token ids."""
         if _is_single(prompts):
             prompts = [prompts]
         rows = [self.encode(p) if isinstance(p, str) else list(np.asarray(p).reshape(-1)) for p in prompts]
@@ -260,6 +284,13 @@ class Model:
         # integer ids in the vocabulary (1.5 is refused, not truncated)
         return [as_batch(np.asarray(r), self.config.vocab_size)[0].tolist() for r in rows]
 
+    def generate_stream(self, prompts, plan: Plan | str | None = None, batch_size: int = 8, **kwargs):
+        """Many prompts with continuous batching: yields one result per prompt as its row finishes (see
+        `lt_jax.serving.generate_stream`: "index", "ids", "text", "plan", "finish_reason", "prompt_tokens",
+        "lazy_ratios"). kwargs: sampling=Sampling(...), max_new_tokens (one or one per prompt), chunk, plan flags."""
+        from lt_jax import serving
+        return serving.generate_stream(self, prompts, plan, batch_size=batch_size, **kwargs)
+
 
 def _is_single(prompts) -> bool:
     """One text or one sequence of ids (rather than a batch of them)."""
@@ -267,26 +298,33 @@ def _is_single(prompts) -> bool:
                                             and not isinstance(prompts[0], str))
 
 
-def load(path: str | Path, dtype: str | None = None) -> Model:
+def load(path: str | Path, dtype: str | None = None, mesh=None, rules=None) -> Model:
     """A converted lt-jax checkpoint, an HF model directory (converted in memory), or an asset name
-    (`smollm2`, `qwen2.5-coder`: fetched and converted on first use)."""
+    (`smollm2`, `qwen2.5-coder`: fetched and converted on first use). `mesh`: a `jax.sharding.Mesh` or
+    "data=2,model=4" (lt_jax.sharding); a checkpoint is then restored straight into its shards. `rules`: the
+    logical-to-mesh rules (default `lt_jax.sharding.RULES`)."""
     from checkpoints_conv import default_plan_json, is_checkpoint, load_checkpoint, read_hf_config, read_hf_params
     from lt_jax import assets
 
     path = assets.resolve_model(path)
     stored_plan = default_plan_json(path)
+    mesh = None if mesh is None else sharding.local_mesh(sharding.make_mesh(mesh))
+    rules = sharding.RULES if rules is None else tuple(rules)
     if is_checkpoint(path):
-        cfg, params = load_checkpoint(path)
+        cfg, params = load_checkpoint(path, None if mesh is None else partial(
+            sharding.param_shardings, mesh=mesh, rules=rules))
         if dtype and dtype != cfg.dtype:
             cfg = cfg.replace(dtype=dtype)
-            params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(dtype)), params)
+            params = jax.tree.map(lambda a: a.astype(jnp.dtype(dtype)), params)  # numpy, or jax arrays in their shards
     elif (path / "config.json").exists():
         cfg = read_hf_config(path, dtype or "float32")
         params = read_hf_params(path, cfg)
     else:
         raise LtJaxError(f"{path} is neither an lt-jax checkpoint nor a Hugging Face model directory.")
     default = None if stored_plan is None else Plan.from_text(stored_plan, cfg, f"the plan stored with {path}")
-    return Model(cfg, params, _tokenizer(path), path, default)
+    if mesh is not None:  # nobody else holds the restored tree: each stacked leaf is freed once placed
+        params = sharding.place_params(params, cfg, mesh, rules, consume=True)
+    return Model(cfg, params, _tokenizer(path), path, default, mesh, rules)
 
 
 def _tokenizer(path: Path):

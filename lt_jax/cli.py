@@ -48,7 +48,7 @@ def _progress_bar(total: int, desc: str):
 
 
 def _read_ids(path: str) -> list[int]:
-    return _parse_ids(read_text(path), f"ids file {path}")
+    return parse_ids(read_text(path), f"ids file {path}")
 
 
 def cmd_convert(args) -> dict:
@@ -72,15 +72,14 @@ def cmd_export(args) -> dict:
 
 def cmd_train(args) -> dict:
     """LightTransfer-Train: fine-tune a fixed hybrid plan; OUT becomes a checkpoint with that plan as default."""
-    import lt_jax
     from lt_jax.train.run import RunOptions, check_out, train
     from lt_jax.train.step import TrainSettings
     check_out(Path(args.out), args.resume)  # before the model loads
     for path in [*args.data, *(args.eval_data or [])]:
         if not Path(path).is_file():
             raise LtJaxError(f"data file {path} does not exist (or is not a file).")
-    model = lt_jax.load(args.model)
-    plan = _plan(model, args)
+    model = load_model(args)
+    plan = plan_from_args(model, args)
     settings = TrainSettings.for_plan(
         plan, steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, clip=args.clip, trainable=args.trainable, compute_dtype=args.dtype,
@@ -106,10 +105,9 @@ def cmd_train(args) -> dict:
 
 
 def cmd_ppl(args) -> dict:
-    import lt_jax
     text = read_text(args.text_file) if args.text_file else None
     ids = None if text is not None else _read_ids(args.ids_file)
-    model = lt_jax.load(args.model)
+    model = load_model(args)
     if text is not None:
         ids = model.encode(text)
     if not ids:
@@ -127,8 +125,8 @@ def cmd_ppl(args) -> dict:
               f"({'--max-tokens' if args.max_tokens else 'the model context'})", file=sys.stderr)
     print(f"[lt-jax ppl] scoring {min(len(ids), limit)} tokens ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    result = model.perplexity(ids, limit, plan=_plan(model, args), prefix=args.prefix)
-    out = {**result, "plan": _plan_json(result["plan"]), "text_tokens": len(ids),
+    result = model.perplexity(ids, limit, plan=plan_from_args(model, args), prefix=args.prefix)
+    out = {**result, "plan": plan_json(result["plan"]), "text_tokens": len(ids),
            "seconds": round(time.perf_counter() - t0, 2)}
     if not args.json:
         plan = result["plan"]
@@ -150,30 +148,38 @@ def _note_if_plan_cannot_matter(plan, length: int):
                   if plan.source.startswith("lighttransfer") else "") + "]", file=sys.stderr)
 
 
-def _plan(model, args):
+def load_model(args):
+    """The model, on the mesh of --mesh (the part this process addresses) when one is given."""
+    import lt_jax
+    return lt_jax.load(args.model, mesh=args.mesh)
+
+
+def plan_from_args(model, args):
     return model.plan(args.plan, lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window,
                       preset=args.stream_preset, prefill=getattr(args, "prefill", None),
                       w_last=getattr(args, "w_last", None))
 
 
-def _plan_json(plan) -> dict:
+def plan_json(plan) -> dict:
     return json.loads(plan.to_json())
 
 
 def cmd_generate(args) -> dict:
-    import lt_jax
+    if args.input is not None or args.output is not None:  # many prompts from a file: lt_jax.serving_cli
+        from lt_jax.serving_cli import generate_file
+        return generate_file(args)
     from lt_jax.batching import as_batch
     from lt_jax.cache import expected_kv_bytes
     from lt_jax.inference import Sampling
     from lt_jax.plan import Plan
     # everything that can be checked without the model, first
-    prompt = _parse_ids(args.ids, "--ids") if args.ids is not None else None
+    prompt = parse_ids(args.ids, "--ids") if args.ids is not None else None
     text = None if prompt is not None else args.prompt if args.prompt is not None else read_text(args.prompt_file)
-    stop = None if args.stop_ids is None else _parse_ids(args.stop_ids, "--stop-ids")
-    model = lt_jax.load(args.model)
+    stop = None if args.stop_ids is None else parse_ids(args.stop_ids, "--stop-ids")
+    model = load_model(args)
     if prompt is None:
         prompt = model.chat_ids(text) if args.chat else model.encode(text)
-    plan = _plan(model, args)
+    plan = plan_from_args(model, args)
     context = model.config.max_position_embeddings
     if not prompt:
         raise LtJaxError("the prompt must hold at least one token.")
@@ -198,7 +204,7 @@ def cmd_generate(args) -> dict:
         result["lazy_ratios"] = [float(r) for r in done.ratios[0]]
     kv = expected_kv_bytes(model.config, plan, 1, max_len)
     kv_full = expected_kv_bytes(model.config, Plan.full(model.config.num_layers), 1, max_len)
-    out = {**result, "prompt_tokens": len(prompt), "plan": _plan_json(result["plan"]), "kv_cache_bytes": kv,
+    out = {**result, "prompt_tokens": len(prompt), "plan": plan_json(result["plan"]), "kv_cache_bytes": kv,
            "kv_cache_bytes_all_full": kv_full, "prefill_seconds": round(prefill_s, 2),
            "decode_seconds": round(decode_s, 2), "seconds": round(prefill_s + decode_s, 2)}
     if not args.json:
@@ -213,7 +219,7 @@ def cmd_generate(args) -> dict:
     return out
 
 
-def _parse_ids(text: str, flag: str) -> list[int]:
+def parse_ids(text: str, flag: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
@@ -263,7 +269,7 @@ def cmd_demo(args) -> dict:
     result = {"model": model.label, "essay": DEMO_ESSAY, "tokens": ours["tokens"] + 1,
               "ppl_lt_jax": ours["ppl"], "ppl_transformers": reference,
               "ppl_rel_diff": abs(ours["ppl"] - reference) / reference, "seconds_ppl": round(t_ours, 2),
-              "question": DEMO_QUESTION, "prompt_tokens": len(prompt), "plan": _plan_json(chosen),
+              "question": DEMO_QUESTION, "prompt_tokens": len(prompt), "plan": plan_json(chosen),
               "lazy_ratios": answer.get("lazy_ratios"),
               "answer": answer["text"], "seconds_generate": round(t_gen, 2),
               "kv_cache_bytes": kv, "kv_cache_bytes_all_full": kv_full}
@@ -290,7 +296,6 @@ def cmd_demo(args) -> dict:
 def cmd_identify(args) -> dict:
     """Offline lazy-layer identification over many samples -> a plan file (and a plot)."""
     import numpy as np
-    import lt_jax
     from tqdm import tqdm
     from lt_jax.lazy import calibrate
     from lt_jax.plan import Plan, num_lazy
@@ -300,7 +305,7 @@ def cmd_identify(args) -> dict:
     if args.plot:
         check_path(args.plot, "--plot")
     texts = read_samples(args.files, args.field)
-    model = lt_jax.load(args.model)
+    model = load_model(args)
     sink = 4 if args.sink is None else args.sink
     window = 1020 if args.window is None else args.window
     context = min(args.context, model.config.max_position_embeddings)
@@ -369,7 +374,7 @@ def _eval_task(args, model):
 def cmd_eval(args) -> dict:
     """Every method on the same examples; rows to a resumable JSONL, then the summary (table, JSON, plots)."""
     import numpy as np
-    import lt_jax
+    from lt_jax import distributed
     from lt_jax.eval import evaluate, plots
     from lt_jax.lazy import calibrate
     methods = parse_list(args.methods, str, "--methods")
@@ -378,7 +383,7 @@ def cmd_eval(args) -> dict:
     out = _writable(args.out or f"eval-{args.task}.jsonl", "--out")
     plot = plots.check_path(args.plot, "--plot") if args.plot else None
     ratio_plot = plots.check_path(args.ratio_plot, "--ratio-plot") if args.ratio_plot else None
-    model = lt_jax.load(args.model)
+    model = load_model(args)
     flags = dict(lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window, preset=args.stream_preset,
                  prefill=args.prefill, w_last=args.w_last)
     plans = {m: model.plan(m, **flags) for m in methods}
@@ -386,7 +391,9 @@ def cmd_eval(args) -> dict:
     meta = {"task": task.name, "model": model.label, "settings": task.settings,
             "plan_flags": {k: v for k, v in flags.items() if v is not None},
             "haystack": [str(f) for f in args.haystack or []]}
-    rows = evaluate.run(model, task, plans, out, meta)
+    rows = evaluate.run(model, task, plans, out, meta)  # every process's rows, once all are done
+    if distributed.share()[0] != 0:  # process 0 draws the plots
+        plot = ratio_plot = None
     summary = evaluate.summarize(task, rows, methods)
     table = evaluate.markdown(task, summary)
     title = f"{model.label}: {task.name}"
@@ -408,9 +415,8 @@ def cmd_eval(args) -> dict:
 
 def cmd_bench(args) -> dict:
     """Speed and memory per method (lt_jax.eval.bench), or with --throughput the largest batch a memory budget fits."""
-    import lt_jax
     from lt_jax.eval import bench
-    return bench.run(args, lt_jax.load(args.model))
+    return bench.run(args, load_model(args))
 
 
 def cmd_fetch(args) -> dict:
@@ -433,6 +439,21 @@ def _plan_flags(s, with_plan=True):
                    help="exact: full attention over the prompt in every layer (default); hybrid: each layer's mask")
     s.add_argument("--w-last", type=POSITIVE, default=None,
                    help="lighttransfer: last prompt queries that measure the lazy ratios (default 32)")
+
+
+def _run_flags(s, processes: bool = False):
+    """Where a command runs: a device mesh, and (eval, batch generate) the processes of a multi-host job
+    (docs/pods.md)."""
+    s.add_argument("--mesh", default=None,
+                   help="device mesh AXIS=SIZE,... e.g. data=2,model=4 (product = device count; one size may be -1); "
+                        "weights, KV cache and batches are sharded by lt_jax.sharding.RULES (default: one device)")
+    if not processes:
+        return
+    s.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0 of a multi-process job, or 'auto' where JAX detects the cluster "
+                        "(TPU pods, SLURM); examples are split across processes")
+    s.add_argument("--num-processes", type=POSITIVE, default=None, help="processes in the job (with --coordinator)")
+    s.add_argument("--process-id", type=NON_NEGATIVE, default=None, help="this process's index (with --coordinator)")
 
 
 class _UsageError(Exception):
@@ -467,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hf_out_dir", help="the Hugging Face directory to create (must not exist)")
     s = add("train", cmd_train, "LightTransfer-Train: fine-tune the model as a fixed hybrid (streaming layers masked "
             "in training too) with AdamW; resumable; OUT becomes a checkpoint whose default plan is the training plan")
+    _run_flags(s)
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     s.add_argument("--data", nargs="+", required=True,
                    help="text files (split into --seq-len windows) or JSONL with text, prompt+completion, chat "
@@ -515,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream-preset", choices=["lighttrans-code"], default=None,
                    help="lighttrans-code: S=129, W=1025 (the released LightTransfer training mask)")
     s = add("ppl", cmd_ppl, "perplexity of a text or of token ids under a layer plan (default: every layer full)")
+    _run_flags(s)
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file", help="a UTF-8 text file, tokenized with the model's tokenizer")
@@ -525,11 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact prefill of the first N tokens, the rest scored as decode steps (default: none)")
     _plan_flags(s)
     s = add("generate", cmd_generate, "generate a continuation with a full, streaming or hybrid layer plan")
+    _run_flags(s, processes=True)
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt text")
     src.add_argument("--ids", help="prompt token ids, e.g. '1 2 3'")
+    src.add_argument("--input", help="a JSONL file of prompts (prompt, messages or ids per line; other fields are "
+                     "carried into the output), served with continuous batching")
+    s.add_argument("--output", help="with --input: the JSONL of results, written as rows finish; a rerun resumes it")
+    s.add_argument("--batch-size", type=POSITIVE, default=8, help="with --input: rows decoded together (default 8)")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     s.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate at most (default 64)")
     s.add_argument("--temperature", type=_number(float, 0.0, what=">= 0"), default=0.0,
@@ -552,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer plan for the answer (default: lighttransfer, 50%% of the layers chosen lazy)")
     s = add("identify", cmd_identify, "choose lazy layers offline from the lazy ratios over many samples "
             "(LightTransfer-Train's selection) and write a plan file")
+    _run_flags(s)
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     s.add_argument("files", nargs="+", help="text files, or .jsonl files with a text field per line")
     s.add_argument("--out", required=True, help="plan JSON to write")
@@ -569,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill mode stored in the plan (default exact)")
     s = add("eval", cmd_eval, "run evaluation methods side by side on one task (niah, passkey, ppl, longbench); "
             "per-example rows go to a resumable JSONL, then a summary table and plots")
+    _run_flags(s, processes=True)
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     s.add_argument("--task", required=True, choices=["niah", "passkey", "ppl", "longbench"],
                    help="niah: needles in the essays (RULER); passkey; ppl: decode-mode perplexity; longbench")
@@ -594,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_flags(s, with_plan=False)
     s = add("bench", cmd_bench, "prefill/decode speed, time to first token, KV bytes, peak memory and compile times "
             "per method; --throughput: the largest batch a memory budget fits and its throughput relative to full")
+    _run_flags(s)
     s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
     _plan_flags(s, with_plan=False)
     from lt_jax.eval.bench import add_arguments
@@ -610,6 +641,10 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
+        if getattr(args, "coordinator", None) or getattr(args, "num_processes", None) is not None \
+                or getattr(args, "process_id", None) is not None:
+            from lt_jax import distributed
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         if args.command not in ("convert", "bench"):  # bench reports compile times: no persistent cache
             _enable_compilation_cache()
         result = args.fn(args)

@@ -200,3 +200,54 @@ def generate_loop(params, logits, cache: KVCache, layers: LayerPlan, sampling: S
     state = (jnp.int32(0), logits, cache, out, jnp.zeros((B,), bool), jax.random.key(sampling.seed))
     _, _, cache, out, _, _ = jax.lax.while_loop(cond, body, state)
     return out, jnp.sum(out >= 0, axis=-1), cache
+
+
+# ---- continuous batching -----------------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Per-row state of a continuously batched decode (`decode_chunk`), all [B]: `budget` the tokens a row may
+    still emit, `done` whether it has stopped (a stop id, or its budget spent; an empty row is done), `key` the raw
+    data of its own PRNG key ([B, 2] uint32), split once per step as `generate_loop` splits its one key, so a row
+    samples what it would sample alone."""
+    budget: jax.Array
+    done: jax.Array
+    key: jax.Array
+
+
+@partial(jax.jit, static_argnames=("cfg", "shape", "steps"), donate_argnames=("cache",))
+def decode_chunk(params, logits, cache: KVCache, layers: LayerPlan, state: DecodeState, sampling: Sampling,
+                 cfg: Config, shape: PlanShape, steps: int, until_finish=False):
+    """Up to `steps` decode steps of a batch whose rows started at different times, in one compiled loop: each row
+    that is not done samples from its logits [B, V] (`sample`, with its own key), spends one of its budget, and
+    stops after a stop id or its last token; every row then decodes (a done row's token is ignored, and rows never
+    mix). The loop ends early once every row is done, or, with `until_finish` (data), once a row finishes (so a
+    waiting prompt takes its row without idling). `sampling` comes from `Sampling.prepared`; its max_new_tokens
+    is not used (the budgets are per row).
+
+    Returns (tokens int32 [B, steps], -1 where a row emitted nothing; the logits after the last step; the cache;
+    the state)."""
+    B = logits.shape[0]
+    stop_ids = jnp.stack(sampling.stop_ids)
+    sample_row = jax.vmap(lambda lg, key: sample(lg[None], key, sampling.temperature, sampling.top_k,
+                                                 sampling.top_p)[0])
+    done_before = state.done
+
+    def cond(carry):
+        t, _, _, _, done, _, _ = carry
+        return (t < steps) & ~jnp.all(done) & ~(until_finish & jnp.any(done & ~done_before))
+
+    def body(carry):
+        t, logits, cache, budget, done, key, out = carry
+        split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key))
+        token = sample_row(logits, split[:, 1])
+        out = out.at[:, t].set(jnp.where(done, -1, token))
+        budget = budget - (~done).astype(budget.dtype)
+        done = done | jnp.isin(token, stop_ids) | (budget <= 0)
+        logits, cache = _decode(params, token, cache, layers, cfg, shape)
+        return t + 1, logits, cache, budget, done, jax.random.key_data(split[:, 0]), out
+
+    carry = (jnp.int32(0), logits, cache, state.budget, state.done, state.key, jnp.full((B, steps), -1, jnp.int32))
+    _, logits, cache, budget, done, key, out = jax.lax.while_loop(cond, body, carry)
+    return out, logits, cache, DecodeState(budget, done, key)

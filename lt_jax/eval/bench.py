@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lt_jax import sharding
 from lt_jax.batching import left_pad
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, insert_rows
 from lt_jax.errors import LtJaxError
@@ -102,13 +103,36 @@ def _greedy(new_tokens: int) -> Sampling:
 
 
 
+class _OnMesh:
+    """A compiled function on a mesh: each argument is first put where the executable expects it (GSPMD chose the
+    shardings of an earlier executable's outputs, which the next one may want elsewhere)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def memory_analysis(self):
+        return self.compiled.memory_analysis()
+
+    def __call__(self, *args):
+        wanted = self.compiled.input_shardings[0]
+        return self.compiled(*jax.tree.map(lambda a, s: a if a.sharding == s else jax.device_put(a, s), args, wanted))
+
+
 class Executables:
     """Compiled prefills, generation loops and row inserts keyed by shape: the compile-only memory analysis and
-    the timed runs share them. `count` and `seconds` say how many compilations ran and how long each took."""
+    the timed runs share them. `count` and `seconds` say how many compilations ran and how long each took. On a
+    mesh (`model.mesh`) they are lowered for the shardings the model's own calls use (rows over `data`, the cache
+    by `lt_jax.sharding`)."""
 
     def __init__(self, model, new_tokens: int):
         self.model, self.new_tokens = model, new_tokens
         self._compiled, self.seconds = {}, {}
+
+    def rows(self, shape, dtype):
+        """A batch's abstract value, with the model's rows sharding on a mesh."""
+        m = self.model
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=None if m.mesh is None else sharding.rows_sharding(
+            m.mesh, shape, m.rules))
 
     @property
     def count(self) -> int:
@@ -117,17 +141,22 @@ class Executables:
     def _get(self, key, lower):
         if key not in self._compiled:
             compiled, self.seconds[key] = timed(lambda: lower().compile())
-            self._compiled[key] = compiled
+            self._compiled[key] = compiled if self.model.mesh is None else _OnMesh(compiled)
         return self._compiled[key], self.seconds[key]
 
     def cache_shape(self, plan: Plan, batch: int, context: int):
-        """The cache's leaves as `jax.ShapeDtypeStruct`s (allocates nothing)."""
-        return jax.eval_shape(lambda: init_cache(self.model.config, plan, batch, context))
+        """The cache's leaves as `jax.ShapeDtypeStruct`s (allocates nothing), with their shardings on a mesh."""
+        m = self.model
+        shape = jax.eval_shape(lambda: init_cache(m.config, plan, batch, context))
+        if m.mesh is None:
+            return shape
+        placed = sharding.cache_shardings(shape, m.mesh, m.rules)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shape, placed)
 
     def prefill(self, plan: Plan, batch: int, context: int):
         """(compiled prefill of [batch, context - N] into a cache of `context` slots, its compile seconds)."""
         m, T = self.model, context - self.new_tokens
-        tokens = jax.ShapeDtypeStruct((batch, T), jnp.int32)
+        tokens = self.rows((batch, T), jnp.int32)
         return self._get(("prefill", plan.shape, batch, context), lambda: prefill.lower(
             m.params, tokens, tokens, self.cache_shape(plan, batch, context), plan.prefill_layers(m.config),
             cfg=m.config, shape=plan.shape))
@@ -135,7 +164,7 @@ class Executables:
     def loop(self, plan: Plan, batch: int, context: int):
         """(compiled generation loop of N tokens for `batch` rows, its compile seconds)."""
         m, shape = self.model, plan.shape.decoding
-        logits = jax.ShapeDtypeStruct((batch, m.config.vocab_size), jnp.float32)
+        logits = self.rows((batch, m.config.vocab_size), jnp.float32)
         return self._get(("loop", shape, batch, context), lambda: generate_loop.lower(
             m.params, logits, self.cache_shape(plan, batch, context), _fixed(plan).layers(m.config),
             _greedy(self.new_tokens), cfg=m.config, shape=shape))
@@ -146,7 +175,7 @@ class Executables:
 
     def first_token(self, batch: int):
         """The loop's own sampling (greedy), alone: the first token after a prefill."""
-        logits = jax.ShapeDtypeStruct((batch, self.model.config.vocab_size), jnp.float32)
+        logits = self.rows((batch, self.model.config.vocab_size), jnp.float32)
         return self._get(("sample", batch), lambda: jax.jit(sample).lower(
             logits, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1)))
 

@@ -7,21 +7,22 @@ takes the top-k of the measured ratios (tested equal to the priority queue's cho
 which layers are lazy, and a prompt is prefilled once however many methods run. Perplexity examples are scored by
 one masked forward per method (`Model.token_nll`: the plan is data, so per-prompt lazy sets never recompile).
 
-Rows are appended and flushed one at a time; the first line records what the file was made with. A rerun skips
-the (example, method) pairs already written, drops a row a killed run left half-written, and refuses a file made
-with other settings, so an interrupted run loses at most one row and never counts one twice.
+Rows are appended and flushed one at a time (`lt_jax.records`); the first line records what the file was made
+with. A rerun skips the (example, method) pairs already written, drops a row a killed run left half-written, and
+refuses a file made with other settings, so an interrupted run loses at most one row and never counts one twice.
+Several processes (`lt_jax.distributed`) split the examples by position, each writing its own part file, which
+process 0 merges once all are done; the rows and the summary are those of one process on the same examples.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from lt_jax import distributed, records
 from lt_jax.errors import LtJaxError
 from lt_jax.eval import tasks
 from lt_jax.inference import Sampling
@@ -137,9 +138,9 @@ class LongBench:
         context = model.config.max_position_embeddings
         chat = bool(model.tokenizer is not None and getattr(model.tokenizer, "chat_template", None))
         template = len(model.chat_ids("")) if chat else 0
-        for ds, records in self.data:
+        for ds, dataset in self.data:
             budget = min(self.max_length or context, context) - ds.max_new_tokens - template - 8
-            for i, record in enumerate(records[:self.limit]):
+            for i, record in enumerate(dataset[:self.limit]):
                 raw = model.tokenizer(longbench.prompt_text(ds, record), add_special_tokens=False)["input_ids"]
                 text = model.decode(longbench.truncate_middle(raw, budget))
                 ids = model.chat_ids(text) if chat and ds.chat else model.encode(text)
@@ -157,61 +158,16 @@ class LongBench:
 
 # ---- running ---------------------------------------------------------------------------------------------
 
-class Results:
-    """The JSONL file: a first line {"meta": ...}, then one row per (example, method)."""
-
-    def __init__(self, path: Path, meta: dict):
-        self.path = path
-        self.rows: list[dict] = []
-        lines = []
-        if path.exists() and path.stat().st_size:
-            # Read and check everything before writing anything: the file must be ours.
-            raw = path.read_bytes()
-            complete, _, partial = raw.rpartition(b"\n")  # a killed run may leave a half-written last row
-            try:
-                text = complete.decode()
-            except UnicodeDecodeError:
-                raise LtJaxError(f"{path} is not a results file of lt-jax eval (not UTF-8 text).") from None
-            lines = [_parse(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-            if not lines or "meta" not in lines[0]:
-                raise LtJaxError(f"{path} is not a results file of lt-jax eval (its first line is not the settings "
-                                 f"line); give another --out.")
-            if lines[0]["meta"] != meta:
-                old = lines[0]["meta"] or {}
-                diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-                raise LtJaxError(f"{path} holds results made with other settings ({', '.join(diff)} differ); "
-                                 f"give another --out or delete it.")
-            if partial:  # ours, with a killed run's half-written row: drop it
-                print(f"[lt-jax eval] {path}: dropping an incomplete last row", file=sys.stderr)
-                with open(path, "r+b") as f:
-                    f.truncate(len(complete) + 1)
-            self.rows = lines[1:]
-        if not lines:  # a new file, or an empty one
-            path.write_text(json.dumps({"meta": meta}) + "\n")
-        self.done = {(r["example"], r["method"]) for r in self.rows}
-
-    def add(self, row: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.rows.append(row)
-        self.done.add((row["example"], row["method"]))
+def row_key(row: dict) -> tuple:
+    return row["example"], row["method"]
 
 
-def _parse(path: Path, number: int, line: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LtJaxError(f"{path} line {number} is not valid JSON ({e.msg}): not a results file of lt-jax eval?")
-    if not isinstance(row, dict) or (number > 1 and not {"example", "method"} <= set(row)):
-        raise LtJaxError(f"{path} line {number} is not a result row of lt-jax eval.")
-    return row
-
-
-def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: bool = True) -> list[dict]:
-    """Run every method on every example of `task`, appending to `out`; returns the rows of these methods."""
+def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: bool = True,
+        share: tuple[int, int] | None = None) -> list[dict]:
+    """Run every method on every example of `task`, appending to `out`; returns the rows of these methods (every
+    process's, once all are done). `share`: (process index, process count), default `jax.distributed`'s."""
     from tqdm import tqdm
+    index, count = share or distributed.share()
     examples = list(task.examples(model))
     context = model.config.max_position_embeddings
     for e in examples:  # before the first row, not an hour into the run
@@ -224,8 +180,13 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
         print(f"[lt-jax eval] note: no example is longer than S + W, so {', '.join(same)} will give the same numbers "
               f"as all-full (a streaming layer still sees every token; lighttransfer's choice is the tie rule)",
               file=sys.stderr)
-    results = Results(Path(out), meta)
-    todo = [(e, [m for m in methods if (e.id, m) not in results.done]) for e in examples]
+    out = Path(out)
+    if count == 1 and index == 0 and records.part_paths(out):  # parts of an earlier multi-process run
+        records.merge_parts(out, meta, row_key, what="lt-jax eval")
+    results = (records.Records(out, meta, row_key) if count == 1 else
+               records.open_part(out, meta, row_key, index, count))
+    todo = [(e, [m for m in methods if (e.id, m) not in results.done])
+            for e in distributed.mine(examples, index, count)]
     todo = [(e, ms) for e, ms in todo if ms]
     if not todo and progress:
         print(f"[lt-jax eval] {out}: already complete ({len(results.rows)} rows); nothing to run", file=sys.stderr)
@@ -236,8 +197,18 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
             results.add(row)
             bar.update()
     bar.close()
+    rows = results.rows
+    if count > 1:
+        distributed.barrier(f"lt-jax eval {out.name}: rows written")
+        if index == 0:
+            place = {e.id: i for i, e in enumerate(examples)}
+            method = {m: i for i, m in enumerate(methods)}
+            records.merge_parts(out, meta, row_key, lambda r: (place.get(r["example"], len(place)),
+                                                               method.get(r["method"], len(method)), r["method"]))
+        distributed.barrier(f"lt-jax eval {out.name}: merged")
+        rows = records.read_rows(out, meta, row_key, "lt-jax eval")
     ids = {e.id for e in examples}
-    return [r for r in results.rows if r["method"] in methods and r["example"] in ids]
+    return [r for r in rows if r["method"] in methods and r["example"] in ids]
 
 
 def run_example(model, example: Example, methods: dict[str, Plan], task):

@@ -1,0 +1,190 @@
+"""Device meshes and where every array lives on one (docs/design.md §13).
+
+One mesh description everywhere: a `jax.sharding.Mesh`, or a string "data=2,model=4" (axis=size pairs whose
+product is the device count; one size may be -1, "the rest"). Every array that gets a sharding names its axes
+logically — weights through `params.param_specs`, the KV cache and token batches through the tables below — and
+one small rules table, `RULES`, maps logical axes to mesh axes through Flax's `logical_to_mesh_axes`. Users pass
+their own table to change the layout (e.g. `(("ffn", "model"),)` alone keeps attention replicated).
+
+Two rules of our own on top of Flax's:
+- a rule naming a mesh axis the mesh lacks is skipped (one table serves meshes with and without `fsdp`);
+- a dimension the mesh axis does not divide is replicated over that axis instead of failing with an XLA shape
+  error. SmolLM2 has 9 query and 3 KV heads: on model=2, 4 or 8 its attention weights and KV cache are replicated
+  over `model` and only the MLP, the vocabulary and the batch are split — what MaxText does for KV heads that do not
+  divide the tensor-parallel size. `describe` lists which leaves fell back.
+
+Data-parallel groups and processes: inside one process the `data` axis splits a batch's rows; across processes
+(`lt_jax.distributed`) each process runs its own rows or examples on the part of the mesh it addresses, so the
+`model` axis must stay within a process (`local_mesh`)."""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lt_jax.config import Config
+from lt_jax.errors import LtJaxError
+from lt_jax.params import ParamSpec, param_specs
+
+# logical axis -> mesh axis; the first rule whose mesh axis exists (and is not already used by the leaf) wins.
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("q_heads", "model"),
+    ("kv_heads", "model"),
+    ("ffn", "model"),
+    ("embed", "fsdp"),
+)
+
+# The KV cache's logical axes (lt_jax.cache.KVCache: keys [B, K, H, M], values [B, K, M, H]).
+CACHE_AXES = {
+    "full_k": ("batch", "kv_heads", "head_dim", "cache_len"),
+    "full_v": ("batch", "kv_heads", "cache_len", "head_dim"),
+    "full_pos": ("batch", "cache_len"),
+    "ring_k": ("batch", "kv_heads", "head_dim", "cache_len"),
+    "ring_v": ("batch", "kv_heads", "cache_len", "head_dim"),
+    "ring_pos": ("batch", "cache_len"),
+    "length": ("batch",),
+}
+
+
+def make_mesh(spec, devices=None) -> Mesh | None:
+    """A Mesh from a Mesh (returned as is), None (None: no mesh, one device), or "data=2,model=4" over `devices`
+    (default: every device of every process, `jax.devices()`)."""
+    if spec is None or isinstance(spec, Mesh):
+        return spec
+    if not isinstance(spec, str):
+        raise LtJaxError(f"a mesh is a jax.sharding.Mesh or a string like 'data=2,model=4'; got {spec!r}.")
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = [], []
+    for part in spec.replace(" ", "").split(","):
+        match = re.fullmatch(r"([A-Za-z_]\w*)=(-1|\d+)", part)
+        if not match or int(match[2]) == 0 or match[1] in names:
+            raise LtJaxError(f"mesh {spec!r}: {part!r} is not AXIS=SIZE (a name, a size >= 1 or -1, each axis once), "
+                             f"e.g. 'data=2,model=4'.")
+        names.append(match[1])
+        sizes.append(int(match[2]))
+    if sizes.count(-1) > 1:
+        raise LtJaxError(f"mesh {spec!r}: only one axis may have size -1 (the rest of the devices).")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise LtJaxError(f"mesh {spec!r}: {len(devices)} devices are not a multiple of {known}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise LtJaxError(f"mesh {spec!r} needs {math.prod(sizes)} devices; there are {len(devices)} "
+                         f"(jax.devices()); give sizes whose product is {len(devices)}.")
+    try:  # a topology-aware order on real accelerators; plain order where it has none (CPU)
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(sizes, devices)
+    except Exception:  # noqa: BLE001 - any failure means no topology to follow
+        grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, tuple(names))
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """The part of `mesh` this process addresses: its rows along `data` (or the first axis). Every other axis must
+    lie within a process, since a process runs its rows without the others."""
+    if jax.process_count() == 1:
+        return mesh
+    first = mesh.axis_names.index("data") if "data" in mesh.axis_names else 0
+    grid = np.moveaxis(mesh.devices, first, 0)
+    groups = grid.reshape(grid.shape[0], -1)  # one row of devices per index along the first axis
+    mine = np.array([[d.process_index == jax.process_index() for d in group] for group in groups])
+    if not all(row.all() or not row.any() for row in mine):
+        raise LtJaxError(f"mesh {dict(mesh.shape)}: a group along the axes other than "
+                         f"{mesh.axis_names[first]!r} spans several processes; keep those axes within one host "
+                         f"(e.g. data={jax.device_count() // jax.local_device_count()}*k, model<="
+                         f"{jax.local_device_count()}).")
+    return Mesh(np.moveaxis(grid[mine.all(axis=1)], 0, first), mesh.axis_names)
+
+
+def _usable_rules(mesh: Mesh, rules) -> tuple:
+    return tuple((logical, axis) for logical, axis in rules
+                 if axis is None or all(a in mesh.axis_names for a in ((axis,) if isinstance(axis, str) else axis)))
+
+
+def spec_for(mesh: Mesh, axes: tuple, shape: tuple, rules=RULES) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` whose dims are named `axes`: Flax's rules, then every dim the mesh
+    axis does not divide replicated."""
+    from flax.linen import logical_to_mesh_axes
+    mapped = logical_to_mesh_axes(axes, _usable_rules(mesh, rules))
+    out = []
+    for dim, axis in zip(shape, tuple(mapped) + (None,) * (len(shape) - len(mapped))):
+        size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
+        out.append(axis if axis is not None and dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(mesh, axes, shape, rules))
+
+
+def param_shardings(cfg: Config, mesh: Mesh, rules=RULES, split: bool = False) -> dict:
+    """The NamedSharding of every leaf of `param_specs(cfg)`: stacked layers, or with split=True a tuple of
+    per-layer dicts (a loaded Model's storage, `params.split_layers`)."""
+    of = lambda s: sharding_for(mesh, s.axes, s.shape, rules)  # noqa: E731
+    specs = param_specs(cfg)
+    out = jax.tree.map(of, {k: v for k, v in specs.items() if k != "layers"}, is_leaf=_is_spec)
+    if not split:
+        return {**out, "layers": jax.tree.map(of, specs["layers"], is_leaf=_is_spec)}
+    one = {name: of(ParamSpec(s.shape[1:], s.axes[1:], s.init)) for name, s in specs["layers"].items()}
+    return {**out, "layers": tuple(dict(one) for _ in range(cfg.num_layers))}
+
+
+def cache_shardings(cache, mesh: Mesh, rules=RULES):
+    """A KVCache (or its abstract shape) -> the same structure of NamedShardings: rows over `data`, KV heads over
+    `model` where they divide (replicated otherwise)."""
+    import dataclasses
+    return dataclasses.replace(cache, **{
+        field: (tuple(sharding_for(mesh, axes, a.shape, rules) for a in value) if isinstance(value, tuple)
+                else sharding_for(mesh, axes, value.shape, rules))
+        for field, axes in CACHE_AXES.items() for value in [getattr(cache, field)]})
+
+
+def rows_sharding(mesh: Mesh, shape: tuple, rules=RULES) -> NamedSharding:
+    """Token batches [B, T] (and any array whose first axis is the batch): rows over `data` where they divide."""
+    return sharding_for(mesh, ("batch",) + (None,) * (len(shape) - 1), shape, rules)
+
+
+def place_params(params: dict, cfg: Config, mesh: Mesh, rules=RULES, consume: bool = False) -> dict:
+    """Stacked (or already split) params, on the host or on devices -> per-layer buffers placed with their
+    shardings (`params.split_layers`' storage). With consume=True (a freshly restored tree nobody else holds) each
+    stacked leaf is taken out of `params["layers"]` and cut into its layers before the next, so placing holds at
+    most one stacked leaf beyond the placed ones; otherwise `params` is left as it was."""
+    shardings = param_shardings(cfg, mesh, rules, split=True)
+    rest = {k: jax.device_put(v, shardings[k]) for k, v in params.items() if k != "layers"}
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return {**rest, "layers": tuple({n: jax.device_put(a, shardings["layers"][i][n]) for n, a in layer.items()}
+                                        for i, layer in enumerate(layers))}
+    pending = layers if consume else dict(layers)  # popped leaf by leaf: each stacked leaf freed once cut
+    out = [{} for _ in range(cfg.num_layers)]
+    for name in list(pending):
+        stack = pending.pop(name)
+        for i in range(cfg.num_layers):
+            out[i][name] = jax.device_put(stack[i], shardings["layers"][i][name])
+        del stack
+    return {**rest, "layers": tuple(out)}
+
+
+def describe(cfg: Config, mesh: Mesh, rules=RULES) -> dict:
+    """leaf -> its PartitionSpec as text, and which logical axes were replicated because the mesh axis does not
+    divide them (for logs and docs)."""
+    from flax.linen import logical_to_mesh_axes
+    out = {}
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=_is_spec)[0]
+    for path, s in flat:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        wanted = logical_to_mesh_axes(s.axes, _usable_rules(mesh, rules))
+        got = spec_for(mesh, s.axes, s.shape, rules)
+        fell_back = [s.axes[i] for i, (w, g) in enumerate(zip(wanted, got)) if w is not None and g is None]
+        out[name] = {"spec": str(tuple(got)), "replicated_not_dividing": fell_back}
+    return out
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)

@@ -1,0 +1,230 @@
+"""Meshes and processes: the rules table, every family on 8 simulated CPU devices against one device (in a
+subprocess, tests/mesh_worker.py, so this process keeps its one device), and `lt-jax eval` split across two real
+`jax.distributed` processes on localhost."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from conftest import REPO
+from lt_jax import sharding
+from lt_jax.cli import main
+from lt_jax.errors import LtJaxError
+from lt_jax.params import param_specs
+
+MODEL_AXIS = {"vocab", "q_heads", "kv_heads", "ffn"}  # what the default rules split over `model`
+
+
+def expected_fraction(axes: tuple, shape: tuple, mesh: dict) -> float:
+    """The rules written out by hand: the one `model`-mapped axis of a leaf is split if `model` divides it."""
+    for axis, dim in zip(axes, shape):
+        if axis in MODEL_AXIS:
+            return 1 / mesh["model"] if dim % mesh["model"] == 0 else 1.0
+    return 1.0
+
+
+@pytest.fixture(scope="module")
+def smollm2_config(assets):
+    from pathlib import Path
+    from checkpoints_conv import read_hf_config
+    return read_hf_config(Path(assets["smollm2_hf"]))
+
+
+@pytest.mark.parametrize("model_size", [2, 4, 8])
+def test_heads_that_do_not_divide_are_replicated(smollm2_config, model_size):
+    """SmolLM2: 9 query heads, 3 KV heads. On model=2/4/8 attention stays whole (replicated), the MLP (F=1536)
+    and the vocabulary (49152) are split; the cache's KV heads are replicated too."""
+    cfg = smollm2_config
+    assert (cfg.num_heads, cfg.num_kv_heads) == (9, 3)
+    mesh = AbstractMesh((2, model_size), ("data", "model"))
+    specs = param_specs(cfg)
+    layers = specs["layers"]
+    assert sharding.spec_for(mesh, layers["qkv_proj"].axes, layers["qkv_proj"].shape) == PartitionSpec(
+        None, None, None, None, None)
+    assert sharding.spec_for(mesh, layers["o_proj"].axes, layers["o_proj"].shape) == PartitionSpec(
+        None, None, None, None)
+    assert sharding.spec_for(mesh, layers["gate_up_proj"].axes, layers["gate_up_proj"].shape) == PartitionSpec(
+        None, None, "model", None)
+    assert sharding.spec_for(mesh, specs["embed"].axes, specs["embed"].shape) == PartitionSpec("model", None)
+    described = sharding.describe(cfg, mesh)
+    assert described["layers/qkv_proj"]["replicated_not_dividing"] == ["kv_heads"]
+    assert described["layers/o_proj"]["replicated_not_dividing"] == ["q_heads"]
+    assert described["layers/down_proj"]["replicated_not_dividing"] == []
+    cache_k = sharding.spec_for(mesh, sharding.CACHE_AXES["full_k"], (4, 3, 64, 4096))
+    assert cache_k == PartitionSpec("data", None, None, None)
+    assert sharding.spec_for(mesh, sharding.CACHE_AXES["full_k"], (3, 3, 64, 4096)) == PartitionSpec(
+        None, None, None, None)  # 3 rows on data=2: replicated, not an error
+
+
+def test_rules_are_overridable_and_skip_missing_axes(smollm2_config):
+    mesh = AbstractMesh((2, 2), ("fsdp", "model"))
+    embed = ("vocab", "embed")
+    assert sharding.spec_for(mesh, embed, (49152, 576)) == PartitionSpec("model", "fsdp")
+    assert sharding.spec_for(mesh, embed, (49152, 576), rules=(("ffn", "model"),)) == PartitionSpec(None, None)
+    no_fsdp = AbstractMesh((4,), ("model",))  # the fsdp rule names an axis this mesh lacks: skipped
+    assert sharding.spec_for(no_fsdp, embed, (49152, 576)) == PartitionSpec("model", None)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=2,model=4", "needs 8 devices; there are 1"),
+    ("data=2;model=4", "is not AXIS=SIZE"),
+    ("data=0", "is not AXIS=SIZE"),
+    ("data=-1,model=-1", "only one axis may have size -1"),
+    ("data=2,data=1", "is not AXIS=SIZE"),
+])
+def test_bad_mesh_is_one_sentence(spec, message):
+    with pytest.raises(LtJaxError, match=message):
+        sharding.make_mesh(spec)
+
+
+def test_one_device_mesh_and_cli_flag(tiny_ckpt, capsys):
+    assert dict(sharding.make_mesh("data=-1,model=1").shape) == {"data": 1, "model": 1}
+    capsys.readouterr()
+    assert main(["generate", str(tiny_ckpt), "--ids", "1 2 3", "--max-new-tokens", "2", "--mesh", "data=4",
+                 "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "mesh 'data=4' needs 4 devices; there are 1" in err and err.count("\n") == 1
+    assert main(["generate", str(tiny_ckpt), "--ids", "1 2 3", "--max-new-tokens", "2", "--mesh", "data=1",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ids"]) == 2
+
+
+def _mesh_results(tmp_path, wanted=()):
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "mesh_worker.py"), str(tmp_path), *wanted],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _check_mesh_results(result, cfg):
+    # every leaf's logical axes (a config with every optional leaf: qkv bias, an untied head)
+    specs = param_specs(cfg.replace(qkv_bias=True, tie_embeddings=False))
+    axes_of = {**{k: s.axes for k, s in specs.items() if k != "layers"},
+               **{k: s.axes[1:] for k, s in specs["layers"].items()}}
+    assert result["devices"] == 8
+    checked = 0
+    for family, meshes in result.items():
+        if family == "devices":
+            continue
+        for spec, r in meshes.items():
+            where = f"{family} on {spec}"
+            mesh = r["mesh"]
+            assert r["max_abs_logits_diff"] <= 1e-5, where  # logits are O(1): within 1e-5 of one device
+            assert r["greedy_equal"], where
+            assert r["lazy_layers"] == r["lazy_layers_one_device"], where
+            assert r["max_abs_ratio_diff"] <= 1e-6, where
+            assert r["new_compilations"] == [0, 0], where  # another prompt set, another choice: no compile
+            assert r["cache_donated"], where
+            assert r["train_loss_rel_diff"] <= 1e-6 and r["train_grad_max_rel_diff"] <= 1e-5, where  # training
+            split = (mesh["data"] if 8 % mesh["data"] == 0 else 1) * (
+                mesh["model"] if r["num_kv_heads"] % mesh["model"] == 0 else 1)
+            assert r["cache_bytes_per_device"] == [r["cache_bytes_formula"] // split], where
+            for name, w in r["weights"].items():
+                axes = axes_of[name.split("/")[-1]]
+                assert w["devices"] == 8, (where, name)
+                assert w["fractions"] == [expected_fraction(axes, w["shape"], mesh)], (where, name, w)
+            checked += 1
+    return checked
+
+
+def test_meshes_match_one_device(tmp_path, smollm2_config):
+    """Llama (GQA) on all four meshes, Mistral and Qwen2 on one each: logits, greedy ids, lighttransfer's choice,
+    compile counts, cache donation, cache bytes and weight fractions per device."""
+    wanted = [f"llama:{m}" for m in ("data=8,model=1", "data=2,model=4", "data=1,model=8", "data=4,model=2")]
+    wanted += ["mistral:data=2,model=4", "qwen2:data=4,model=2"]
+    assert _check_mesh_results(_mesh_results(tmp_path, wanted), smollm2_config) == 6
+
+
+@pytest.mark.slow
+def test_every_family_on_every_mesh(tmp_path, smollm2_config):
+    assert _check_mesh_results(_mesh_results(tmp_path), smollm2_config) == 12
+
+
+# ---- two processes ------------------------------------------------------------------------------------------
+
+EVAL_ARGS = ["--task", "niah", "--lengths", "300,400", "--depths", "0.2,0.8", "--samples", "2", "--sink", "4",
+             "--window", "64", "--max-new-tokens", "4", "--methods", "full,lighttransfer,streaming"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_processes(model, out, port):
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    return [subprocess.Popen([sys.executable, "-m", "lt_jax.cli", "eval", str(model), "--out", str(out), "--json",
+                              *EVAL_ARGS, "--mesh", "data=8,model=1", "--coordinator", f"localhost:{port}",
+                              "--num-processes", "2", "--process-id", str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+
+
+def _rows(path):
+    return {(r["example"], r["method"]): (r["answer"], r["score"], r["lazy_layers"])
+            for r in map(json.loads, path.read_text().splitlines()[1:])}
+
+
+def test_eval_on_two_processes(tiny_chat, tmp_path, capsys):
+    """Two jax.distributed processes of 4 CPU devices each: the same rows and summary as one process; a process
+    killed mid-run, both rerun: nothing lost, nothing doubled, no part file left."""
+    single = tmp_path / "one.jsonl"
+    capsys.readouterr()
+    assert main(["eval", str(tiny_chat), "--out", str(single), "--json", *EVAL_ARGS]) == 0
+    reference = json.loads(capsys.readouterr().out)
+    total = 2 * 2 * 2 * 3
+
+    out = tmp_path / "two.jsonl"
+    procs = _start_processes(tiny_chat, out, _free_port())
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    summaries = [json.loads(o.strip().splitlines()[-1])["summary"] for o, _ in outputs]
+    assert summaries == [reference["summary"]] * 2
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + total and _rows(out) == _rows(single)
+    assert [json.loads(line)["example"] for line in lines[1:]] == [
+        json.loads(line)["example"] for line in single.read_text().splitlines()[1:]]  # one process's order
+    assert not list(tmp_path.glob("two.jsonl.part-*"))
+
+    killed = tmp_path / "killed.jsonl"
+    procs = _start_processes(tiny_chat, killed, _free_port())
+    part = tmp_path / "killed.jsonl.part-1-of-2"
+    deadline = time.time() + 300
+    while time.time() < deadline and procs[1].poll() is None:
+        if part.exists() and len(part.read_text().splitlines()) >= 1 + 3:
+            procs[1].send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    procs[1].wait()
+    assert procs[1].returncode == -signal.SIGKILL, "process 1 was not killed mid-run"
+    procs[0].kill()  # its peer is gone: the job is over (it would wait at the barrier)
+    procs[0].wait()
+    assert not killed.exists() or len(killed.read_text().splitlines()) == 1
+    kept = len(part.read_text().splitlines()) - 1
+    assert 3 <= kept < total // 2
+    procs = _start_processes(tiny_chat, killed, _free_port())
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert json.loads(outputs[0][0].strip().splitlines()[-1])["summary"] == reference["summary"]
+    lines = killed.read_text().splitlines()
+    assert len(lines) == 1 + total and _rows(killed) == _rows(single)
+    assert not list(tmp_path.glob("killed.jsonl.part-*"))
+
+
+def test_processes_flags_go_together(tiny_chat, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(tiny_chat), "--out", str(tmp_path / "x.jsonl"), *EVAL_ARGS, "--num-processes",
+                 "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--coordinator HOST:PORT, --num-processes N and --process-id I go together" in err
+    assert err.count("\n") == 1 and not (tmp_path / "x.jsonl").exists()
+    assert jax.process_count() == 1

@@ -21,7 +21,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if not any(given):
         return
     if coordinator == "auto":
-        jax.distributed.initialize()
+        if num_processes is not None or process_id is not None:
+            raise LtJaxError("--coordinator auto detects the processes itself; drop --num-processes and "
+                             "--process-id (or give --coordinator HOST:PORT).")
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:  # no cluster JAX knows (TPU pod, SLURM, Open MPI), or too late
+            raise LtJaxError(f"--coordinator auto: JAX detects no cluster here ({e}); give --coordinator HOST:PORT "
+                             f"--num-processes N --process-id I.") from None
         return
     if not all(given):
         raise LtJaxError("--coordinator HOST:PORT, --num-processes N and --process-id I go together (or "

@@ -20,12 +20,12 @@ once every process is done.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
 from lt_jax.errors import LtJaxError
+from lt_jax.eval.texts import numbered_jsonl
 
 PROMPT_FIELDS = ("prompt", "messages", "ids")
 WHAT = "lt-jax generate"
@@ -40,16 +40,8 @@ def read_requests(path: Path) -> tuple[list[dict], str]:
     except (OSError, UnicodeDecodeError) as e:
         raise LtJaxError(f"cannot read --input {path}: {e}.") from None
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, record in numbered_jsonl(path, text):
         where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LtJaxError(f"{where} is not valid JSON ({e.msg}).") from None
-        if not isinstance(record, dict):
-            raise LtJaxError(f"{where} is not a JSON object.")
         given = [k for k in PROMPT_FIELDS if k in record]
         if len(given) != 1:
             raise LtJaxError(f"{where} must hold exactly one of prompt, messages or ids; it has "

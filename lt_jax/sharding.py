@@ -10,8 +10,9 @@ Two rules of our own on top of Flax's:
 - a rule naming a mesh axis the mesh lacks is skipped (one table serves meshes with and without `fsdp`);
 - a dimension the mesh axis does not divide is replicated over that axis instead of failing with an XLA shape
   error. SmolLM2 has 9 query and 3 KV heads: on model=2, 4 or 8 its attention weights and KV cache are replicated
-  over `model` and only the MLP, the vocabulary and the batch are split — what MaxText does for KV heads that do not
-  divide the tensor-parallel size. `describe` lists which leaves fell back.
+  over `model` and only the MLP, the vocabulary and the batch are split. Tensor-parallel inference engines
+  (vLLM, SGLang, LMDeploy) likewise replicate KV heads when the tensor-parallel degree exceeds them; we replicate
+  whenever it does not divide them. `describe` lists which leaves fell back.
 
 Data-parallel groups and processes: inside one process the `data` axis splits a batch's rows; across processes
 (`lt_jax.distributed`) each process runs its own rows or examples on the part of the mesh it addresses, so the
@@ -116,6 +117,8 @@ def spec_for(mesh: Mesh, axes: tuple, shape: tuple, rules=RULES) -> PartitionSpe
     for dim, axis in zip(shape, tuple(mapped) + (None,) * (len(shape) - len(mapped))):
         size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
         out.append(axis if axis is not None and dim % size == 0 else None)
+    while out and out[-1] is None:  # the form jit gives its outputs: equal specs then key one compilation
+        out.pop()
     return PartitionSpec(*out)
 
 
@@ -171,6 +174,16 @@ def place_params(params: dict, cfg: Config, mesh: Mesh, rules=RULES, consume: bo
     return {**rest, "layers": tuple(out)}
 
 
+def onto_mesh(tree, mesh: Mesh):
+    """Every array leaf of `tree` that is not placed on `mesh` put there replicated (a training state's step and
+    optimizer counters): a jitted step then returns the shardings it was given, so a donated state keeps one
+    compilation instead of recompiling on the second step."""
+    def put(a):
+        on = isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh
+        return a if on else jax.device_put(a, NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(put, tree)
+
+
 def describe(cfg: Config, mesh: Mesh, rules=RULES) -> dict:
     """leaf -> its PartitionSpec as text, and which logical axes were replicated because the mesh axis does not
     divide them (for logs and docs)."""
@@ -181,7 +194,8 @@ def describe(cfg: Config, mesh: Mesh, rules=RULES) -> dict:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         wanted = logical_to_mesh_axes(s.axes, _usable_rules(mesh, rules))
         got = spec_for(mesh, s.axes, s.shape, rules)
-        fell_back = [s.axes[i] for i, (w, g) in enumerate(zip(wanted, got)) if w is not None and g is None]
+        padded = tuple(got) + (None,) * (len(s.axes) - len(got))
+        fell_back = [s.axes[i] for i, (w, g) in enumerate(zip(wanted, padded)) if w is not None and g is None]
         out[name] = {"spec": str(tuple(got)), "replicated_not_dividing": fell_back}
     return out
 

@@ -76,7 +76,8 @@ def measure(path: str, mode: str) -> list[dict]:
         for p, (_, err) in zip(procs, outs):
             if p.returncode:
                 raise SystemExit(f"{mode} failed: {err[-2000:]}")
-        return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+        # the last JSON line: gloo (the CPU collectives) prints lines of its own on stdout
+        return [json.loads([line for line in o.splitlines() if line.startswith("{")][-1]) for o, _ in outs]
     run = subprocess.run([sys.executable, "-c", CHILD, mode, path], capture_output=True, text=True,
                          env=_env(1 if mode == "unsharded" else 4), timeout=900)
     if run.returncode:
@@ -96,10 +97,10 @@ def main() -> int:
     for r in rows:
         r["peak_vs_unsharded"] = round(r["peak_above_start"] / base, 3)
     if args.json:
-        print(json.dumps({"model": path, "rows": rows}))
+        print(json.dumps({"model": assets.label(path), "rows": rows}))
         return 0
     mib = 2 ** 20
-    print(f"model {path}: {rows[0]['model_bytes'] / mib:.0f} MiB of weights")
+    print(f"model {assets.label(path)}: {rows[0]['model_bytes'] / mib:.0f} MiB of weights")
     print("| load | process | peak RSS above start (MiB) | held on its devices (MiB) | peak vs unsharded |")
     print("|---|---|---|---|---|")
     for r in rows:

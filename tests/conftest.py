@@ -156,3 +156,23 @@ def tiny_ckpt(tiny_models, prompt_ids, tmp_path_factory):
     out = hf.parent / "ckpt"
     assert main(["convert", str(hf), str(out)]) == 0
     return out
+
+
+def sigkill_when(proc, ready, timeout: float = 300) -> bool:
+    """SIGKILL `proc` (a subprocess.Popen) as soon as `ready()` holds, polling; waits for it to end. True if it
+    was killed (rather than ending on its own first)."""
+    import signal
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    return proc.returncode == -signal.SIGKILL
+
+
+def last_json(stdout: str) -> dict:
+    """The last JSON object line of a process's stdout (gloo, JAX's CPU collectives, prints its own lines there)."""
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])

@@ -1,7 +1,11 @@
 """Runs in a subprocess with 8 simulated CPU devices (tests/test_sharding.py): every family on every mesh against
 one device, printed as one JSON object. Kept out of the pytest process so the rest of the suite keeps one device.
 
-Usage: python tests/mesh_worker.py WORKDIR [FAMILY:MESH ...]   (default: every family on every mesh)"""
+Usage: python tests/mesh_worker.py WORKDIR [FAMILY:MESH ...] [--train] [--cli]
+  FAMILY:MESH  e.g. llama:data=2,model=4 (FAMILY: llama, mistral, qwen2, or smollm2, the real model); nothing at
+               all: every tiny family on every mesh
+  --train      lt-jax train's loop, one device against data=4,model=2
+  --cli        every model command with --mesh data=2,model=4, next to one device"""
 from __future__ import annotations
 
 import json
@@ -51,6 +55,66 @@ def train_loss(model, batch):
     placed = {k: model.rows(v) for k, v in batch.items()}
     loss, grads = jax.value_and_grad(loss_fn)(stack_layers(model.params), placed, model.config, plan)
     return float(loss), grads
+
+
+def train_run(ckpt: Path, root: Path, mesh: str | None) -> dict:
+    """`lt-jax train`'s loop (3 steps, batch 8 over `data`) on one device or a mesh: its losses, and how many
+    compilations of the step it added."""
+    import lt_jax
+    from lt_jax.train.run import RunOptions, train
+    from lt_jax.train.step import TrainSettings, train_step
+    data = root / "train.jsonl"
+    rng = np.random.default_rng(1)
+    data.write_text("".join(json.dumps({"ids": [int(t) for t in rng.integers(0, 300, 60)]}) + "\n"
+                            for _ in range(16)))
+    model = lt_jax.load(ckpt, mesh=mesh)
+    plan = model.plan("first", **PLAN)
+    before = train_step._cache_size()
+    result = train(model, plan, [data], root / f"run-{mesh}", TrainSettings.for_plan(plan, steps=3, lr=1e-3),
+                   RunOptions(seq_len=64, batch_size=8, save_every=3), progress=False)
+    log = [json.loads(line) for line in (root / f"run-{mesh}" / "train_log.jsonl").read_text().splitlines()]
+    return {"losses": [row["loss"] for row in log], "step_compilations": train_step._cache_size() - before,
+            "final_loss": result["final_loss"]}
+
+
+def cli_on_mesh(ckpt: Path, root: Path) -> dict:
+    """Every model command with --mesh data=2,model=4 (in this process: lt_jax.cli.main), next to one device where
+    the result is a number: exit codes and results."""
+    import contextlib
+    import io
+    from lt_jax.cli import main as cli
+    rng = np.random.default_rng(2)
+    ids = root / "ids.txt"
+    ids.write_text(" ".join(str(t) for t in rng.integers(0, 300, 200)))
+    samples = root / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"ids": [int(t) for t in rng.integers(0, 300, 300)]}) + "\n"
+                               for _ in range(3)))
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"ids": [int(t) for t in rng.integers(0, 300, 60)]}) + "\n"
+                            for _ in range(8)))
+    mesh = ["--mesh", "data=2,model=4"]
+    commands = {
+        "ppl": ["ppl", str(ckpt), "--ids-file", str(ids), "--plan", "first", "--window", "32"],
+        "generate": ["generate", str(ckpt), "--ids", "1 2 3 4 5", "--max-new-tokens", "6", "--stop-ids", "-1"],
+        "identify": ["identify", str(ckpt), str(samples), "--field", "ids", "--context", "256", "--window", "64",
+                     "--lazy-fraction", "0.34"],
+        "bench": ["bench", str(ckpt), "--contexts", "128", "--batches", "2", "--new-tokens", "4", "--methods",
+                  "full,lighttransfer", "--window", "32"],
+        "train": ["train", str(ckpt), "--data", str(data), "--plan", "first", "--window", "32", "--steps", "2",
+                  "--seq-len", "64", "--batch-size", "4"],
+    }
+    out = {}
+    for name, argv in commands.items():
+        runs = {}
+        for where, extra in (("one_device", []), ("mesh", mesh)):
+            tail = {"identify": ["--out", str(root / f"plan-{where}.json")],
+                    "train": ["--out", str(root / f"train-{where}")]}.get(name, [])
+            stdout = io.StringIO()
+            with contextlib.redirect_stdout(stdout):
+                code = cli([*argv, *tail, *extra, "--json"])
+            runs[where] = {"code": code, "result": json.loads(stdout.getvalue()) if code == 0 else None}
+        out[name] = runs
+    return out
 
 
 def run_family(ckpt: Path, meshes: list[str], rng) -> dict:
@@ -113,9 +177,21 @@ def run_family(ckpt: Path, meshes: list[str], rng) -> dict:
 
 def main() -> int:
     root = Path(sys.argv[1])
-    wanted = [a.split(":") for a in sys.argv[2:]] or [(f, m) for f in FAMILIES for m in MESHES]
+    args = sys.argv[2:]
     result = {"devices": jax.device_count()}
-    for family, ckpt in checkpoints(root).items():
+    paths = checkpoints(root)
+    if "--cli" in args:
+        result["cli"] = cli_on_mesh(paths["llama"], root)
+    if "--train" in args:
+        result["train"] = {"one_device": train_run(paths["llama"], root, None),
+                           "mesh": train_run(paths["llama"], root, "data=4,model=2")}
+    wanted = [a.split(":") for a in args if not a.startswith("--")]
+    if not args:
+        wanted = [(f, m) for f in FAMILIES for m in MESHES]
+    if any(f == "smollm2" for f, _ in wanted):  # the real model: 9 query / 3 KV heads divide no model axis
+        from lt_jax import assets
+        paths["smollm2"] = assets.resolve_model("smollm2")
+    for family, ckpt in paths.items():
         meshes = [m for f, m in wanted if f == family]
         if meshes:
             result[family] = run_family(ckpt, meshes, np.random.default_rng(0))

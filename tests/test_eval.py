@@ -4,16 +4,14 @@ SmolLM2's tokenizer (compile time, not model size, dominates here)."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, sigkill_when
 from lt_jax.eval import evaluate, tasks
 from lt_jax.cli import main
 
@@ -132,15 +130,9 @@ def test_resume_after_a_killed_run(tiny_chat, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(_eval_cmd(tiny_chat, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) >= 1 + 5:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
+    killed = sigkill_when(proc, lambda: out.exists() and len(out.read_text().splitlines()) >= 1 + 5)
     written = out.read_text().splitlines()
-    assert proc.returncode == -signal.SIGKILL and 1 + 5 <= len(written) < 1 + total, "not killed mid-run"
+    assert killed and 1 + 5 <= len(written) < 1 + total, "not killed mid-run"
     with open(out, "a") as f:
         f.write('{"example": "300/0.2/0", "method": "fu')  # what a kill during a write leaves
     resumed = subprocess.run(_eval_cmd(tiny_chat, out), capture_output=True, text=True, env=env)

@@ -202,7 +202,7 @@ def test_cli_on_two_processes_with_a_mesh(tiny_ckpt, requests, clean, tmp_path):
     import socket
     import subprocess
     import sys
-    from conftest import REPO
+    from conftest import REPO, last_json
     src, _, _ = requests
     out = tmp_path / "out.jsonl"
     with socket.socket() as s:
@@ -215,7 +215,7 @@ def test_cli_on_two_processes_with_a_mesh(tiny_ckpt, requests, clean, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert [json.loads(o.strip().splitlines()[-1])["rows"] for o, _ in outputs] == [6, 6]
+    assert [last_json(o)["rows"] for o, _ in outputs] == [6, 6]
     lines = out.read_text().splitlines()
     assert len(lines) == 1 + 12 and [json.loads(line)["index"] for line in lines[1:]] == list(range(12))
     assert rows_of(out) == rows_of(clean)
@@ -226,11 +226,9 @@ def test_cli_resumes_after_sigkill(tiny_ckpt, tmp_path):
     """A real kill (SIGKILL) of `generate --input` after a few rows, then a rerun: every prompt exactly once,
     and the rows are a clean run's."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
-    from conftest import REPO
+    from conftest import REPO, sigkill_when
     prompts, _ = prompts_and_budgets(7, 30)
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "ids": p}) + "\n" for i, p in enumerate(prompts)))
@@ -240,15 +238,9 @@ def test_cli_resumes_after_sigkill(tiny_ckpt, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([*cmd, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) >= 1 + 3:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
+    killed = sigkill_when(proc, lambda: out.exists() and len(out.read_text().splitlines()) >= 1 + 3)
     kept = len(out.read_text().splitlines()) - 1
-    assert proc.returncode == -signal.SIGKILL and 3 <= kept < 30, "not killed mid-run"
+    assert killed and 3 <= kept < 30, "not killed mid-run"
     assert main(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out), *flags]) == 0
     assert main(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(clean), *flags]) == 0
     indices = [json.loads(line)["index"] for line in out.read_text().splitlines()[1:]]

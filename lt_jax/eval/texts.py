@@ -16,8 +16,14 @@ def read_text(path: str | Path) -> str:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """One JSON object per non-blank line."""
+    return [record for _, record in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: str | Path, text: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSONL file (or of its `text`, already read); a line that is
+    not a JSON object is one error naming the file and line."""
     records = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate((read_text(path) if text is None else text).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -26,7 +32,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
             raise LtJaxError(f"{path} line {number} is not valid JSON: {e.msg}.") from None
         if not isinstance(record, dict):
             raise LtJaxError(f"{path} line {number} is not a JSON object.")
-        records.append(record)
+        records.append((number, record))
     return records
 
 

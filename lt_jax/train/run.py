@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lt_jax import sharding
 from lt_jax.errors import LtJaxError
 from lt_jax.plan import Plan
 from lt_jax.train.data import Sequences, eval_batches, make_batch, read_sequences, step_rows
@@ -153,6 +154,8 @@ def train(model, plan: Plan, data_paths, out, settings: TrainSettings, options: 
     rows_per_step = options.batch_size * options.grad_accum
     manager = _manager(out, options.keep)
     state = init_state(model.params, settings, options.seed)
+    if model.mesh is not None:  # weights keep the model's shardings; counters join the mesh (one compilation)
+        state = sharding.onto_mesh(state, model.mesh)
     start = 0
     if manager.latest_step() is not None:
         state = _restore(manager, state)

@@ -200,10 +200,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_processes(model, out, port):
+def _start_processes(model, out, port, mesh="data=8,model=1"):
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=4")
     return [subprocess.Popen([sys.executable, "-m", "lt_jax.cli", "eval", str(model), "--out", str(out), "--json",
-                              *EVAL_ARGS, "--mesh", "data=8,model=1", "--coordinator", f"localhost:{port}",
+                              *EVAL_ARGS, "--mesh", mesh, "--coordinator", f"localhost:{port}",
                               "--num-processes", "2", "--process-id", str(i)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
 
@@ -251,6 +251,19 @@ def test_eval_on_two_processes(tiny_chat, tmp_path, capsys):
     lines = killed.read_text().splitlines()
     assert len(lines) == 1 + total and _rows(killed) == _rows(single)
     assert not list(tmp_path.glob("killed.jsonl.part-*"))
+
+
+def test_model_axis_across_processes_is_refused(tiny_chat, tmp_path):
+    """model=8 over two processes of 4 devices: each process would need the other's devices for every example; both
+    exit 2 with one sentence saying to keep `model` within a host, and nothing is written."""
+    out = tmp_path / "r.jsonl"
+    procs = _start_processes(tiny_chat, out, _free_port(), mesh="data=1,model=8")
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    for _, err in outputs:
+        message = [line for line in err.splitlines() if line.startswith("lt-jax eval: error:")]
+        assert len(message) == 1 and "spans several processes; keep those axes within one host" in message[0], err
+    assert not out.exists() and not list(tmp_path.glob("r.jsonl.part-*"))
 
 
 def test_processes_flags_go_together(tiny_chat, tmp_path, capsys):

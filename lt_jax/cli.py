@@ -374,13 +374,14 @@ def _eval_task(args, model):
 def cmd_eval(args) -> dict:
     """Every method on the same examples; rows to a resumable JSONL, then the summary (table, JSON, plots)."""
     import numpy as np
-    from lt_jax import distributed
+    from lt_jax import distributed, records
     from lt_jax.eval import evaluate, plots
     from lt_jax.lazy import calibrate
     methods = parse_list(args.methods, str, "--methods")
     if len(set(methods)) != len(methods):
         raise LtJaxError(f"--methods names a method twice: {args.methods}.")
     out = _writable(args.out or f"eval-{args.task}.jsonl", "--out")
+    records.read_rows(out, None, evaluate.row_key, "lt-jax eval")  # a file not ours: refused before the load
     plot = plots.check_path(args.plot, "--plot") if args.plot else None
     ratio_plot = plots.check_path(args.ratio_plot, "--ratio-plot") if args.ratio_plot else None
     model = load_model(args)

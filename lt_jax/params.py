@@ -14,6 +14,7 @@ where XLA:CPU would copy a stacked weight's slice before every product)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -91,16 +92,30 @@ def init_params(cfg: Config, key: jax.Array) -> dict:
     return jax.tree.unflatten(treedef, made)
 
 
-def split_layers(params: dict) -> dict:
-    """params on the device with `layers` a tuple of per-layer dicts, each leaf a buffer of its own (what a loaded
-    `Model` holds). Already split: only placed. On CPU the per-layer slices of host arrays may alias them."""
+def split_layers(params: dict, shardings: dict | None = None, consume: bool = False) -> dict:
+    """params with `layers` a tuple of per-layer dicts, each leaf a buffer of its own (what a loaded `Model`
+    holds), placed on the default device or, with `shardings` (the same split tree of NamedShardings,
+    `lt_jax.sharding.param_shardings(split=True)`), in their shards. Already split: only placed. Stacked: cut leaf
+    by leaf; with consume=True (a freshly restored tree nobody else holds) each stacked leaf is taken out of
+    `params["layers"]` and freed once cut, so splitting holds at most one stacked leaf beyond the split ones. On CPU
+    the per-layer slices of host arrays may alias them."""
+    where = (lambda *keys: None) if shardings is None else (  # noqa: E731
+        lambda *keys: functools.reduce(lambda tree, k: tree[k], keys, shardings))
+    rest = {k: jax.device_put(v, where(k)) for k, v in params.items() if k != "layers"}
     layers = params["layers"]
     if isinstance(layers, tuple):
-        return jax.device_put(params)
-    host = {name: np.asarray(stack) for name, stack in layers.items()}
-    count = len(host["attn_norm"])
-    rest = jax.device_put({name: a for name, a in params.items() if name != "layers"})
-    return {**rest, "layers": tuple(jax.device_put({name: a[i] for name, a in host.items()}) for i in range(count))}
+        return {**rest, "layers": tuple({n: jax.device_put(a, where("layers", i, n)) for n, a in layer.items()}
+                                        for i, layer in enumerate(layers))}
+    pending = layers if consume else dict(layers)
+    count = len(pending["attn_norm"])
+    out = [{} for _ in range(count)]
+    for name in list(pending):
+        stack = pending.pop(name)
+        cut = np.asarray(stack) if shardings is None else stack  # on a mesh: cut in place, shard by shard
+        for i in range(count):
+            out[i][name] = jax.device_put(cut[i], where("layers", i, name))
+        del stack, cut
+    return {**rest, "layers": tuple(out)}
 
 
 def stack_layers(params: dict) -> dict:

@@ -41,9 +41,10 @@ class Records:
         self.done.add(self.key(row))
 
 
-def read_rows(path: Path, meta: dict, key, what: str, repair: bool = False) -> list[dict]:
+def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = False) -> list[dict]:
     """The complete rows of `path` ([] if it does not exist), after checking that it is a file of `what` made with
-    `meta`. A half-written last line is dropped: truncated away with repair=True (the owner), else ignored."""
+    `meta` (None: any settings; a check that can run before the model loads). A half-written last line is
+    dropped: truncated away with repair=True (the owner), else ignored."""
     path = Path(path)
     if not path.exists() or not path.stat().st_size:
         return []
@@ -57,7 +58,7 @@ def read_rows(path: Path, meta: dict, key, what: str, repair: bool = False) -> l
     if not lines or "meta" not in lines[0]:
         raise LtJaxError(f"{path} is not a results file of {what} (its first line is not the settings line); give "
                          f"another output file.")
-    if lines[0]["meta"] != meta:
+    if meta is not None and lines[0]["meta"] != meta:
         old = lines[0]["meta"] or {}
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         raise LtJaxError(f"{path} holds results made with other settings ({', '.join(diff)} differ); give another "

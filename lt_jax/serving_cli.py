@@ -65,6 +65,11 @@ def read_requests(path: Path) -> tuple[list[dict], str]:
     return records, hashlib.sha256(raw).hexdigest()
 
 
+def row_key(row: dict) -> int:
+    """An output row's key: its prompt's place in the input."""
+    return int(row["index"])
+
+
 def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -100,6 +105,7 @@ def generate_file(args) -> dict:
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise LtJaxError(f"--output {out} is the --input file.")
     records_in, digest = read_requests(src)
+    records.read_rows(out, None, row_key, WHAT)  # a file not ours: refused before the load
     stop = None if args.stop_ids is None else tuple(parse_ids(args.stop_ids, "--stop-ids"))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop).check()
     model = load_model(args)
@@ -123,7 +129,7 @@ def generate_file(args) -> dict:
                          "top_p": args.top_p, "seed": args.seed, "stop_ids": None if stop is None else list(stop)},
             "input_sha256": digest}
     index, count = distributed.share()  # this process's index, the process count
-    key = lambda row: int(row["index"])  # noqa: E731
+    key = row_key
     if count == 1 and records.part_paths(out):  # parts of an earlier multi-process run
         records.merge_parts(out, meta, key, key, WHAT)
     writer = (records.Records(out, meta, key, WHAT) if count == 1 else

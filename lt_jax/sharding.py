@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.params import ParamSpec, param_specs
+from lt_jax.params import ParamSpec, param_specs, split_layers
 
 # logical axis -> mesh axis; the first rule whose mesh axis exists (and is not already used by the leaf) wins.
 RULES: tuple[tuple[str, str | None], ...] = (
@@ -154,24 +154,8 @@ def rows_sharding(mesh: Mesh, shape: tuple, rules=RULES) -> NamedSharding:
 
 
 def place_params(params: dict, cfg: Config, mesh: Mesh, rules=RULES, consume: bool = False) -> dict:
-    """Stacked (or already split) params, on the host or on devices -> per-layer buffers placed with their
-    shardings (`params.split_layers`' storage). With consume=True (a freshly restored tree nobody else holds) each
-    stacked leaf is taken out of `params["layers"]` and cut into its layers before the next, so placing holds at
-    most one stacked leaf beyond the placed ones; otherwise `params` is left as it was."""
-    shardings = param_shardings(cfg, mesh, rules, split=True)
-    rest = {k: jax.device_put(v, shardings[k]) for k, v in params.items() if k != "layers"}
-    layers = params["layers"]
-    if isinstance(layers, tuple):
-        return {**rest, "layers": tuple({n: jax.device_put(a, shardings["layers"][i][n]) for n, a in layer.items()}
-                                        for i, layer in enumerate(layers))}
-    pending = layers if consume else dict(layers)  # popped leaf by leaf: each stacked leaf freed once cut
-    out = [{} for _ in range(cfg.num_layers)]
-    for name in list(pending):
-        stack = pending.pop(name)
-        for i in range(cfg.num_layers):
-            out[i][name] = jax.device_put(stack[i], shardings["layers"][i][name])
-        del stack
-    return {**rest, "layers": tuple(out)}
+    """Stacked (or already split) params -> per-layer buffers in their shardings (`params.split_layers`)."""
+    return split_layers(params, param_shardings(cfg, mesh, rules, split=True), consume)
 
 
 def onto_mesh(tree, mesh: Mesh):

@@ -246,3 +246,16 @@ def test_cli_resumes_after_sigkill(tiny_ckpt, tmp_path):
     indices = [json.loads(line)["index"] for line in out.read_text().splitlines()[1:]]
     assert sorted(indices) == list(range(30))  # none missing, none twice
     assert rows_of(out) == rows_of(clean)
+
+
+def test_cli_refuses_a_foreign_output_before_loading(requests, tmp_path, capsys):
+    """An --output that is not a results file (the user's notes) is refused, named, and left as it was; the check
+    runs before the model loads (the model path here does not even exist)."""
+    src, _, _ = requests
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nlast line without newline")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "no-model"), "--input", str(src), "--output", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"{notes} line 1 is not valid JSON" in err and err.count("\n") == 1
+    assert notes.read_text() == "my notes\nlast line without newline"

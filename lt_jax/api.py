@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax import sharding
+from lt_jax import calibration, probes, sharding
 from lt_jax.batching import as_batch, bucket, left_pad
 from lt_jax.cache import KVCache, init_cache, restrict
 from lt_jax.config import Config
@@ -91,14 +91,19 @@ class Model:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def plan(self, plan: Plan | str | None = None, **flags) -> Plan:
-        """A Plan from a Plan, a spec (`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer`, a
+        """A Plan from a Plan, a spec (`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer`,
+        `retrieval-aware[:PROBE|:FILE]` (reads the calibration `lt-jax calibrate` saved next to the checkpoint), a
         .json path), or None: the model's default plan (a trained hybrid's training plan; otherwise every layer
-        full); flags: lazy_fraction, sink, window, preset, prefill, w_last."""
+        full); flags: lazy_fraction, sink, window, preset, prefill, w_last, protect."""
         if isinstance(plan, Plan):
             return plan.validate(self.config)
         flags = {k: v for k, v in flags.items() if v is not None}
+        name, _, source = (plan or "").partition(":")
+        if name == "retrieval-aware":
+            flags["calibration"] = calibration.find(self.path, source or probes.DEFAULT, self.config)[0]
         if plan is None and self.default_plan is not None:
             flags.pop("lazy_fraction", None)  # the stored plan fixes its layers; S, W and the prefill may change
+            flags.pop("protect", None)
             return override(self.default_plan, **flags).validate(self.config)
         return make_plan(plan or "full", self.config, **flags)
 

@@ -157,7 +157,25 @@ def load_model(args):
 def plan_from_args(model, args):
     return model.plan(args.plan, lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window,
                       preset=args.stream_preset, prefill=getattr(args, "prefill", None),
-                      w_last=getattr(args, "w_last", None))
+                      w_last=getattr(args, "w_last", None), protect=getattr(args, "protect", None))
+
+
+METHOD_OPTIONS = {"lazy_fraction": float, "w_last": int, "protect": int}
+
+
+def method_plan(model, method: str, flags: dict):
+    """An eval method: a plan spec with optional per-method flags after `@`, e.g.
+    `lighttransfer@w_last=1@lazy_fraction=0.25` (options: lazy_fraction, w_last, protect)."""
+    spec, *options = method.split("@")
+    flags = dict(flags)
+    for option in options:
+        key, _, value = option.partition("=")
+        try:
+            flags[key] = METHOD_OPTIONS[key](value)
+        except (KeyError, ValueError):
+            raise LtJaxError(f"method {method!r}: {option!r} is not OPTION=VALUE with OPTION one of "
+                             f"{', '.join(METHOD_OPTIONS)}.") from None
+    return model.plan(spec, **flags)
 
 
 def plan_json(plan) -> dict:
@@ -341,6 +359,58 @@ def cmd_identify(args) -> dict:
     return record
 
 
+def cmd_calibrate(args) -> dict:
+    """A probe's per-head scores for the model -> a calibration file (next to the checkpoint by default) that
+    `retrieval-aware` plans read."""
+    import datetime
+
+    import jax
+    from lt_jax import assets, probes
+    from lt_jax.calibration import Calibration, default_path
+    from lt_jax.eval.plots import check_path
+    from lt_jax.plan import default_protect, num_lazy
+    out = _writable(args.out, "--out")
+    plot = check_path(args.plot, "--plot") if args.plot else None
+    lengths = parse_list(args.lengths, int, "--lengths")
+    model = load_model(args)
+    if out is None:
+        if model.path is None or not Path(model.path).is_dir():
+            raise LtJaxError(f"{args.model} has no checkpoint folder to save the calibration next to; give --out.")
+        out = default_path(model.path, args.probe)
+    settings = {"samples": args.samples, "seed": args.seed}
+    if args.probe == "retrieval":
+        files = args.haystack or sorted(Path(assets.essays()).glob("*.txt"))
+        haystack = model.encode("\n\n".join(read_text(f) for f in files))
+        context = model.config.max_position_embeddings
+        if max(lengths) > context:
+            raise LtJaxError(f"--lengths {max(lengths)} exceeds the model's context of {context} tokens.")
+        found = probes.retrieval_scores(model, haystack, lengths, args.samples, args.seed, progress=not args.json)
+        settings |= {"lengths": lengths, "format": "unkeyed needle in essays (tasks.needle_prompt)",
+                     "haystack": [str(f) for f in args.haystack or []]}
+    else:
+        found = probes.induction_scores(model, args.span, args.samples, args.queries, args.seed,
+                                        progress=not args.json)
+        settings |= {"span": args.span, "queries": args.queries}
+    provenance = {"model": model.label, "checkpoint": str(model.path), "probe": args.probe, "settings": settings,
+                  **{k: v for k, v in found.items() if k != "head_scores"},
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "jax": jax.__version__}
+    cal = Calibration(args.probe, tuple(tuple(float(x) for x in row) for row in found["head_scores"]), provenance)
+    cal.save(out)
+    L = model.config.num_layers
+    protect = cal.protected(default_protect(L, num_lazy(L, 0.5)))
+    if plot:
+        from lt_jax.eval.plots import plot_calibration
+        plot_calibration(found["head_scores"], plot, f"{model.label}: {args.probe} probe; layers protected at 50 % "
+                         f"lazy: {list(protect)}", protect)
+    scores = [round(float(x), 4) for x in cal.layer_scores]
+    if not args.json:
+        print(f"{args.probe} layer scores (max over heads): {scores}")
+        print(f"protected at 50 % lazy: {list(protect)} -> {out}" + (f" (plot: {plot})" if plot else ""))
+    return {"out": str(out), "probe": args.probe, "layer_scores": scores, "protected_at_half": list(protect),
+            "provenance": provenance}
+
+
 def _writable(path: str | None, flag: str) -> Path | None:
     if path is None:
         return None
@@ -386,8 +456,8 @@ def cmd_eval(args) -> dict:
     ratio_plot = plots.check_path(args.ratio_plot, "--ratio-plot") if args.ratio_plot else None
     model = load_model(args)
     flags = dict(lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window, preset=args.stream_preset,
-                 prefill=args.prefill, w_last=args.w_last)
-    plans = {m: model.plan(m, **flags) for m in methods}
+                 prefill=args.prefill, w_last=args.w_last, protect=args.protect)
+    plans = {m: method_plan(model, m, flags) for m in methods}
     task = _eval_task(args, model)
     meta = {"task": task.name, "model": model.label, "settings": task.settings,
             "plan_flags": {k: v for k, v in flags.items() if v is not None},
@@ -429,8 +499,9 @@ def _plan_flags(s, with_plan=True):
     if with_plan:
         s.add_argument("--plan", default=None,
                        help="full | streaming | first | last | random[:SEED] | lighttransfer (chosen per prompt "
-                            "from the lazy ratios) | PLAN.json (default: the model's stored plan, which a trained "
-                            "hybrid has; otherwise full)")
+                            "from the lazy ratios) | retrieval-aware[:PROBE|:CALIBRATION.json] (lighttransfer that "
+                            "never makes the calibration's most copying layers lazy; run `lt-jax calibrate` first) | "
+                            "PLAN.json (default: the model's stored plan, which a trained hybrid has; otherwise full)")
     s.add_argument("--lazy-fraction", type=FRACTION, default=0.5, help="fraction of lazy layers (default 0.5)")
     s.add_argument("--sink", type=NON_NEGATIVE, default=None, help="sink tokens S of streaming layers (default 4)")
     s.add_argument("--window", type=POSITIVE, default=None, help="window W of streaming layers (default 1020)")
@@ -440,6 +511,9 @@ def _plan_flags(s, with_plan=True):
                    help="exact: full attention over the prompt in every layer (default); hybrid: each layer's mask")
     s.add_argument("--w-last", type=POSITIVE, default=None,
                    help="lighttransfer: last prompt queries that measure the lazy ratios (default 32)")
+    s.add_argument("--protect", type=NON_NEGATIVE, default=None,
+                   help="retrieval-aware: layers of highest calibration score that never go lazy (default: a fifth "
+                        "of the layers, at most those that stay full)")
 
 
 def _run_flags(s, processes: bool = False):
@@ -597,6 +671,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--w-last", type=POSITIVE, default=32, help="last queries that measure the ratios (default 32)")
     s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
                    help="prefill mode stored in the plan (default exact)")
+    s = add("calibrate", cmd_calibrate, "measure how much each layer's heads copy from far back (a once-per-model "
+            "probe) and save it next to the checkpoint for the retrieval-aware plan")
+    _run_flags(s)
+    s.add_argument("model", help="checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)")
+    s.add_argument("--probe", choices=["retrieval", "induction"], default="retrieval",
+                   help="retrieval: top-1 copy score while the model answers needles in essays (Wu et al.); "
+                        "induction: attention on the successor of a repeated random token (data-free)")
+    s.add_argument("--samples", type=POSITIVE, default=8, help="prompts per length (retrieval) or rows (induction)")
+    s.add_argument("--lengths", default="2048,4096", help="retrieval: prompt lengths in tokens (default 2048,4096)")
+    s.add_argument("--span", type=POSITIVE, default=1024, help="induction: tokens of the repeated block (default 1024)")
+    s.add_argument("--queries", type=POSITIVE, default=64, help="induction: scored queries per row (default 64)")
+    s.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the prompts (default 0)")
+    s.add_argument("--haystack", nargs="+", default=None, help="retrieval: text files (default: the essays)")
+    s.add_argument("--out", default=None, help="calibration JSON (default: calibration-PROBE.json in the checkpoint)")
+    s.add_argument("--plot", default=None, help="also draw the heads x layers scores (PNG or SVG)")
     s = add("eval", cmd_eval, "run evaluation methods side by side on one task (niah, passkey, ppl, longbench); "
             "per-example rows go to a resumable JSONL, then a summary table and plots")
     _run_flags(s, processes=True)
@@ -604,8 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", required=True, choices=["niah", "passkey", "ppl", "longbench"],
                    help="niah: needles in the essays (RULER); passkey; ppl: decode-mode perplexity; longbench")
     s.add_argument("--methods", default="full,lighttransfer,streaming",
-                   help="comma-separated plans: full, lighttransfer, streaming, random[:SEED], first, last, "
-                        "PLAN.json (default: full,lighttransfer,streaming)")
+                   help="comma-separated plans: full, lighttransfer, retrieval-aware[:PROBE], streaming, "
+                        "random[:SEED], first, last, PLAN.json, each with optional @OPTION=VALUE overrides "
+                        "(lazy_fraction, w_last, protect), e.g. lighttransfer@w_last=1 (default: "
+                        "full,lighttransfer,streaming)")
     s.add_argument("--out", default=None, help="results JSONL; a rerun resumes it (default: eval-TASK.jsonl)")
     s.add_argument("--plot", default=None, help="PNG: depth x length heat maps (niah, passkey) or bars")
     s.add_argument("--ratio-plot", default=None, help="PNG: per-layer lazy ratios over the prompts (lighttransfer)")
@@ -654,7 +745,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps(result))
-    elif args.command not in ("demo", "generate", "eval", "bench", "identify", "ppl", "train"):
+    elif args.command not in ("demo", "generate", "eval", "bench", "identify", "ppl", "train", "calibrate"):
         print("\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 

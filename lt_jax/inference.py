@@ -22,17 +22,18 @@ from lt_jax.cache import (KVCache, evict, ordered_after, read_slot, write_layer_
                           write_step_kv)
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.lazy import init_queue, lazy_ratio, push
+from lt_jax.lazy import init_queue, lazy_ratio, push, queue_score
 from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers, unembed
-from lt_jax.plan import LayerPlan, PlanShape
+from lt_jax.plan import LayerPlan, PlanShape, Selection
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape", "all_logits"), donate_argnames=("cache",))
-def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | None, cfg: Config, shape: PlanShape,
-            all_logits: bool = False):
+def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | Selection, cfg: Config,
+            shape: PlanShape, all_logits: bool = False):
     """Run a prompt chunk [B, T] (left padded: position -1) from an empty cache.
 
-    `layers`: the fixed plan as data; None when `shape.select` (the prefill chooses). Returns, for every plan, the
+    `layers`: the fixed plan as data, or when `shape.select` (the prefill chooses) the `Selection`: the queue
+    ranks a protected layer below every other (`queue_score`), so it stays full. Returns, for every plan, the
     same structure: (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache; the
     LayerPlan decode runs with; ratios float32 [L, B, N], every layer's lazy ratio per row and query head, NaN
     unless `shape.select`)."""
@@ -40,13 +41,14 @@ def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | None,
     L, native = cfg.num_layers, cfg.sliding_window or FULL
     cache = write_positions(cache, positions, shape.sink, shape.window)  # evictions read the ring's positions
     queue = init_queue(L, L - shape.num_lazy) if shape.select else None
-    if layers is None:  # where the queue's choices will go; only is_lazy / slot are read below
+    protected = layers.protected if shape.select else jnp.zeros(L, bool)
+    if shape.select:  # where the queue's choices will go; only is_lazy / slot are read below
         layers = LayerPlan.of(np.zeros(L, bool), np.zeros(L, np.int32), shape, cfg)
     x = params["embed"][tokens]
 
     def step(carry, layer):
         x, kv, queue = carry
-        lp, (layer_id, is_lazy, slot) = layer
+        lp, (layer_id, is_lazy, slot, protect) = layer
 
         def attention(q, k, v):
             full = lambda: attend_causal(q, k, v, positions, 0, native)  # noqa: E731
@@ -59,7 +61,7 @@ def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | None,
                 return out, (write_layer_kv(kv, k, v, positions, is_lazy, slot, shape.sink, shape.window), queue,
                              jnp.full(q.shape[:1] + q.shape[2:3], jnp.nan, jnp.float32))
             ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
-            queue_after, lazy, at, full_slot, evict_to = push(queue, layer_id, jnp.mean(ratio))
+            queue_after, lazy, at, full_slot, evict_to = push(queue, layer_id, queue_score(jnp.mean(ratio), protect))
             after_eviction, at = evict(kv, full_slot, evict_to, cache.ring_pos, at)
             return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window),
                          queue_after, ratio)
@@ -67,7 +69,7 @@ def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | None,
         x, (kv, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
         return (x, kv, queue), ratio
 
-    xs = (jnp.arange(L), layers.is_lazy, layers.slot)
+    xs = (jnp.arange(L), layers.is_lazy, layers.slot, protected)
     (x, kv, queue), ratios = scan_layers(step, (x, cache.kv, queue), params["layers"], xs)
     if shape.select:
         layers = LayerPlan.of(queue.is_lazy, queue.slot, shape, cfg)

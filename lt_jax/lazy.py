@@ -83,6 +83,15 @@ def push(queue: Queue, layer, ratio):
     return queue, lazy, index, slot, jnp.where(evict, ring, num_layers)
 
 
+PROTECTED = 2.0  # subtracted from a protected layer's ratio (ratios lie in [0, 1]): it ranks below every other
+
+
+def queue_score(ratio, protected):
+    """What the queue ranks a layer by: its ratio, less PROTECTED if a retrieval-aware plan protects it (works on
+    numpy and traced values)."""
+    return ratio - PROTECTED * protected
+
+
 def top_lazy(ratios, num_lazy: int) -> np.ndarray:
     """The global choice the queue must reach: the `num_lazy` layers of highest ratio, ties to the higher index.
     ratios [L] -> sorted layer indices."""

@@ -6,6 +6,8 @@ three forms code needs (docs/design.md §9, §10):
   mode, whether the prefill selects the lazy layers, w_last. Never *which* layers.
 - `LayerPlan` (`plan.layers(cfg)`): the per-layer data jitted code reads: is_lazy, the cache slot of the layer's
   kind, and the mask's sink/window per layer. A selecting prefill returns the LayerPlan it chose.
+- `Selection` (`plan.prefill_layers(cfg)` of a selecting plan): what the selecting prefill reads as data, the
+  layers it must keep full (a `retrieval-aware` plan's protected layers; none for `lighttransfer`).
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ class Plan:
     # (lazy_layers is then empty until `resolve`); None = the lazy layers are fixed.
     select_lazy: int | None = None
     w_last: int = DEFAULT_W_LAST
+    # retrieval-aware: layers the per-prompt selection never makes lazy (from a calibration, docs/design.md §14);
+    # data to the prefill, so another calibration of the same count does not recompile
+    protect: tuple[int, ...] = ()
 
     @classmethod
     def full(cls, num_layers: int) -> "Plan":
@@ -51,7 +56,8 @@ class Plan:
 
     def resolve(self, lazy_layers) -> "Plan":
         """The fixed plan a per-prompt selection chose."""
-        return dataclasses.replace(self, lazy_layers=tuple(sorted(int(i) for i in lazy_layers)), select_lazy=None)
+        return dataclasses.replace(self, lazy_layers=tuple(sorted(int(i) for i in lazy_layers)), select_lazy=None,
+                                   protect=())
 
     def validate(self, cfg: Config, where: str = "plan") -> "Plan":
         if self.num_layers != cfg.num_layers:
@@ -74,6 +80,14 @@ class Plan:
                                  f"(got prefill={self.prefill!r}).")
             if self.w_last < 1:
                 raise LtJaxError(f"{where} has w_last={self.w_last}; need at least 1 query.")
+        if self.protect:
+            bad = [i for i in self.protect if not 0 <= i < cfg.num_layers]
+            if self.select_lazy is None or bad or len(set(self.protect)) != len(self.protect):
+                raise LtJaxError(f"{where} protects layers {list(self.protect)}; protection needs a per-prompt "
+                                 f"selection and distinct layers in 0..{cfg.num_layers - 1}.")
+            if len(self.protect) > cfg.num_layers - self.select_lazy:
+                raise LtJaxError(f"{where} protects {len(self.protect)} layers but keeps only "
+                                 f"{cfg.num_layers - self.select_lazy} full; protect fewer or make fewer lazy.")
         return self
 
     @property
@@ -89,9 +103,13 @@ class Plan:
         is_lazy[list(self.lazy_layers)] = True
         return LayerPlan.of(is_lazy, slots_in_order(is_lazy), self.shape, cfg)
 
-    def prefill_layers(self, cfg: Config) -> "LayerPlan | None":
-        """What `inference.prefill` takes as the plan's data: None when the prefill chooses the lazy layers."""
-        return None if self.select_lazy is not None else self.layers(cfg)
+    def prefill_layers(self, cfg: Config) -> "LayerPlan | Selection":
+        """What `inference.prefill` takes as the plan's data: the fixed plan, or what a selection reads."""
+        if self.select_lazy is None:
+            return self.layers(cfg)
+        protected = np.zeros(self.num_layers, bool)
+        protected[list(self.protect)] = True
+        return Selection(jnp.asarray(protected))
 
     def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
         """Deprecated: per-layer (sink, window) int32 [L]; use `plan.layers(cfg)`."""
@@ -105,6 +123,10 @@ class Plan:
         d["lazy_layers"] = list(self.lazy_layers)
         if d["select_lazy"] is None:
             del d["select_lazy"]
+        if self.protect:
+            d["protect"] = list(self.protect)
+        else:
+            del d["protect"]
         return json.dumps(d)
 
     @classmethod
@@ -131,7 +153,8 @@ class Plan:
                        window=whole(d.get("window", DEFAULT_WINDOW), "window"),
                        source=str(d.get("source", source or "stored")), prefill=str(d.get("prefill", "exact")),
                        select_lazy=None if d.get("select_lazy") is None else whole(d["select_lazy"], "select_lazy"),
-                       w_last=whole(d.get("w_last", DEFAULT_W_LAST), "w_last"))
+                       w_last=whole(d.get("w_last", DEFAULT_W_LAST), "w_last"),
+                       protect=tuple(sorted(whole(i, "a protected layer") for i in d.get("protect", ()))))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise LtJaxError(f"cannot read {where}: {e}.") from None
         return plan.validate(cfg, where=where)
@@ -175,6 +198,13 @@ class LayerPlan:
         return tuple(int(i) for i in np.flatnonzero(np.asarray(self.is_lazy)))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Selection:
+    """A selecting plan as data for the prefill: the layers its queue must keep full (bool [L])."""
+    protected: jax.Array
+
+
 def slots_in_order(is_lazy: np.ndarray) -> np.ndarray:
     """A fixed plan's slots: the lazy layers take ring slots 0, 1, ... in layer order, the others full slots."""
     slot = np.zeros(len(is_lazy), np.int32)
@@ -188,11 +218,19 @@ def num_lazy(num_layers: int, lazy_fraction: float) -> int:
     return int(np.floor(lazy_fraction * num_layers + 0.5))
 
 
+def default_protect(num_layers: int, num_lazy: int) -> int:
+    """How many layers a retrieval-aware plan protects unless told: a fifth of the layers (rounded), never more
+    than stay full. Chosen from the measurements in results/README.md ("Retrieval-aware selection")."""
+    return min(num_layers - num_lazy, int(np.floor(0.2 * num_layers + 0.5)))
+
+
 def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | None = None,
               window: int | None = None, preset: str | None = None, prefill: str | None = None,
-              w_last: int | None = None) -> Plan:
-    """`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer` (chosen per prompt), or a plan JSON
-    path; flags override S/W/prefill."""
+              w_last: int | None = None, calibration=None, protect: int | None = None) -> Plan:
+    """`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer` (chosen per prompt),
+    `retrieval-aware[:PROBE|:FILE]` (chosen per prompt, never making the `protect` layers of highest calibration
+    score lazy; `calibration` is the `lt_jax.calibration.Calibration` it names), or a plan JSON path; flags
+    override S/W/prefill."""
     if not 0.0 <= lazy_fraction <= 1.0:
         raise LtJaxError(f"lazy_fraction={lazy_fraction} is outside [0, 1].")
     if preset is not None and preset not in PRESETS:
@@ -211,6 +249,16 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
     elif name == "lighttransfer":
         plan = Plan(num_layers=L, select_lazy=n, source=f"lighttransfer:{lazy_fraction:g}")
         return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
+    elif name == "retrieval-aware":
+        if calibration is None:
+            raise LtJaxError("the retrieval-aware plan needs a calibration; run `lt-jax calibrate MODEL` first.")
+        count = default_protect(L, n) if protect is None else protect
+        if not 0 <= count <= L - n:
+            raise LtJaxError(f"--protect {count} must lie in 0..{L - n} (the layers that stay full at "
+                             f"--lazy-fraction {lazy_fraction:g}).")
+        plan = Plan(num_layers=L, select_lazy=n, protect=calibration.protected(count),
+                    source=f"retrieval-aware:{calibration.probe}:{lazy_fraction:g}:protect={count}")
+        return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
     elif name == "random":
         try:
             seed = int(arg or 0)
@@ -222,7 +270,7 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
         return override(plan, sink, window, preset, prefill, w_last).validate(cfg, where=f"plan file {spec}")
     else:
         raise LtJaxError(f"unknown plan {spec!r} (full, streaming, first, last, random[:SEED], lighttransfer, "
-                         f"or a .json file).")
+                         f"retrieval-aware[:PROBE], or a .json file).")
     plan = Plan(num_layers=L, lazy_layers=layers, source=spec)
     return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
 

@@ -26,7 +26,7 @@ from lt_jax import distributed, records
 from lt_jax.errors import LtJaxError
 from lt_jax.eval import tasks
 from lt_jax.inference import Sampling
-from lt_jax.lazy import top_lazy
+from lt_jax.lazy import queue_score, top_lazy
 from lt_jax.plan import Plan
 
 
@@ -218,35 +218,45 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
     measure = Plan(cfg.num_layers, select_lazy=0, source="measure",
                    **({k: getattr(selecting[0], k) for k in ("sink", "window", "w_last")} if selecting else {}))
     base = {"example": example.id, "cell": example.cell}
+    measured = {}  # (sink, window, w_last) -> ratios [L]; the shared prefill measures the first selecting plan's
+
+    def ratios_for(plan: Plan, prompt: list[int]):
+        key = (plan.sink, plan.window, plan.w_last)
+        if key not in measured:  # another query set: one more exact prefill, ring caches only
+            measured[key] = model.lazy_ratios(prompt, *key)
+        return measured[key]
+
     if example.max_new_tokens == 0:  # perplexity
         tokens = np.asarray([example.ids], np.int32)
-        ratios = model.lazy_ratios(example.ids[:example.prefix], measure.sink, measure.window,
-                                   measure.w_last) if selecting else None
         for name, plan in methods.items():
             t0 = time.perf_counter()
+            ratios = ratios_for(plan, example.ids[:example.prefix]) if plan.select_lazy is not None else None
             plan = _fixed(plan, ratios)
             prefix = None if plan.prefill == "hybrid" else example.prefix  # hybrid: the prompt streams too
             nll = model.token_nll(tokens, plan, prefix)[0, example.prefix - 1:]
             yield {**base, "method": name, "lazy_layers": list(plan.lazy_layers), "nll_sum": float(np.sum(nll)),
                    "tokens": int(nll.shape[0]), "seconds": round(time.perf_counter() - t0, 3),
-                   **({"ratios": _round(ratios)} if methods[name].select_lazy is not None else {})}
+                   **({"ratios": _round(ratios)} if ratios is not None else {})}
         return
-    shared, ratios = None, None
+    shared = None
     for name, plan in methods.items():
         t0 = time.perf_counter()
+        ratios = None
         if plan.prefill == "hybrid":  # its own prefill: lazy layers stream over the prompt too
             result = model.generate([example.ids], plan=plan, max_new_tokens=example.max_new_tokens)[0]
             ids, fixed = result["ids"], result["plan"]
         else:
             if shared is None:
-                shared, ratios = measure_prefill(model, example, measure)
+                shared, first = measure_prefill(model, example, measure)
+                measured[(measure.sink, measure.window, measure.w_last)] = first
+            ratios = ratios_for(plan, example.ids) if plan.select_lazy is not None else None
             fixed = _fixed(plan, ratios)
             ids = generate_from(model, shared, fixed, example.max_new_tokens)
         answer = model.decode(ids)
         yield {**base, "method": name, "lazy_layers": list(fixed.lazy_layers), "answer": answer,
                "target": example.target if isinstance(example.target, str) else None,
                "score": task.score(example, answer), "seconds": round(time.perf_counter() - t0, 3),
-               **({"ratios": _round(ratios)} if plan.select_lazy is not None else {})}
+               **({"ratios": _round(ratios)} if ratios is not None else {})}
 
 
 def measure_prefill(model, example: Example, measure: Plan):
@@ -256,7 +266,10 @@ def measure_prefill(model, example: Example, measure: Plan):
 
 
 def _fixed(plan: Plan, ratios) -> Plan:
-    return plan if plan.select_lazy is None else plan.resolve(top_lazy(ratios, plan.select_lazy))
+    if plan.select_lazy is None:
+        return plan
+    protected = np.isin(np.arange(plan.num_layers), plan.protect)
+    return plan.resolve(top_lazy(queue_score(np.asarray(ratios), protected), plan.select_lazy))
 
 
 def generate_from(model, shared, plan: Plan, max_new_tokens: int, stop_ids=None) -> list[int]:

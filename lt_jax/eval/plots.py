@@ -105,3 +105,28 @@ def plot_bars(values: dict, path: str | Path, title: str, ylabel: str) -> None:
     _title(ax, title, int(11 * fig.get_size_inches()[0]))
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_calibration(head_scores, path: str | Path, title: str, protected=()) -> None:
+    """A calibration: the heads x layers score map above each layer's max (what selection reads) and mean (what
+    hides a lone copying head), protected layers marked."""
+    import numpy as np
+    plt = _pyplot()
+    scores = np.asarray(head_scores)
+    L = scores.shape[0]
+    layers = np.arange(L)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.28 * L), 5.4), dpi=120, sharex=True,
+                                      gridspec_kw={"height_ratios": [1, 1.2]})
+    image = top.imshow(scores.T, aspect="auto", cmap="viridis", origin="lower",
+                       extent=(-0.5, L - 0.5, -0.5, scores.shape[1] - 0.5))
+    fig.colorbar(image, ax=top, pad=0.01).set_label("head score", fontsize=8)
+    top.set_ylabel("query head")
+    bottom.bar(layers, scores.max(axis=1), color=["tab:red" if i in protected else "tab:blue" for i in layers],
+               label="layer score: max over heads (red: protected)")
+    bottom.plot(layers, scores.mean(axis=1), "k.-", lw=1, label="mean over heads")
+    bottom.set_xlabel("layer")
+    bottom.set_ylabel("score")
+    bottom.legend(fontsize=7)
+    _title(fig, title, 110)
+    fig.tight_layout()
+    _save(fig, path)

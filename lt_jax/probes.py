@@ -1,0 +1,177 @@
+"""Calibration probes: how much each attention head copies from far back in the prompt (docs/design.md §14).
+
+Both probes run one exact forward (every layer full) per sample and read, for a few query columns, each query
+head's attention over the whole prompt (`attention_on`): whether its top-1 key is one of the query's targets, and
+the probability mass on them. They differ in the prompts and the targets:
+
+- `retrieval` (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality"): a number hidden
+  in essays (`tasks.needle_prompt`, the unkeyed needle, a format the evaluation tasks do not use); the model's own
+  greedy answer (all layers full) is replayed, and for every answer token that is one of the needle's tokens the
+  query predicting it targets the needle positions holding that token. A head's score is its top-1 hit rate over
+  those answer tokens, averaged over the samples the full model answers right (the others are skipped).
+- `induction` (RazorAttention's echo/induction heads, data-free): random tokens, a block of `span` tokens repeated
+  once; a query in the second copy targets the token after its previous occurrence, `span` positions back (beyond
+  a window of W < span). A head's score is its mean attention mass there.
+
+A layer's score is the maximum over its heads: one copying head among nine is what a layer mean hides.
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lt_jax.attention import FULL, attend_causal, masked_scores
+from lt_jax.batching import bucket, left_pad
+from lt_jax.config import Config
+from lt_jax.errors import LtJaxError
+from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers
+
+PROBES = ("retrieval", "induction")
+DEFAULT = "retrieval"  # what `retrieval-aware` reads unless a probe is named (results/README.md)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def attention_on(params, tokens, positions, queries, targets, cfg: Config):
+    """One exact forward of a row tokens/positions [1, T]; for the query columns `queries` int32 [Q] and their
+    target keys `targets` bool [Q, T] -> (hit bool [L, N, Q]: the head's top-1 key is a target; mass float32
+    [L, N, Q]: its attention probability on the targets). Attention uses each layer's full mask."""
+    native = cfg.sliding_window or FULL
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    q_pos = positions[:, queries]
+
+    def step(x, layer):
+        lp, _ = layer
+
+        def attention(q, k, v):
+            scores = masked_scores(q[:, queries], k, q_pos, positions, 0, native)  # [1, K, G, Q, T]
+            probs = jax.nn.softmax(scores, axis=-1).reshape(-1, *scores.shape[-2:])  # [N, Q, T]
+            top = jnp.argmax(probs, axis=-1)
+            hit = jnp.take_along_axis(targets[None], top[..., None], axis=-1)[..., 0]
+            mass = jnp.sum(jnp.where(targets[None], probs, 0.0), axis=-1)
+            return attend_causal(q, k, v, positions, 0, native), (hit, mass)
+
+        return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
+
+    _, (hit, mass) = scan_layers(step, params["embed"][tokens], params["layers"], jnp.arange(cfg.num_layers))
+    return hit, mass
+
+
+def probe_row(model, ids: list[int], queries: list[int], targets: np.ndarray, width: int = 0):
+    """`attention_on` for one sequence, left padded to its bucket (or `width`), with the query list padded to a
+    fixed size by repeating the last (their results are dropped) -> (hit [L, N, Q], mass [L, N, Q]) numpy."""
+    T = max(width, bucket(len(ids)))
+    tokens, positions = left_pad([ids], T)
+    pad = T - len(ids)
+    Q = bucket(len(queries), 8)
+    cols = np.asarray(list(queries) + [queries[-1]] * (Q - len(queries)), np.int32) + pad
+    tgt = np.zeros((Q, T), bool)
+    tgt[:len(queries), pad:] = targets
+    hit, mass = attention_on(model.params, model.rows(tokens), model.rows(positions), jnp.asarray(cols),
+                             jnp.asarray(tgt), model.config)
+    return np.asarray(hit)[..., :len(queries)], np.asarray(mass)[..., :len(queries)]
+
+
+def digit_runs(model, ids: list[int]) -> list[tuple[int, int, str]]:
+    """(start, end, digits) of every maximal run of tokens that decode to digits only (spaces aside)."""
+    runs, start = [], None
+    texts = [model.decode([t]).strip() for t in ids]
+    for i, text in enumerate(texts + [""]):
+        digit = bool(text) and text.isdigit()
+        if digit and start is None:
+            start = i
+        elif not digit and start is not None:
+            runs.append((start, i, "".join(texts[start:i])))
+            start = None
+    return runs
+
+
+def needle_mask(model, prompt: list[int], number: str) -> np.ndarray | None:
+    """bool [len(prompt)]: the tokens spelling `number` (every run of digit tokens that reads it), or None."""
+    spans = [(s, e) for s, e, text in digit_runs(model, prompt) if text == number]
+    if not spans:
+        return None
+    needle = np.zeros(len(prompt), bool)
+    for s, e in spans:
+        needle[s:e] = True
+    return needle
+
+
+def retrieval_sample(model, prompt: list[int], answer: list[int], needle: np.ndarray):
+    """One replayed answer -> (hits [L, N], scored answer tokens), or None when no answer token is one of the
+    needle's: the query predicting answer[j] (column len(prompt)-1+j) targets the needle positions holding
+    answer[j], and a head hits when its top-1 key is one of them."""
+    seq = np.asarray(prompt + answer)
+    queries, targets = [], []
+    for j, token in enumerate(answer):
+        target = np.zeros(len(seq), bool)
+        target[:len(prompt)] = needle & (seq[:len(prompt)] == token)
+        if target.any():
+            queries.append(len(prompt) - 1 + j)
+            targets.append(target)
+    if not queries:
+        return None
+    last = queries[-1] + 1  # the forward needs the sequence up to the last query only
+    hit, _ = probe_row(model, seq[:last].tolist(), queries, np.stack(targets)[:, :last])
+    return hit.sum(axis=-1), len(queries)
+
+
+def retrieval_scores(model, haystack_ids: list[int], lengths=(2048,), samples: int = 8, seed: int = 0,
+                     max_new_tokens: int = 8, progress: bool = True) -> dict:
+    """The retrieval probe over `samples` needle prompts per length (depths spread over 0.05..0.95)."""
+    from tqdm import tqdm
+
+    from lt_jax.eval import tasks
+    L, N = model.config.num_layers, model.config.num_heads
+    hits, counts, used, skipped = np.zeros((L, N)), 0, 0, []
+    for length in lengths:
+        if len(haystack_ids) < length:
+            raise LtJaxError(f"the haystack holds {len(haystack_ids)} tokens, too few for {length}-token prompts.")
+    jobs = [(length, s) for length in lengths for s in range(samples)]
+    for length, s in tqdm(jobs, desc="calibrate retrieval", unit="sample", file=sys.stderr, disable=not progress):
+        rng = np.random.default_rng([seed, length, s])
+        number = int(rng.integers(10_000, 100_000))
+        depth = 0.05 + 0.9 * (s + 0.5) / samples
+        offset = int(rng.integers(0, len(haystack_ids) - length + 1))
+        hay = haystack_ids[offset:] + haystack_ids[:offset]
+        prompt = tasks.needle_prompt(model, hay, length - max_new_tokens, depth, number)
+        answer = model.generate([prompt], plan="full", max_new_tokens=max_new_tokens)[0]["ids"]
+        if tasks.first_number(model.decode(answer)) != str(number):
+            skipped.append(f"{length}/{s}: wrong answer")
+            continue
+        needle = needle_mask(model, prompt, str(number))
+        got = None if needle is None else retrieval_sample(model, prompt, answer, needle)
+        if got is None:
+            skipped.append(f"{length}/{s}: needle tokens not found")
+            continue
+        hits += got[0] / got[1]
+        counts += got[1]
+        used += 1
+    if not used:
+        raise LtJaxError(f"the full model answered none of the {len(jobs)} calibration needles; nothing to score "
+                         f"(try shorter --lengths).")
+    return {"head_scores": hits / used, "samples_used": used, "answer_tokens": counts, "skipped": skipped}
+
+
+def induction_scores(model, span: int = 1024, samples: int = 8, queries: int = 64, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """The induction probe: `samples` rows of a random `span`-token block repeated once; `queries` columns of the
+    second copy (evenly spaced) each target the token after its first occurrence."""
+    from tqdm import tqdm
+    V = model.config.vocab_size
+    L, N = model.config.num_layers, model.config.num_heads
+    if 2 * span > model.config.max_position_embeddings or span < 2 or queries < 1:
+        raise LtJaxError(f"--span {span} must be at least 2 and twice it within the model's context of "
+                         f"{model.config.max_position_embeddings}; --queries {queries} at least 1.")
+    cols = np.unique(np.linspace(span, 2 * span - 2, min(queries, span - 1)).astype(int))
+    targets = np.zeros((len(cols), 2 * span), bool)
+    targets[np.arange(len(cols)), cols - span + 1] = True
+    mass = np.zeros((L, N))
+    for s in tqdm(range(samples), desc="calibrate induction", unit="sample", file=sys.stderr, disable=not progress):
+        block = np.random.default_rng([seed, s]).integers(min(1000, V // 4), V, span).tolist()
+        _, m = probe_row(model, block + block, cols.tolist(), targets)
+        mass += m.mean(axis=-1)
+    return {"head_scores": mass / samples, "samples_used": samples}

@@ -1,0 +1,143 @@
+"""Retrieval-aware selection against every other plan, side by side on the same examples (`lt-jax eval`), then
+the tables and the Pareto figure (KV fraction against needle accuracy and perplexity) in results/retrieval/.
+
+    .venv/bin/python scripts/exp_retrieval_aware.py [--model smollm2] [--only niah,passkey,...] [--samples 2]
+        [--lengths 2048,4096,8192] [--tag smollm2] [--fractions 0.5,0.25]
+
+Steps (each an `lt-jax` command; every eval is resumable, so a killed run reruns from where it stopped):
+1. `lt-jax calibrate` with both probes (skipped when the file is there), `lt-jax identify` plans per fraction;
+2. `lt-jax eval` for niah single-key, niah multi-key (4 keys), passkey and decode-mode perplexity. Calibration
+   used the unkeyed needle ("The special magic number is N") in essays: none of these formats;
+3. the summary tables (markdown) and results/retrieval/pareto-TAG.png.
+Methods whose ratios come from w_last = 1 need one more prefill per example, so they run at lengths <= 4096.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "results" / "retrieval"
+LT = [sys.executable, "-m", "lt_jax.cli"]
+
+
+def methods(fractions, identify, extra_w1: bool, protect_sweep: bool):
+    out = ["full", "streaming"]
+    for f in fractions:
+        at = "" if f == 0.5 else f"@lazy_fraction={f:g}"
+        out += [f"lighttransfer{at}", f"retrieval-aware{at}", f"retrieval-aware:induction{at}", str(identify[f]),
+                f"first{at}", f"last{at}", *(f"random:{s}{at}" for s in range(3))]
+        if extra_w1:
+            out += [f"lighttransfer{at}@w_last=1", f"retrieval-aware{at}@w_last=1"]
+        if protect_sweep and f == 0.5:
+            out += [f"retrieval-aware@protect={k}" for k in (2, 4, 9)]
+    return out
+
+
+def run(cmd):
+    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO)
+
+
+def kv_fraction(method: str, lazy_layers, length: int, layers: int, sink=4, window=1020) -> float:
+    if method == "full":
+        return 1.0
+    lazy = len(lazy_layers)
+    return ((layers - lazy) * length + lazy * min(length, sink + window)) / (layers * length)
+
+
+def pareto(tag: str, tasks: dict, layers: int, length: int):
+    """KV fraction at `length` against needle accuracy (mean over retrieval tasks and lengths) and perplexity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    for ax, kind in zip(axes, ("needle", "ppl")):
+        names = [t for t in tasks if (t == "ppl") == (kind == "ppl")]
+        if not names:
+            continue
+        points = {}
+        for t in names:
+            rows = [json.loads(line) for line in (OUT / f"{t}-{tag}.jsonl").read_text().splitlines()[1:]]
+            for m in {r["method"] for r in rows}:
+                mine = [r for r in rows if r["method"] == m]
+                value = (np.exp(sum(r["nll_sum"] for r in mine) / sum(r["tokens"] for r in mine)) if t == "ppl"
+                         else 100 * np.mean([r["score"] for r in mine]))
+                points.setdefault(m, []).append((kv_fraction(m, mine[0]["lazy_layers"], length, layers), value))
+        for m, pts in points.items():
+            x, y = np.mean([p[0] for p in pts]), np.mean([p[1] for p in pts])
+            color = ("tab:red" if m.startswith("retrieval-aware") else "tab:blue" if m.startswith("lighttransfer")
+                     else "black" if m in ("full", "streaming") else "0.5")
+            ax.scatter(x, y, color=color, s=25)
+            ax.annotate(m.replace("@lazy_fraction=", "@").replace("retrieval-aware", "RA"), (x, y), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel(f"KV cache fraction of full at {length} tokens")
+        ax.set_ylabel("needle accuracy % (mean over tasks and lengths)" if kind == "needle" else
+                      "decode-mode perplexity")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{tag}: red retrieval-aware, blue lighttransfer, grey fixed plans", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(OUT / f"pareto-{tag}.png")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tag", default="smollm2")
+    p.add_argument("--only", default="niah,multikey,passkey,ppl")
+    p.add_argument("--lengths", default="2048,4096,8192")
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--fractions", default="0.5,0.25")
+    p.add_argument("--ppl-prefixes", default="2048,4096")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",")]
+    essays = sorted((REPO / ".assets" / "essays").glob("*.txt"))
+    from lt_jax import assets
+    from lt_jax.calibration import default_path
+    path = assets.resolve_model(args.model)
+    layers = json.loads((path / "lt_config.json").read_text())["num_layers"] if (path / "lt_config.json").exists() \
+        else None
+    tasks = [t for t in args.only.split(",") if t]
+    if not args.plot_only:
+        for probe in ("retrieval", "induction"):
+            if not default_path(path, probe).exists():
+                run(LT + ["calibrate", args.model, "--probe", probe, "--plot", OUT / f"calibration-{probe}-{args.tag}.png"])
+    identify = {}
+    for f in fractions:
+        identify[f] = OUT / f"identify-{args.tag}-{f:g}.json"
+        if not identify[f].exists() and not args.plot_only:
+            run(LT + ["identify", args.model, *essays[-9:], "--context", "2048", "--max-samples", "8",
+                      "--lazy-fraction", f, "--out", identify[f]])
+    short = [n for n in lengths if n <= 4096]
+    long_ = [n for n in lengths if n > 4096]
+    for task in tasks if not args.plot_only else []:
+        base = LT + ["eval", args.model, "--json"]
+        if task == "ppl":
+            for prefix in args.ppl_prefixes.split(","):
+                out = OUT / f"ppl{prefix}-{args.tag}.jsonl"
+                run(base + ["--task", "ppl", "--prefix", prefix, "--samples", "3", "--out", out, "--methods",
+                            ",".join(methods(fractions, identify, False, False))])
+            continue
+        flags = {"niah": ["--task", "niah", "--max-new-tokens", "12"],
+                 "multikey": ["--task", "niah", "--keys", "4", "--max-new-tokens", "12"],
+                 "passkey": ["--task", "passkey", "--max-new-tokens", "8"]}[task]
+        for group, extra in ((short, True), (long_, False)):
+            if not group:
+                continue
+            out = OUT / f"{task}-{args.tag}-{'-'.join(map(str, group))}.jsonl"
+            run(base + flags + ["--lengths", ",".join(map(str, group)), "--samples", str(args.samples),
+                                "--out", out, "--methods",
+                                ",".join(methods(fractions, identify, extra, task == "niah"))])
+    print(json.dumps({"done": tasks, "layers": layers}))
+
+
+if __name__ == "__main__":
+    main()

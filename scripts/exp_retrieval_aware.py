@@ -45,44 +45,75 @@ def run(cmd):
 
 
 def kv_fraction(method: str, lazy_layers, length: int, layers: int, sink=4, window=1020) -> float:
-    if method == "full":
-        return 1.0
     lazy = len(lazy_layers)
     return ((layers - lazy) * length + lazy * min(length, sink + window)) / (layers * length)
 
 
-def pareto(tag: str, tasks: dict, layers: int, length: int):
-    """KV fraction at `length` against needle accuracy (mean over retrieval tasks and lengths) and perplexity."""
+def load_rows(tag: str) -> dict:
+    """task -> rows, over every result file of this tag (a task's lengths may span two files)."""
+    out = {}
+    for f in sorted(OUT.glob(f"*-{tag}*.jsonl")):
+        task = f.name.split("-")[0]
+        out.setdefault(task, []).extend(json.loads(line) for line in f.read_text().splitlines()[1:])
+    return out
+
+
+def label(method: str) -> str:
+    """identify plan files by their fraction: `identify@0.5`."""
+    if method.endswith(".json"):
+        return "identify@" + Path(method).stem.rsplit("-", 1)[-1]
+    return method
+
+
+def value(task: str, rows) -> float:
+    if task.startswith("ppl"):
+        return float(np.exp(sum(r["nll_sum"] for r in rows) / sum(r["tokens"] for r in rows)))
+    return 100 * float(np.mean([r["score"] for r in rows]))
+
+
+def report(tag: str, layers: int):
+    """Markdown tables (one per task: columns per length, the average, the mean KV fraction) and the Pareto
+    figure: KV fraction (mean over each method's rows) against the mean needle accuracy and the perplexity."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    by_task = load_rows(tag)
+    lines, points = [], {}
+    for task, rows in by_task.items():
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        cols = sorted({r["cell"].get("length", r["cell"].get("prefix")) for r in rows})
+        lines += [f"### {task} ({tag})", "", "| method | " + " | ".join(map(str, cols)) + " | average | KV % | n |",
+                  "|---" * (len(cols) + 4) + "|"]
+        for m in methods:
+            mine = [r for r in rows if r["method"] == m]
+            cells = {c: value(task, [r for r in mine if r["cell"].get("length", r["cell"].get("prefix")) == c])
+                     for c in cols if any(r["cell"].get("length", r["cell"].get("prefix")) == c for r in mine)}
+            kv = float(np.mean([kv_fraction(m, r["lazy_layers"], r["cell"].get("length") or
+                                            r["cell"]["prefix"] + 512, layers) for r in mine]))
+            avg = float(np.mean(list(cells.values())))
+            fmt = "{:.3f}" if task.startswith("ppl") else "{:.0f}"
+            lines.append(f"| {label(m)} | " + " | ".join(fmt.format(cells[c]) if c in cells else "-" for c in cols)
+                         + f" | {fmt.format(avg)} | {100 * kv:.0f} | {len(mine)} |")
+            points.setdefault("ppl" if task.startswith("ppl") else "needle", {}).setdefault(m, []).append((kv, avg))
+        lines.append("")
+    (OUT / f"summary-{tag}.md").write_text("\n".join(lines))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=120)
     for ax, kind in zip(axes, ("needle", "ppl")):
-        names = [t for t in tasks if (t == "ppl") == (kind == "ppl")]
-        if not names:
-            continue
-        points = {}
-        for t in names:
-            rows = [json.loads(line) for line in (OUT / f"{t}-{tag}.jsonl").read_text().splitlines()[1:]]
-            for m in {r["method"] for r in rows}:
-                mine = [r for r in rows if r["method"] == m]
-                value = (np.exp(sum(r["nll_sum"] for r in mine) / sum(r["tokens"] for r in mine)) if t == "ppl"
-                         else 100 * np.mean([r["score"] for r in mine]))
-                points.setdefault(m, []).append((kv_fraction(m, mine[0]["lazy_layers"], length, layers), value))
-        for m, pts in points.items():
+        for m, pts in points.get(kind, {}).items():
             x, y = np.mean([p[0] for p in pts]), np.mean([p[1] for p in pts])
             color = ("tab:red" if m.startswith("retrieval-aware") else "tab:blue" if m.startswith("lighttransfer")
-                     else "black" if m in ("full", "streaming") else "0.5")
-            ax.scatter(x, y, color=color, s=25)
-            ax.annotate(m.replace("@lazy_fraction=", "@").replace("retrieval-aware", "RA"), (x, y), fontsize=6,
-                        xytext=(3, 2), textcoords="offset points")
-        ax.set_xlabel(f"KV cache fraction of full at {length} tokens")
-        ax.set_ylabel("needle accuracy % (mean over tasks and lengths)" if kind == "needle" else
-                      "decode-mode perplexity")
+                     else "black" if m in ("full", "streaming") else "0.55")
+            ax.scatter(x, y, color=color, s=22)
+            short = label(m).replace("@lazy_fraction=", "@").replace("retrieval-aware", "RA")
+            ax.annotate(short, (x, y), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("KV cache fraction of full (mean over the examples)")
+        ax.set_ylabel("needle accuracy %, mean over tasks" if kind == "needle" else "decode-mode perplexity")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{tag}: red retrieval-aware, blue lighttransfer, grey fixed plans", fontsize=9)
+    fig.suptitle(f"{tag}: red retrieval-aware (RA), blue lighttransfer, grey fixed plans, black full/streaming",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(OUT / f"pareto-{tag}.png")
+    print("\n".join(lines))
 
 
 def main():
@@ -94,7 +125,8 @@ def main():
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--fractions", default="0.5,0.25")
     p.add_argument("--ppl-prefixes", default="2048,4096")
-    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--cal-lengths", default="2048,4096", help="retrieval probe prompt lengths")
+    p.add_argument("--report-only", action="store_true", help="only the tables and the figure")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -106,19 +138,20 @@ def main():
     layers = json.loads((path / "lt_config.json").read_text())["num_layers"] if (path / "lt_config.json").exists() \
         else None
     tasks = [t for t in args.only.split(",") if t]
-    if not args.plot_only:
+    if not args.report_only:
         for probe in ("retrieval", "induction"):
             if not default_path(path, probe).exists():
-                run(LT + ["calibrate", args.model, "--probe", probe, "--plot", OUT / f"calibration-{probe}-{args.tag}.png"])
+                run(LT + ["calibrate", args.model, "--probe", probe, "--lengths", args.cal_lengths,
+                          "--plot", OUT / f"calibration-{probe}-{args.tag}.png"])
     identify = {}
     for f in fractions:
         identify[f] = OUT / f"identify-{args.tag}-{f:g}.json"
-        if not identify[f].exists() and not args.plot_only:
+        if not identify[f].exists() and not args.report_only:
             run(LT + ["identify", args.model, *essays[-9:], "--context", "2048", "--max-samples", "8",
                       "--lazy-fraction", f, "--out", identify[f]])
     short = [n for n in lengths if n <= 4096]
     long_ = [n for n in lengths if n > 4096]
-    for task in tasks if not args.plot_only else []:
+    for task in tasks if not args.report_only else []:
         base = LT + ["eval", args.model, "--json"]
         if task == "ppl":
             for prefix in args.ppl_prefixes.split(","):
@@ -136,7 +169,7 @@ def main():
             run(base + flags + ["--lengths", ",".join(map(str, group)), "--samples", str(args.samples),
                                 "--out", out, "--methods",
                                 ",".join(methods(fractions, identify, extra, task == "niah"))])
-    print(json.dumps({"done": tasks, "layers": layers}))
+    report(args.tag, layers)
 
 
 if __name__ == "__main__":

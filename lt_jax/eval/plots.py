@@ -116,10 +116,10 @@ def plot_calibration(head_scores, path: str | Path, title: str, protected=()) ->
     L = scores.shape[0]
     layers = np.arange(L)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.28 * L), 5.4), dpi=120, sharex=True,
-                                      gridspec_kw={"height_ratios": [1, 1.2]})
+                                      gridspec_kw={"height_ratios": [1, 1.2]}, layout="constrained")
     image = top.imshow(scores.T, aspect="auto", cmap="viridis", origin="lower",
                        extent=(-0.5, L - 0.5, -0.5, scores.shape[1] - 0.5))
-    fig.colorbar(image, ax=top, pad=0.01).set_label("head score", fontsize=8)
+    fig.colorbar(image, ax=[top, bottom], pad=0.01, shrink=0.5, anchor=(0, 1)).set_label("head score", fontsize=8)
     top.set_ylabel("query head")
     bottom.bar(layers, scores.max(axis=1), color=["tab:red" if i in protected else "tab:blue" for i in layers],
                label="layer score: max over heads (red: protected)")
@@ -128,5 +128,4 @@ def plot_calibration(head_scores, path: str | Path, title: str, protected=()) ->
     bottom.set_ylabel("score")
     bottom.legend(fontsize=7)
     _title(fig, title, 110)
-    fig.tight_layout()
     _save(fig, path)

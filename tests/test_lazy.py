@@ -3,6 +3,7 @@ global top-k, the selecting prefill against the fixed plan it chose (caches, log
 XLA plans the buffers, compile counts, and `lt-jax identify`."""
 import dataclasses
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,16 @@ def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
         assert np.abs(np.stack(step_logits)[:, b] - ref[-6:]).max() <= 1e-5
 
 
+def prefill_peak(model, plan, batch, length, max_len) -> int:
+    """XLA's buffer plan of the prefill: arguments + outputs + temporaries - donated aliases."""
+    cfg = model.config
+    cache = jax.eval_shape(lambda: init_cache(cfg, plan, batch, max_len))
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    s = prefill.lower(model.params, tokens, tokens, cache, plan.prefill_layers(cfg), cfg,
+                      plan.shape).compile().memory_analysis()
+    return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
+
+
 def test_selecting_prefill_holds_at_most_p_plus_one_full_caches(deep):
     """XLA's own buffer plan (compiled memory analysis: arguments + outputs + temporaries - donated aliases) for
     6 layers, P = 3, 8192-slot caches: besides the weights, the selecting prefill's peak is under P + 1 full layer
@@ -159,13 +170,7 @@ def test_selecting_prefill_holds_at_most_p_plus_one_full_caches(deep):
     layer_bytes = 2 * B * cfg.num_kv_heads * M * cfg.head_dim * 4
     weights = sum(a.nbytes for a in jax.tree.leaves(model.params))
 
-    def peak(plan):
-        cache = jax.eval_shape(lambda: init_cache(cfg, plan, B, M))
-        tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
-        s = prefill.lower(model.params, tokens, tokens, cache, plan.prefill_layers(cfg), cfg,
-                          plan.shape).compile().memory_analysis()
-        return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
-
+    peak = partial(prefill_peak, model, batch=B, length=T, max_len=M)
     lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=S, window=W)
     assert expected_kv_bytes(cfg, lt, B, M) > 3 * layer_bytes  # P = 3 full layers plus the rings
     lt_peak = peak(lt)

@@ -3,21 +3,18 @@ copy scoring highest under both probes, the calibration file, the selection's in
 never lazy, exact lazy count, the P + 1 bound in XLA's buffer plan, no recompilation across prompts or
 calibrations), eval's offline choice equal to the prefill's, and bad input."""
 import json
+from functools import partial
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from lt_jax import probes
-from lt_jax.cache import init_cache
-from lt_jax.inference import prefill
 from lt_jax.calibration import Calibration, default_path
 from lt_jax.errors import LtJaxError
 from lt_jax.lazy import queue_score, top_lazy
 from lt_jax.plan import Plan, make_plan
-from test_lazy import LAYERS, S, W, W_LAST, deep, lighttransfer_prefill  # noqa: F401 (deep is a fixture)
+from test_lazy import LAYERS, S, W, W_LAST, deep, lighttransfer_prefill, prefill_peak  # noqa: F401 (a fixture)
 
 SPAN = 40  # the forced head attends DELTA = SPAN - 1 tokens back: the induction target of a SPAN-token block
 FORCED = (1, 0)  # (layer, query head)
@@ -138,12 +135,7 @@ def test_protection_keeps_the_p_plus_one_bound_and_compiles_once(deep):
     _, model = deep
     cfg, B, T, M = model.config, 2, 128, 8192
 
-    def peak(plan):
-        cache = jax.eval_shape(lambda: init_cache(cfg, plan, B, M))
-        tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
-        s = prefill.lower(model.params, tokens, tokens, cache, plan.prefill_layers(cfg), cfg,
-                          plan.shape).compile().memory_analysis()
-        return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
+    peak = partial(prefill_peak, model, batch=B, length=T, max_len=M)
 
     lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=S, window=W)
     ra = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, protect=2,
@@ -166,14 +158,14 @@ def test_protection_keeps_the_p_plus_one_bound_and_compiles_once(deep):
 
 
 def test_eval_offline_choice_equals_the_prefill(deep):
-    from lt_jax.eval.evaluate import _fixed
+    from lt_jax.eval.evaluate import fixed_plan
     _, model = deep
     cfg = model.config
     plan = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, w_last=W_LAST, protect=2,
                      calibration=fake_calibration([0.3, 0, 0.8, 0, 0, 0.1]))
     prompt = np.random.default_rng(3).integers(0, 300, 80).astype(np.int32)
     done = model.prefill([prompt], plan)
-    assert _fixed(plan, done.ratios[0]).lazy_layers == done.plan.lazy_layers
+    assert fixed_plan(plan, done.ratios[0]).lazy_layers == done.plan.lazy_layers
     assert not set(done.plan.lazy_layers) & {0, 2}
 
 

@@ -231,7 +231,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
         for name, plan in methods.items():
             t0 = time.perf_counter()
             ratios = ratios_for(plan, example.ids[:example.prefix]) if plan.select_lazy is not None else None
-            plan = _fixed(plan, ratios)
+            plan = fixed_plan(plan, ratios)
             prefix = None if plan.prefill == "hybrid" else example.prefix  # hybrid: the prompt streams too
             nll = model.token_nll(tokens, plan, prefix)[0, example.prefix - 1:]
             yield {**base, "method": name, "lazy_layers": list(plan.lazy_layers), "nll_sum": float(np.sum(nll)),
@@ -250,7 +250,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
                 shared, first = measure_prefill(model, example, measure)
                 measured[(measure.sink, measure.window, measure.w_last)] = first
             ratios = ratios_for(plan, example.ids) if plan.select_lazy is not None else None
-            fixed = _fixed(plan, ratios)
+            fixed = fixed_plan(plan, ratios)
             ids = generate_from(model, shared, fixed, example.max_new_tokens)
         answer = model.decode(ids)
         yield {**base, "method": name, "lazy_layers": list(fixed.lazy_layers), "answer": answer,
@@ -265,7 +265,9 @@ def measure_prefill(model, example: Example, measure: Plan):
     return done, done.ratios.mean(axis=0)
 
 
-def _fixed(plan: Plan, ratios) -> Plan:
+def fixed_plan(plan: Plan, ratios) -> Plan:
+    """The fixed plan a selecting plan chooses from a prompt's ratios [L]: the queue's global choice
+    (`lazy.top_lazy` of `lazy.queue_score`, protected layers ranked below every other)."""
     if plan.select_lazy is None:
         return plan
     protected = np.isin(np.arange(plan.num_layers), plan.protect)

@@ -125,3 +125,32 @@ def test_readme_python_blocks_run_as_pasted(assets, tmp_path):
     script.write_text("\n".join(blocks))
     run = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_retrieval_probe_on_a_real_needle_equals_transformers_attention(smol, essay_ids):
+    """The needle's digit tokens are found in a real prompt; the replayed answer's hits per head equal those
+    counted from transformers' eager attention probabilities (top-1 key on a needle token equal to the one
+    emitted)."""
+    from lt_jax import probes
+    from lt_jax.eval.tasks import first_number, needle_prompt
+    ours, ref = smol
+    prompt = needle_prompt(ours, essay_ids, 1000, 0.3, 31337)
+    needle = probes.needle_mask(ours, prompt, "31337")
+    assert needle is not None and ours.decode(np.asarray(prompt)[needle]).replace(" ", "") == "31337"
+    answer = ours.generate([prompt], max_new_tokens=6)[0]["ids"]
+    assert first_number(ours.decode(answer)) == "31337"
+    hits, count = probes.retrieval_sample(ours, prompt, answer, needle)
+    seq = np.asarray(prompt + answer)
+    with torch.no_grad():
+        att = ref(torch.from_numpy(seq[None]).long(), output_attentions=True).attentions
+    want, scored = np.zeros_like(hits), 0
+    for j, token in enumerate(answer):
+        target = needle & (seq[:len(prompt)] == token)
+        if target.any():
+            scored += 1
+            for layer, a in enumerate(att):
+                top = a[0, :, len(prompt) - 1 + j, :len(prompt) + j].double().numpy().argmax(-1)  # [N]
+                want[layer] += np.append(target, np.zeros(j, bool))[top]
+    assert count == scored >= 3
+    np.testing.assert_array_equal(hits, want)
+    print(f"\nretrieval hits per layer (max over heads, of {count}): {hits.max(axis=1).tolist()}")

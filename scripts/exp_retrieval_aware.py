@@ -35,7 +35,7 @@ def methods(fractions, identify, extra_w1: bool, protect_sweep: bool):
         if extra_w1:
             out += [f"lighttransfer{at}@w_last=1", f"retrieval-aware{at}@w_last=1"]
         if protect_sweep and f == 0.5:
-            out += [f"retrieval-aware@protect={k}" for k in (2, 4, 9)]
+            out += [f"retrieval-aware@protect={k}" for k in (2, 4, 9, 12, 15)]
     return out
 
 
@@ -157,7 +157,7 @@ def main():
             for prefix in args.ppl_prefixes.split(","):
                 out = OUT / f"ppl{prefix}-{args.tag}.jsonl"
                 run(base + ["--task", "ppl", "--prefix", prefix, "--samples", "3", "--out", out, "--methods",
-                            ",".join(methods(fractions, identify, False, False))])
+                            ",".join(methods(fractions, identify, False, True))])
             continue
         flags = {"niah": ["--task", "niah", "--max-new-tokens", "12"],
                  "multikey": ["--task", "niah", "--keys", "4", "--max-new-tokens", "12"],
@@ -168,7 +168,7 @@ def main():
             out = OUT / f"{task}-{args.tag}-{'-'.join(map(str, group))}.jsonl"
             run(base + flags + ["--lengths", ",".join(map(str, group)), "--samples", str(args.samples),
                                 "--out", out, "--methods",
-                                ",".join(methods(fractions, identify, extra, task == "niah"))])
+                                ",".join(methods(fractions, identify, extra, True))])
     report(args.tag, layers)
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax import calibration, probes, sharding
+from lt_jax import calibration, sharding
 from lt_jax.batching import as_batch, bucket, left_pad
 from lt_jax.cache import KVCache, init_cache, restrict
 from lt_jax.config import Config
@@ -100,7 +100,7 @@ class Model:
         flags = {k: v for k, v in flags.items() if v is not None}
         name, _, source = (plan or "").partition(":")
         if name == "retrieval-aware":
-            flags["calibration"] = calibration.find(self.path, source or probes.DEFAULT, self.config)[0]
+            flags["calibration"] = calibration.find(self.path, source or calibration.DEFAULT_PROBE, self.config)[0]
         if plan is None and self.default_plan is not None:
             flags.pop("lazy_fraction", None)  # the stored plan fixes its layers; S, W and the prefill may change
             flags.pop("protect", None)

@@ -14,6 +14,7 @@ from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 
 FORMAT = 1
+DEFAULT_PROBE = "retrieval"  # what `retrieval-aware` reads unless a probe is named (results/README.md)
 
 
 @dataclasses.dataclass(frozen=True)

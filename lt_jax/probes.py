@@ -31,7 +31,6 @@ from lt_jax.errors import LtJaxError
 from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers
 
 PROBES = ("retrieval", "induction")
-DEFAULT = "retrieval"  # what `retrieval-aware` reads unless a probe is named (results/README.md)
 
 
 @partial(jax.jit, static_argnames=("cfg",))

@@ -78,7 +78,7 @@ def report(tag: str, layers: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     by_task = load_rows(tag)
-    lines, points = [], {}
+    lines, points, partial = [], {}, set()
     for task, rows in by_task.items():
         methods = list(dict.fromkeys(r["method"] for r in rows))
         cols = sorted({r["cell"].get("length", r["cell"].get("prefix")) for r in rows})
@@ -95,11 +95,16 @@ def report(tag: str, layers: int):
             lines.append(f"| {label(m)} | " + " | ".join(fmt.format(cells[c]) if c in cells else "-" for c in cols)
                          + f" | {fmt.format(avg)} | {100 * kv:.0f} | {len(mine)} |")
             points.setdefault("ppl" if task.startswith("ppl") else "needle", {}).setdefault(m, []).append((kv, avg))
+            if len(cells) < len(cols):
+                partial.add(m)
         lines.append("")
     (OUT / f"summary-{tag}.md").write_text("\n".join(lines))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=120)
     for ax, kind in zip(axes, ("needle", "ppl")):
+        tasks_here = max((len(v) for v in points.get(kind, {}).values()), default=0)
         for m, pts in points.get(kind, {}).items():
+            if len(pts) < tasks_here or m in partial:  # a point must average the same tasks and lengths as full's
+                continue
             x, y = np.mean([p[0] for p in pts]), np.mean([p[1] for p in pts])
             color = ("tab:red" if m.startswith("retrieval-aware") else "tab:blue" if m.startswith("lighttransfer")
                      else "black" if m in ("full", "streaming") else "0.55")

@@ -26,7 +26,7 @@ OUT = REPO / "results" / "retrieval"
 LT = [sys.executable, "-m", "lt_jax.cli"]
 
 
-def methods(fractions, identify, extra_w1: bool, protect_sweep: bool):
+def methods(fractions, identify, extra_w1: bool, protect_sweep: bool, layers: int):
     out = ["full", "streaming"]
     for f in fractions:
         at = "" if f == 0.5 else f"@lazy_fraction={f:g}"
@@ -35,7 +35,8 @@ def methods(fractions, identify, extra_w1: bool, protect_sweep: bool):
         if extra_w1:
             out += [f"lighttransfer{at}@w_last=1", f"retrieval-aware{at}@w_last=1"]
         if protect_sweep and f == 0.5:
-            out += [f"retrieval-aware@protect={k}" for k in (2, 4, 9, 12, 15)]
+            full = layers - int(np.floor(0.5 * layers + 0.5))
+            out += [f"retrieval-aware@protect={k}" for k in (2, 4, 9, 12, 15) if k <= full]
     return out
 
 
@@ -71,6 +72,33 @@ def value(task: str, rows) -> float:
     return 100 * float(np.mean([r["score"] for r in rows]))
 
 
+def condensed(by_task: dict, layers: int) -> list[str]:
+    """One row per method, one column per task: the average over lengths (needles) or the perplexity, and the KV
+    fraction at the longest needle length; methods missing a task or a length are left out."""
+    tasks_ = [t for t in ("niah", "multikey", "passkey", "ppl2048", "ppl4096") if t in by_task]
+    longest = max(r["cell"]["length"] for t in tasks_ if not t.startswith("ppl") for r in by_task[t])
+    head = " | ".join(f"{t} {'ppl' if t.startswith('ppl') else 'avg %'}" for t in tasks_)
+    out = ["### all tasks", "", f"| method | {head} | KV % at {longest} |", "|---" * (len(tasks_) + 2) + "|"]
+    for m in dict.fromkeys(r["method"] for r in by_task[tasks_[0]]):
+        cells, kv = [], None
+        for t in tasks_:
+            rows = by_task[t]
+            want = {r["cell"].get("length", r["cell"].get("prefix")) for r in rows if r["method"] == "full"}
+            mine = [r for r in rows if r["method"] == m]
+            if {r["cell"].get("length", r["cell"].get("prefix")) for r in mine} != want:
+                break
+            if t.startswith("ppl"):
+                cells.append(f"{value(t, mine):.3f}")
+            else:
+                per = [value(t, [r for r in mine if r["cell"]["length"] == n]) for n in sorted(want)]
+                cells.append(f"{np.mean(per):.1f}")
+                kv = kv or 100 * kv_fraction(m, next(r for r in mine if r["cell"]["length"] == longest)[
+                    "lazy_layers"], longest, layers)
+        else:
+            out.append(f"| {label(m)} | " + " | ".join(cells) + f" | {kv:.0f} |")
+    return out + [""]
+
+
 def report(tag: str, layers: int):
     """Markdown tables (one per task: columns per length, the average, the mean KV fraction) and the Pareto
     figure: KV fraction (mean over each method's rows) against the mean needle accuracy and the perplexity."""
@@ -98,6 +126,7 @@ def report(tag: str, layers: int):
             if len(cells) < len(cols):
                 partial.add(m)
         lines.append("")
+    lines += condensed(by_task, layers)
     (OUT / f"summary-{tag}.md").write_text("\n".join(lines))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=120)
     for ax, kind in zip(axes, ("needle", "ppl")):
@@ -162,7 +191,7 @@ def main():
             for prefix in args.ppl_prefixes.split(","):
                 out = OUT / f"ppl{prefix}-{args.tag}.jsonl"
                 run(base + ["--task", "ppl", "--prefix", prefix, "--samples", "3", "--out", out, "--methods",
-                            ",".join(methods(fractions, identify, False, True))])
+                            ",".join(methods(fractions, identify, False, True, layers))])
             continue
         flags = {"niah": ["--task", "niah", "--max-new-tokens", "12"],
                  "multikey": ["--task", "niah", "--keys", "4", "--max-new-tokens", "12"],
@@ -173,7 +202,7 @@ def main():
             out = OUT / f"{task}-{args.tag}-{'-'.join(map(str, group))}.jsonl"
             run(base + flags + ["--lengths", ",".join(map(str, group)), "--samples", str(args.samples),
                                 "--out", out, "--methods",
-                                ",".join(methods(fractions, identify, extra, True))])
+                                ",".join(methods(fractions, identify, extra, True, layers))])
     report(args.tag, layers)
 
 

@@ -42,7 +42,8 @@ def haystack_prompt(model, haystack_ids: list[int], length: int, needles: list[t
     budget = length - len(model.chat_ids(" ".join(s for _, s in needles) + f"\n\n{question}")) - len(prefix)
     if len(haystack_ids) < budget:
         raise ValueError(f"haystack of {len(haystack_ids)} tokens is too short for a {length}-token prompt.")
-    for _ in range(4):  # the joins can re-tokenize into a token or two more: shorten the haystack by the excess
+    for _ in range(32):  # the joins can re-tokenize into a token or two more: shorten the haystack by the excess
+        # (each cut moves with the body, so the excess can recur: 4 tries were too few for 4 needles at 8K)
         body = haystack_ids[:budget]
         cuts = sorted((int(round(depth * len(body))), sentence) for depth, sentence in needles)
         parts, start = [], 0

@@ -8,7 +8,7 @@ decoded tokens would see, caches still full). A ratio is the attention mass, ave
 queries, on the prompt's first S and last W positions (what a ring keeps). The last-32 ratios are checked
 against the exact prefill's own measurement.
 
-    .venv/bin/python scripts/exp_query_sets.py [--lengths 2048,4096] [--samples 2] [--out results/retrieval/query-sets.jsonl]
+    .venv/bin/python scripts/exp_query_sets.py [--lengths 2048,4096] [--samples 2] [--out FILE.jsonl]
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def methods(fractions, identify, extra_w1: bool, protect_sweep: bool, layers: in
     out = ["full", "streaming"]
     for f in fractions:
         at = "" if f == 0.5 else f"@lazy_fraction={f:g}"
-        out += [f"lighttransfer{at}", f"retrieval-aware{at}", f"retrieval-aware:induction{at}", str(identify[f]),
+        out += [f"lighttransfer{at}", f"retrieval-aware{at}", f"retrieval-aware:induction{at}",
+                str(identify[f].relative_to(REPO)),
                 f"first{at}", f"last{at}", *(f"random:{s}{at}" for s in range(3))]
         if extra_w1:
             out += [f"lighttransfer{at}@w_last=1", f"retrieval-aware{at}@w_last=1"]
@@ -55,6 +56,8 @@ def load_rows(tag: str) -> dict:
     out = {}
     for f in sorted(OUT.glob(f"*-{tag}*.jsonl")):
         task = f.name.split("-")[0]
+        if task == "query":  # scripts/exp_query_sets.py's rows
+            continue
         out.setdefault(task, []).extend(json.loads(line) for line in f.read_text().splitlines()[1:])
     return out
 

@@ -369,18 +369,27 @@ def cmd_calibrate(args) -> dict:
     from lt_jax.calibration import Calibration, default_path
     from lt_jax.eval.plots import check_path
     from lt_jax.plan import default_protect, num_lazy
-    out = _writable(args.out, "--out")
+    def replaceable(path):  # only an earlier calibration is overwritten, never a file of the user's
+        if path is not None and path.exists():
+            try:
+                Calibration.load(path)
+            except LtJaxError:
+                raise LtJaxError(f"--out {path} exists and is not a calibration file; give a new path.") from None
+        return path
+
+    out = replaceable(_writable(args.out, "--out"))
     plot = check_path(args.plot, "--plot") if args.plot else None
     lengths = parse_list(args.lengths, int, "--lengths")
+    files = args.haystack or sorted(Path(assets.essays()).glob("*.txt"))
+    texts = [read_text(f) for f in files] if args.probe == "retrieval" else []  # a missing file: before the load
     model = load_model(args)
     if out is None:
         if model.path is None or not Path(model.path).is_dir():
             raise LtJaxError(f"{args.model} has no checkpoint folder to save the calibration next to; give --out.")
-        out = default_path(model.path, args.probe)
+        out = replaceable(default_path(model.path, args.probe))
     settings = {"samples": args.samples, "seed": args.seed}
     if args.probe == "retrieval":
-        files = args.haystack or sorted(Path(assets.essays()).glob("*.txt"))
-        haystack = model.encode("\n\n".join(read_text(f) for f in files))
+        haystack = model.encode("\n\n".join(texts))
         context = model.config.max_position_embeddings
         if max(lengths) > context:
             raise LtJaxError(f"--lengths {max(lengths)} exceeds the model's context of {context} tokens.")

@@ -228,6 +228,20 @@ def test_calibrate_and_eval_from_the_cli(tiny_chat, tmp_path, capsys):
         np.testing.assert_allclose(mine["lighttransfer@w_last=1"]["ratios"], w1, atol=1e-5)
 
 
+def test_calibrate_never_overwrites_a_file_that_is_not_a_calibration(tiny_chat, tmp_path, capsys):
+    from lt_jax.cli import main
+    mine = tmp_path / "notes.json"
+    mine.write_text("my own notes")
+    capsys.readouterr()
+    assert main(["calibrate", str(tiny_chat), "--probe", "induction", "--span", "64", "--out", str(mine)]) == 2
+    assert "exists and is not a calibration file" in capsys.readouterr().err
+    assert mine.read_text() == "my own notes"
+    fake_calibration([0.1, 0.2, 0.3, 0.4]).save(tmp_path / "old.json")  # an earlier calibration is replaced
+    assert main(["calibrate", str(tiny_chat), "--probe", "induction", "--span", "64", "--samples", "1", "--queries",
+                 "4", "--out", str(tmp_path / "old.json"), "--json"]) == 0
+    assert Calibration.load(tmp_path / "old.json").probe == "induction"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["calibrate", "--probe", "retrieval", "--lengths", "300", "--samples", "1"],
      "answered none of the 1 calibration needles"),
@@ -235,6 +249,7 @@ def test_calibrate_and_eval_from_the_cli(tiny_chat, tmp_path, capsys):
     (["calibrate", "--probe", "induction", "--span", "2000"], "--span 2000 must be at least 2"),
     (["calibrate", "--probe", "gate"], "argument --probe: invalid choice"),
     (["calibrate", "--out", "/no/such/dir/c.json"], "cannot write --out /no/such/dir/c.json"),
+    (["calibrate", "--haystack", "/no/such.txt"], "cannot read text file /no/such.txt"),
     (["eval", "--task", "passkey", "--methods", "lighttransfer@bogus=1"], "'bogus=1' is not OPTION=VALUE"),
     (["eval", "--task", "passkey", "--methods", "retrieval-aware"], "run `lt-jax calibrate MODEL --probe retrieval`"),
     (["generate", "--plan", "retrieval-aware:induction", "--prompt", "hi"],

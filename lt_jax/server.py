@@ -2,7 +2,9 @@
 (`lt_jax.serving.Engine`). One engine thread owns the device; the HTTP handlers only validate, enqueue and
 await or stream what the engine hands back.
 
-Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
+Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health` ({"status", "model",
+"active": requests not finished, "cancelled": requests their clients abandoned, "compiles": compilations held by
+the serving functions, which stays put once a length bucket is warm}).
 
 - Completions: `prompt` (a text, token ids, or a list of either: one choice per prompt, not with `stream`),
   `max_tokens` (default 16; 0 only scores), `temperature` (default 1; 0 = greedy), `top_p`, `stop` (strings, cut
@@ -136,6 +138,7 @@ class Server:
         self.engine = Engine(model, batch_size=max_batch, chunk=chunk)
         self._plans: dict[str, Plan] = {}
         self._ids = itertools.count()
+        self.cancelled = 0  # requests ended by their client (a closed stream)
         self.created = int(time.time())
 
     def compiles(self) -> int:
@@ -245,6 +248,7 @@ class Server:
         def on_done(result):
             if isinstance(result, dict):
                 result["tail"] = text.flush()
+                self.cancelled += result["finish_reason"] == "cancelled"
             channel.put(("done", result))
 
         sampling = Sampling(temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"])
@@ -324,7 +328,7 @@ def build_app(model, plan: Plan | str | None = None, max_batch: int = 8, chunk: 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": server.name, "active": server.engine.active,
-                "compiles": server.compiles()}
+                "cancelled": server.cancelled, "compiles": server.compiles()}
 
     @app.get("/v1/models")
     async def models():

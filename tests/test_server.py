@@ -271,3 +271,103 @@ def test_nothing_recompiles_within_a_bucket(server, client):
     for seed in (21, 22):
         batch(seed)
     assert health(server)["compiles"] == before
+
+
+# ---- load: a server in its own process -------------------------------------------------------------------------
+
+SERVE = """
+import sys, lt_jax
+from lt_jax.server import serve
+model = lt_jax.load(sys.argv[1])
+sys.exit(serve(model, port=int(sys.argv[2]), plan=model.plan("first", sink=4, window=32), max_batch=4, chunk=4,
+               name="tiny", log_level="warning"))
+"""
+
+
+@pytest.fixture
+def subprocess_server(tiny_chat):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(tiny_chat), str(port)], env=os.environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = (f"http://127.0.0.1:{port}", None)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if raw(url, "GET", "/health")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_load_and_sigterm(model, subprocess_server):
+    """16 concurrent clients, 96 requests of two length buckets, budgets 1..24, greedy and sampled, a third
+    streamed, 4 streams abandoned after their first chunk: every completed response equals the lone `generate`,
+    each request is answered once, the compile count stays at its warm-up value, and SIGTERM during a request
+    lets it finish, then exits 0."""
+    proc, url = subprocess_server
+    client = openai.OpenAI(base_url=url[0] + "/v1", api_key="none", max_retries=0, timeout=600)
+    plan = model.plan("first", **PLAN)
+    rng = np.random.default_rng(0)
+    jobs = []
+    for i in range(96):
+        n = int(rng.integers(5, 65) if i % 2 else rng.integers(65, 129))
+        sampled = i % 5 == 0
+        jobs.append(dict(i=i, prompt=rng.integers(0, 49152, n).tolist(), max_tokens=int(rng.integers(1, 25)),
+                         temperature=0.8 if sampled else 0.0, seed=i, stream=i % 3 == 0, drop=i in (3, 30, 51, 81)))
+        if jobs[-1]["drop"]:
+            jobs[-1].update(stream=True, max_tokens=60)
+
+    def ask(job):
+        kw = dict(model=NAME, prompt=job["prompt"], max_tokens=job["max_tokens"], temperature=job["temperature"],
+                  seed=job["seed"])
+        if not job["stream"]:
+            c = client.completions.create(**kw).choices[0]
+            return job["i"], c.lt_token_ids, c.finish_reason
+        stream = client.completions.create(**kw, stream=True)
+        ids, finish = [], None
+        for chunk in stream:
+            ids += chunk.choices[0].lt_token_ids or []
+            finish = chunk.choices[0].finish_reason or finish
+            if job["drop"]:
+                stream.close()
+                return job["i"], None, "dropped"
+        return job["i"], ids, finish
+
+    for warm in (jobs[0], jobs[1], jobs[5]):  # both buckets, greedy and sampled
+        ask(warm)
+    warm_compiles = raw(url, "GET", "/health")[1]["compiles"]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, jobs))
+    health_after = raw(url, "GET", "/health")[1]
+    assert sorted(a[0] for a in answers) == list(range(96))
+    for i, ids, finish in answers:
+        job = jobs[i]
+        if job["drop"]:
+            continue
+        (alone,) = model.generate([job["prompt"]], plan, max_new_tokens=job["max_tokens"],
+                                  temperature=job["temperature"], seed=job["seed"])
+        assert ids == alone["ids"], f"request {i}"
+        assert finish == ("length" if len(ids) == job["max_tokens"] and ids[-1] not in model.config.eos_token_ids
+                          else "stop")
+    assert health_after["compiles"] == warm_compiles
+    deadline = time.time() + 60
+    while raw(url, "GET", "/health")[1]["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert raw(url, "GET", "/health")[1]["cancelled"] == 4
+
+    # SIGTERM while a stream is running: it finishes whole, then the server exits 0
+    stream = client.completions.create(model=NAME, prompt=jobs[0]["prompt"], max_tokens=60, temperature=0,
+                                       stream=True)
+    first = next(iter(stream))
+    proc.send_signal(15)
+    ids = list(first.choices[0].lt_token_ids or [])
+    for chunk in stream:
+        ids += chunk.choices[0].lt_token_ids or []
+    (alone,) = model.generate([jobs[0]["prompt"]], plan, max_new_tokens=60)
+    assert ids == alone["ids"]
+    assert proc.wait(timeout=120) == 0, proc.stdout.read()[-3000:]

@@ -36,34 +36,20 @@ import time
 import uuid
 from functools import partial
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from lt_jax import scoring
 from lt_jax.batching import bucket
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling
-from lt_jax.model import default_positions, forward_masked
-from lt_jax.plan import LayerPlan, Plan
+from lt_jax.plan import Plan
 from lt_jax.serving import DEFAULT_CHUNK, Engine, Job
 
 MAX_LOGPROBS = 5
 CHAT_MAX_TOKENS = 1024  # a chat request's default budget (at most the context left)
-
-
-@partial(jax.jit, static_argnames=("cfg",))
-def _scores(params, tokens, layers: LayerPlan, cfg):
-    """Per position t >= 1 of tokens [1, T]: log p(token t | tokens < t) [T-1] and the MAX_LOGPROBS most likely
-    (logprobs, ids) [T-1, K], under a plan as data (`api.token_nll`'s computation). Right padding changes nothing
-    before it (causal), so callers pad T to a bucket."""
-    logits = forward_masked(params, tokens, default_positions(tokens), layers, cfg, None)
-    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    chosen = jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
-    top, ids = jax.lax.top_k(logp, MAX_LOGPROBS)
-    return chosen, top, ids
 
 
 class ApiError(Exception):
@@ -144,7 +130,8 @@ class Server:
     def compiles(self) -> int:
         """Compilations held by the functions that serve (exact; the load test asserts it stays put)."""
         from lt_jax import cache, inference, serving
-        fns = (inference.prefill, inference.decode_chunk, cache.insert_rows, serving._put_row, _scores)
+        fns = (inference.prefill, inference.decode_chunk, cache.insert_rows, serving._put_row,
+               scoring.token_logprobs)
         return sum(f._cache_size() for f in fns)
 
     def request_plan(self, body: dict) -> Plan:
@@ -263,10 +250,11 @@ class Server:
         width = max(len(ids), min(bucket(len(ids)), m.config.max_position_embeddings))
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :len(ids)] = ids
-        chosen, top, top_ids = _scores(m.params, m.rows(tokens), fixed.layers(m.config), m.config)
+        chosen, top, top_ids = scoring.token_logprobs(m.params, m.rows(tokens), fixed.layers(m.config), m.config,
+                                                      top=MAX_LOGPROBS)
         n = len(ids) - 1
-        return {"plan": fixed, "chosen": np.asarray(chosen)[:n], "top": np.asarray(top)[:n],
-                "top_ids": np.asarray(top_ids)[:n]}
+        return {"plan": fixed, "chosen": np.asarray(chosen)[0, :n], "top": np.asarray(top)[0, :n],
+                "top_ids": np.asarray(top_ids)[0, :n]}
 
     def logprobs(self, prompt: list[int], generated: list[int], plan: Plan, echo: bool, k: int,
                  scored: dict) -> dict:

@@ -103,3 +103,40 @@ def test_generate_until_equals_generate(tiny_chat, tasks):
         ids = model.tokenizer.encode(doc["question"])
         (alone,) = model.generate([ids], lm.plan, max_new_tokens=6)
         assert got[i][0] == cut_at(alone["text"], ["."])
+
+
+@pytest.mark.slow
+def test_local_completions_against_lt_jax_serve_equal_native(tiny_chat, tasks):
+    """lm-eval's `local-completions` (echo logprobs over HTTP) against `lt-jax serve` gives the native model's
+    loglikelihoods."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from lt_jax.server import build_app
+    model = lt_jax.load(tiny_chat)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(model, "full", name="tiny"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        served = evaluate("local-completions", f"base_url=http://127.0.0.1:{port}/v1/completions,model=tiny,"
+                                               f"tokenizer={tiny_chat},tokenized_requests=True,max_retries=1",
+                          ["lt_mc"], tasks)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+    native = evaluate(LtJaxLM(model=model, plan="full"), None, ["lt_mc"], tasks)
+    a, b = responses(served, "lt_mc"), responses(native, "lt_mc")
+    assert a.keys() == b.keys() and len(a) == 6
+    for doc in a:
+        for x, y in zip(a[doc], b[doc], strict=True):
+            assert abs(float(x[0]) - float(y[0])) < 1e-4 and x[1] == y[1]

@@ -14,15 +14,16 @@ the serving functions, which stays put once a length bucket is warm}).
   lm-eval's `local-completions` reads them. Logprobs are scored by one forward pass over prompt and completion
   under the fixed plan that served the request (`Model.token_nll`'s numbers).
 - Chat completions: `messages` ([{role, content}]) through the model's chat template with the generation prompt;
-  `max_tokens` (or `max_completion_tokens`; default the context left, at most 1024), `temperature`, `top_p`, `stop`, `seed`, `n`, `stream`.
+  `max_tokens` (or `max_completion_tokens`; default the context left, at most 1024), `temperature`, `top_p`,
+  `stop`, `seed`, `n`, `stream`.
 - Extra request field `lt_plan`: a plan spec as `Model.plan` takes it (`full`, `streaming`, `lighttransfer`,
   `first`, a .json path, ...) for this request instead of the server's plan. Extra response fields:
   `lt_lazy_layers` (the lazy layers that served the request; per choice too when prompts differ, as a selecting
   plan chooses per prompt) and, per choice, `lt_token_ids` (the generated token ids).
 - Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for bad values and malformed
   JSON, 404 for an unknown model or route, 422 for a body that is not a JSON object.
-- A client that disconnects mid-stream cancels its request (its row is freed). SIGTERM or SIGINT: stop accepting,
-  finish the requests in flight, exit 0.
+- A client that disconnects mid-stream cancels its request (its row is freed; a non-streamed request runs to its
+  end). SIGTERM or SIGINT: stop accepting, finish the requests in flight, exit 0.
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ class Server:
             seed=int(get("seed", 0, _whole, "a whole number")),
             stream=get("stream", False, lambda v: isinstance(v, bool), "true or false"),
             stop=stop or [],
-            usage_chunk=bool((body.get("stream_options") or {}).get("include_usage")),
+            usage_chunk=bool(get("stream_options", {}, lambda v: isinstance(v, dict), "an object").get(
+                "include_usage")),
             plan=self.request_plan(body))
 
     def prompt_ids(self, prompt, param: str = "prompt") -> list[list[int]]:
@@ -505,5 +507,6 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, plan: Plan | str | N
     """Serves until SIGTERM / SIGINT; returns 0 once the requests in flight are finished."""
     import uvicorn
     app = build_app(model, plan, max_batch, chunk, name)
-    _uvicorn_server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)).run()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    _uvicorn_server(config).run()
     return 0

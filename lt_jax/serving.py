@@ -24,6 +24,10 @@ How prompts are served:
   are batched continuously; prompts that all choose differently decode one at a time. A chosen cache's slots are
   put in layer order (`Plan.layers`), so rows of one set share one layout whatever order the prefill's queue
   filled them in.
+
+`Engine` serves requests that arrive over time (`lt-jax serve`): one thread owns the device, each request joins a
+batch of its cache length, plan and sampling settings as a row frees, streams its tokens chunk by chunk, and may be
+cancelled (its row freed).
 """
 from __future__ import annotations
 

@@ -24,11 +24,19 @@ How prompts are served:
   are batched continuously; prompts that all choose differently decode one at a time. A chosen cache's slots are
   put in layer order (`Plan.layers`), so rows of one set share one layout whatever order the prefill's queue
   filled them in.
+
+`Engine` serves requests that arrive over time (`lt-jax serve`): one thread owns the device, each request joins a
+batch of its cache length, plan and sampling settings as a row frees, streams its tokens chunk by chunk, and may be
+cancelled (its row freed).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +120,11 @@ class _Batch:
         self.logits = _put_row(self.logits, item.logits, jnp.int32(row))
         self.budget[row], self.done[row], self.key[row] = item.request.budget, False, self.first_key
         self.rows[row], self.tokens[row] = item, []
+
+    def release(self, row: int):
+        """Frees a busy row at once (its request was cancelled or met a stop string); it decodes garbage until
+        admitted again."""
+        self.rows[row], self.done[row] = None, True
 
     def step(self, until_finish: bool) -> list[tuple[_Prefilled, list[int]]]:
         """One chunk; returns the rows that finished in it (freed), with their tokens."""
@@ -248,3 +261,195 @@ def _serve_group(model, plan: Plan, group: list[Request], max_len: int, sampling
         for item, tokens in batch.step(until_finish=can_fill):
             remaining -= 1
             yield item, tokens
+
+
+# ---- a long-running engine: requests join while others decode ---------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Job(Request):
+    """One request to an `Engine` (`index` must be unique among live jobs): its fixed or selecting plan, its
+    sampling (temperature, top_k, top_p, stop_ids; `seed` is its row's key; max_new_tokens is unused, `budget`
+    counts), and two callbacks run on the engine thread: `on_tokens(new_ids)` after every chunk that gave the row
+    tokens, returning True to end the row there (e.g. a stop string; finish reason "stop"), and `on_done(result)`
+    once: {"ids", "finish_reason" ("stop", "length" or "cancelled"), "plan", "lazy_ratios" (selecting plans)}, or
+    the exception that failed it."""
+    plan: Plan = None
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    on_tokens: Callable[[list[int]], bool] = lambda ids: False
+    on_done: Callable[[dict | BaseException], None] = lambda result: None
+
+
+class Engine:
+    """Continuous batching for requests that arrive over time: one thread owns the device; `submit`, `cancel` and
+    `call` (any device work, e.g. scoring, run between decode chunks) may be called from any thread.
+
+    Each job is prefilled alone (as a lone `generate` would: one row, cache `Model.cache_len` of its prompt and
+    budget) and joins a decode batch (`_Batch`, `batch_size` rows) of the same cache length, fixed plan and
+    sampling settings, as soon as one of its rows is free; at most `max_batches` batches are open, decoded one
+    chunk each in turn, and an emptied batch is dropped. Compiled shapes depend only on the buckets, plan shapes
+    and the fixed chunk, never on the number of requests. Rows sample with their own job's seed, so a job gets
+    what `Model.generate` gives its prompt alone."""
+
+    def __init__(self, model, batch_size: int = 8, chunk: int = DEFAULT_CHUNK, max_batches: int = 4):
+        for name, v in (("batch_size", batch_size), ("chunk", chunk), ("max_batches", max_batches)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise LtJaxError(f"{name}={v!r} must be a whole number of at least 1.")
+        self.model, self.batch_size, self.chunk, self.max_batches = model, batch_size, chunk, max_batches
+        self._inbox: queue.Queue = queue.Queue()
+        self._pending: collections.deque[Job] = collections.deque()  # not yet prefilled, oldest first
+        self._waiting: list[tuple[tuple, _Prefilled]] = []  # prefilled, waiting for a row of their batch key
+        self._batches: dict[tuple, _Batch] = {}
+        self._sent: dict[int, int] = {}  # job index -> tokens passed to on_tokens so far
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lt-jax-engine", daemon=True)
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None):
+        """Serve what was submitted, then end the thread."""
+        self._inbox.put(("stop",))
+        self._thread.join(timeout)
+
+    def submit(self, job: Job):
+        self._inbox.put(("job", job))
+
+    def cancel(self, index: int):
+        """Drops a job wherever it is (its row is freed); its on_done gets finish reason "cancelled"."""
+        self._inbox.put(("cancel", index))
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Runs fn() on the engine thread between chunks; its result (or exception) comes through the future."""
+        future: Future = Future()
+        self._inbox.put(("call", fn, future))
+        return future
+
+    @property
+    def active(self) -> int:
+        """Jobs not yet finished (approximate when read from another thread)."""
+        return len(self._pending) + len(self._waiting) + sum(b.busy for b in self._batches.values())
+
+    # -- the engine thread --
+
+    def _run(self):
+        while not (self._stopping and not self.active and self._inbox.empty()):
+            self._read_inbox(block=not self.active)
+            try:
+                self._admit()
+                for key, batch in list(self._batches.items()):
+                    if batch.busy:
+                        self._step(key, batch)
+                    if not batch.busy:
+                        del self._batches[key]
+            except Exception as e:  # noqa: BLE001 - the device failed a batch: fail its jobs, keep serving
+                self._fail_all(e)
+
+    def _read_inbox(self, block: bool):
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            kind = message[0]
+            if kind == "job":
+                self._pending.append(message[1])
+            elif kind == "cancel":
+                self._cancel(message[1])
+            elif kind == "call":
+                _, fn, future = message
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(e)
+            else:
+                self._stopping = True
+
+    def _cancel(self, index: int):
+        for job in self._pending:
+            if job.index == index:
+                self._pending.remove(job)
+                return self._finish(job, [], "cancelled", job.plan, None)
+        for entry in self._waiting:
+            if entry[1].request.index == index:
+                self._waiting.remove(entry)
+                return self._finish(entry[1].request, [], "cancelled", entry[1].plan, entry[1].ratios)
+        for batch in self._batches.values():
+            for row, item in enumerate(batch.rows):
+                if item is not None and item.request.index == index:
+                    batch.release(row)
+                    return self._finish(item.request, batch.tokens[row], "cancelled", item.plan, item.ratios)
+
+    def _admit(self):
+        for entry in list(self._waiting):
+            if self._place(*entry):
+                self._waiting.remove(entry)
+        while self._pending and len(self._waiting) < self.batch_size:
+            job = self._pending.popleft()
+            try:
+                max_len = self.model.cache_len(len(job.ids), job.budget)
+                item = _prefill_one(self.model, job.plan, job, max_len)
+            except Exception as e:  # noqa: BLE001 - this job's failure, not the engine's
+                job.on_done(e)
+                continue
+            s = job.sampling
+            key = (max_len, item.plan, float(s.temperature), int(s.top_k), float(s.top_p), s.stop_ids)
+            if not self._place(key, item):
+                self._waiting.append((key, item))
+
+    def _place(self, key: tuple, item: _Prefilled) -> bool:
+        batch = self._batches.get(key)
+        if batch is None:
+            if len(self._batches) >= self.max_batches:
+                return False
+            s = item.request.sampling
+            # max_new_tokens=1: the prepared sampling's static `steps` stays one value for every batch
+            sampling = dataclasses.replace(s, max_new_tokens=1).prepared(self.model.config.eos_token_ids)
+            batch = self._batches[key] = _Batch(self.model, item.plan, self.batch_size, key[0], sampling,
+                                                _key_data(0), self.chunk)
+        row = batch.free_row()
+        if row is None:
+            return False
+        batch.admit(row, item)
+        batch.key[row] = _key_data(item.request.sampling.seed)
+        self._sent[item.request.index] = 0
+        return True
+
+    def _step(self, key: tuple, batch: _Batch):
+        rows = list(enumerate(batch.rows))
+        finished = {id(item) for item, _ in batch.step(until_finish=bool(self._pending or self._waiting))}
+        stop = {int(t) for t in batch.sampling.stop_ids}
+        for row, item in rows:
+            if item is None:
+                continue
+            job, tokens = item.request, batch.tokens[row]
+            new = tokens[self._sent[job.index]:]
+            self._sent[job.index] = len(tokens)
+            ended = bool(new) and job.on_tokens(new)
+            if id(item) in finished:
+                self._finish(job, tokens, "stop" if tokens and tokens[-1] in stop else "length", item.plan,
+                             item.ratios)
+            elif ended:
+                batch.release(row)
+                self._finish(job, tokens, "stop", item.plan, item.ratios)
+
+    def _finish(self, job: Job, tokens: list[int], reason: str, plan: Plan, ratios):
+        self._sent.pop(job.index, None)
+        result = {"ids": list(tokens), "finish_reason": reason, "plan": plan}
+        if ratios is not None:
+            result["lazy_ratios"] = [float(r) for r in ratios]
+        job.on_done(result)
+
+    def _fail_all(self, error: Exception):
+        jobs = [j for j in self._pending] + [item.request for _, item in self._waiting]
+        jobs += [item.request for b in self._batches.values() for item in b.rows if item is not None]
+        self._pending.clear(), self._waiting.clear(), self._batches.clear(), self._sent.clear()
+        for job in jobs:
+            job.on_done(error)
+
+
+def _key_data(seed: int) -> np.ndarray:
+    """The raw data of `jax.random.key(seed)`, the key a lone `generate` starts from."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))

@@ -5,7 +5,7 @@ head's attention over the whole prompt (`attention_on`): whether its top-1 key i
 the probability mass on them. They differ in the prompts and the targets:
 
 - `retrieval` (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality"): a number hidden
-  in essays (`tasks.needle_prompt`, the unkeyed needle, a format the evaluation tasks do not use); the model's own
+  in essays (`needles.needle_prompt`, the unkeyed needle, a format the evaluation tasks do not use); the model's own
   greedy answer (all layers full) is replayed, and for every answer token that is one of the needle's tokens the
   query predicting it targets the needle positions holding that token. A head's score is its top-1 hit rate over
   those answer tokens, averaged over the samples the full model answers right (the others are skipped).
@@ -123,7 +123,7 @@ def retrieval_scores(model, haystack_ids: list[int], lengths=(2048,), samples: i
     """The retrieval probe over `samples` needle prompts per length (depths spread over 0.05..0.95)."""
     from tqdm import tqdm
 
-    from lt_jax.eval import tasks
+    from lt_jax import needles
     L, N = model.config.num_layers, model.config.num_heads
     hits, counts, used, skipped = np.zeros((L, N)), 0, 0, []
     for length in lengths:
@@ -136,9 +136,9 @@ def retrieval_scores(model, haystack_ids: list[int], lengths=(2048,), samples: i
         depth = 0.05 + 0.9 * (s + 0.5) / samples
         offset = int(rng.integers(0, len(haystack_ids) - length + 1))
         hay = haystack_ids[offset:] + haystack_ids[:offset]
-        prompt = tasks.needle_prompt(model, hay, length - max_new_tokens, depth, number)
+        prompt = needles.needle_prompt(model, hay, length - max_new_tokens, depth, number)
         answer = model.generate([prompt], plan="full", max_new_tokens=max_new_tokens)[0]["ids"]
-        if tasks.first_number(model.decode(answer)) != str(number):
+        if needles.first_number(model.decode(answer)) != str(number):
             skipped.append(f"{length}/{s}: wrong answer")
             continue
         needle = needle_mask(model, prompt, str(number))

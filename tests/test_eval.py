@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, sigkill_when
-from lt_jax.eval import evaluate, tasks
+from lt_jax import needles as tasks
+from lt_jax.eval import evaluate
 from lt_jax.cli import main
 
 ESSAY = "addiction.txt"

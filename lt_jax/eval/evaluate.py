@@ -24,7 +24,7 @@ import numpy as np
 
 from lt_jax import distributed, records
 from lt_jax.errors import LtJaxError
-from lt_jax.eval import tasks
+from lt_jax import needles
 from lt_jax.inference import Sampling
 from lt_jax.lazy import queue_score, top_lazy
 from lt_jax.plan import Plan
@@ -75,16 +75,16 @@ class Retrieval:
                     prompt = length - self.max_new_tokens  # RULER's length counts the answer's tokens too
                     if hay is None:
                         passkey = int(rng.integers(10_000, 100_000))
-                        ids, target = tasks.passkey_prompt(model, prompt, depth, passkey), str(passkey)
+                        ids, target = needles.passkey_prompt(model, prompt, depth, passkey), str(passkey)
                     else:
                         offset = int(rng.integers(0, len(hay) - length + 1))
-                        ids, target = tasks.niah_prompt(model, hay[offset:] + hay[:offset], prompt, depth, rng,
+                        ids, target = needles.niah_prompt(model, hay[offset:] + hay[:offset], prompt, depth, rng,
                                                         self.keys)
                     yield Example(f"{length}/{depth:g}/{s}", {"length": length, "depth": depth}, ids,
                                   self.max_new_tokens, target=target)
 
     def score(self, example, answer: str) -> float:
-        return float(tasks.first_number(answer) == example.target)
+        return float(needles.first_number(answer) == example.target)
 
     def column(self, row) -> str:
         return str(row["cell"]["length"])

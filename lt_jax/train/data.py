@@ -21,7 +21,7 @@ import numpy as np
 
 from lt_jax.batching import bucket
 from lt_jax.errors import LtJaxError
-from lt_jax.eval.texts import read_jsonl, read_text
+from lt_jax.files import read_jsonl, read_text
 from lt_jax.train.step import IGNORE
 
 

@@ -206,3 +206,60 @@ def test_bad_input_found_by_a_second_probe(tiny_ckpt, tiny_chat, tmp_path, capsy
         code, out, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, err
         assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
+
+
+# Every output argument of every command (tagged by lt_jax.cli.flags.output), with the argv that reaches it: a new
+# command's output must be added here, or test_every_output_is_walked fails.
+FOREIGN_CASES = {
+    ("convert", "out_dir"): ["convert", MISSING, "{out}"],
+    ("export", "hf_out_dir"): ["export", MISSING, "{out}"],
+    ("train", "--out"): ["train", MISSING, "--data", "{text}", "--plan", "first", "--out", "{out}"],
+    ("generate", "--output"): ["generate", MISSING, "--input", "{jsonl}", "--output", "{out}"],
+    ("identify", "--out"): ["identify", MISSING, "{text}", "--out", "{out}"],
+    ("identify", "--plot"): ["identify", MISSING, "{text}", "--out", "{new}", "--plot", "{out}"],
+    ("calibrate", "--out"): ["calibrate", MISSING, "--probe", "induction", "--out", "{out}"],
+    ("calibrate", "--plot"): ["calibrate", MISSING, "--probe", "induction", "--out", "{new}", "--plot", "{out}"],
+    ("eval", "--out"): ["eval", MISSING, "--task", "niah", "--out", "{out}"],
+    ("eval", "--plot"): ["eval", MISSING, "--task", "niah", "--out", "{new}", "--plot", "{out}"],
+    ("eval", "--ratio-plot"): ["eval", MISSING, "--task", "niah", "--out", "{new}", "--ratio-plot", "{out}"],
+}
+
+
+def _outputs():
+    """(command, flag) -> kind of every argument tagged as an output, from the parsers of the registry."""
+    import argparse
+    from lt_jax.cli.main import COMMANDS
+    found, untagged = {}, []
+    for command in COMMANDS:
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        for action in parser._actions:
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            if getattr(action, "output", None):
+                found[(command.NAME, flag)] = action.output
+            elif any(w in action.dest for w in ("out", "plot", "dir")) and action.dest not in ("hf_dir",
+                                                                                                   "ckpt_dir"):
+                untagged.append((command.NAME, flag))
+    return found, untagged
+
+
+def test_every_output_is_walked():
+    found, untagged = _outputs()
+    assert untagged == [] and set(found) == set(FOREIGN_CASES)
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_CASES))
+def test_a_file_of_the_users_is_never_written(case, tmp_path, capsys):
+    """A 3-line notes file (named .png where an image is wanted) at every output: refused in one sentence naming
+    it, byte-for-byte unchanged, nothing else written."""
+    kind = _outputs()[0][case]
+    notes = tmp_path / ("notes.png" if kind == "image" else "notes.txt")
+    notes.write_bytes(b"my notes\nsecond line\nthird, no newline")
+    (tmp_path / "t.txt").write_text("The sea is wide. " * 50)
+    (tmp_path / "p.jsonl").write_text('{"ids": [1, 2, 3]}\n')
+    fill = {"out": notes, "text": tmp_path / "t.txt", "jsonl": tmp_path / "p.jsonl", "new": tmp_path / "new.json"}
+    argv = [a.format(**fill) for a in FOREIGN_CASES[case]]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and str(notes) in err, err
+    assert notes.read_bytes() == b"my notes\nsecond line\nthird, no newline"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notes.name, "t.txt", "p.jsonl"])

@@ -24,8 +24,8 @@ def run(args) -> dict:
     from checkpoints_conv import convert, read_hf_config
     from checkpoints_conv.hf import entries
     from lt_jax.files import new_dir
-    cfg = read_hf_config(Path(args.hf_dir), args.dtype)
     new_dir(args.out_dir)
+    cfg = read_hf_config(Path(args.hf_dir), args.dtype)
     t0 = time.perf_counter()
     with tqdm(total=len(entries(cfg)), desc="converting", file=sys.stderr, leave=False, unit="tensor") as bar:
         convert(args.hf_dir, args.out_dir, args.dtype, progress=lambda _name: bar.update(1))

@@ -263,3 +263,43 @@ def test_a_file_of_the_users_is_never_written(case, tmp_path, capsys):
     assert code == 2 and out == "" and err.count("\n") == 1 and str(notes) in err, err
     assert notes.read_bytes() == b"my notes\nsecond line\nthird, no newline"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notes.name, "t.txt", "p.jsonl"])
+
+
+def _ctrl_c(cmd, out, rows: int):
+    """Runs `cmd`, sends one SIGINT once `out` holds `rows` result rows; (exit status, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    proc = subprocess.Popen([sys.executable, "-m", "lt_jax.cli", *map(str, cmd)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= 1 + rows:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_ctrl_c_ends_in_one_line(command, tiny_ckpt, tiny_chat, tmp_path):
+    """A real SIGINT mid-run: exit 130, one line saying how far it got and how to continue (no traceback), and the
+    result file consistent (every line whole JSON; the rerun resumes it: test_serving, test_eval)."""
+    out = tmp_path / "out.jsonl"
+    if command == "generate":
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"ids": list(range(1, 40 + i))}) + "\n" for i in range(40)))
+        cmd = ["generate", tiny_ckpt, "--input", src, "--output", out, "--batch-size", "1", "--max-new-tokens",
+               "100", "--stop-ids", "-1"]
+    else:
+        cmd = ["eval", tiny_chat, "--task", "niah", "--out", out, "--lengths", "300,400", "--depths", "0.2,0.8",
+               "--samples", "4", "--sink", "4", "--window", "64", "--max-new-tokens", "4"]
+    code, err = _ctrl_c(cmd, out, 2)
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    assert last.startswith(f"lt-jax {command}: interrupted after ") and "rerun the same command" in last, last
+    for line in out.read_text().splitlines()[:-1]:
+        json.loads(line)

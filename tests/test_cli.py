@@ -5,6 +5,7 @@ eval --task ppl, --keys, bench) run end to end."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +304,57 @@ def test_ctrl_c_ends_in_one_line(command, tiny_ckpt, tiny_chat, tmp_path):
     assert last.startswith(f"lt-jax {command}: interrupted after ") and "rerun the same command" in last, last
     for line in out.read_text().splitlines()[:-1]:
         json.loads(line)
+
+
+def test_names_and_plans_are_checked_before_the_weights_load(tiny_ckpt, tiny_chat, tmp_path, capsys, monkeypatch):
+    """Mesh axes, per-method options, chat roles, retrieval-aware probes and plan files: one sentence naming the
+    wrong name, before `lt_jax.load` runs (here it cannot)."""
+    import lt_jax
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the check")
+    monkeypatch.setattr(lt_jax, "load", no_load)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3 4 5 6")
+    not_a_plan = tmp_path / "results.json"
+    not_a_plan.write_text(json.dumps({"rows": 3}))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "wizard", "content": "hello"}]}) + "\n")
+    ppl = ["ppl", tiny_ckpt, "--ids-file", ids]
+    for argv, words in [
+        ([*ppl, "--mesh", "data=1,banana=1"], "axis 'banana' is not named by the sharding rules, which place arrays "
+                                              "on data, fsdp, model"),
+        (["eval", tiny_ckpt, "--task", "niah", "--methods", "full,full@protect=3", "--out", tmp_path / "e.jsonl"],
+         "method 'full@protect=3': full does not use protect (only retrieval-aware do)"),
+        ([*ppl, "--plan", "retrieval-aware:bogus"], "'bogus' is neither a probe (retrieval, induction) nor a "
+                                                    "calibration file (.json)"),
+        ([*ppl, "--plan", "retrieval-aware:my-notes.txt"], "'my-notes.txt' is neither a probe"),
+        ([*ppl, "--plan", "retrieval-aware"], "run `lt-jax calibrate MODEL --probe retrieval` first"),
+        ([*ppl, "--plan", not_a_plan], str(not_a_plan)),
+        (["train", tiny_chat, "--data", chat, "--plan", "first", "--out", tmp_path / "run"],
+         f"{chat} line 1: role 'wizard' is not one of the chat roles system, user, assistant, tool"),
+        (["calibrate", tiny_ckpt, "--probe", "induction", "--span", "600", "--out", tmp_path / "c.json"],
+         "--span 600 repeated once needs 1200 tokens, more than the model's context of 1024"),
+        (["calibrate", tiny_ckpt, "--lengths", "0", "--haystack", ids, "--out", tmp_path / "c.json"],
+         "--lengths must list prompt lengths of at least 1 token"),
+    ]:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e.jsonl").exists()
+    assert "calibration-bogus.json" not in err and "calibration-my-notes" not in err
+
+
+def test_messages_a_user_meets(tiny_ckpt, tiny_chat, assets, tmp_path, capsys):
+    """calibrate --lengths too short for a needle: one sentence (not a traceback from the prompt builder); train
+    --out onto a file says it is a file; a mesh larger than the machine names the CPU simulation flag."""
+    essay = sorted((Path(assets["essays"])).glob("*.txt"))[0]
+    code, _, err = run(capsys, "calibrate", tiny_chat, "--lengths", "50", "--samples", "1", "--haystack", essay,
+                       "--out", tmp_path / "c.json")
+    assert code == 2 and err.count("\n") == 1 and "a 50-token prompt is too short to hold the needle" in err, err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = run(capsys, "train", tiny_ckpt, "--data", notes, "--plan", "first", "--out", notes, "--resume")
+    assert code == 2 and f"--out {notes} is a file, not a folder" in err and notes.read_text() == "mine"
+    code, _, err = run(capsys, "ppl", tiny_ckpt, "--text-file", notes, "--mesh", "data=64")
+    assert code == 2 and "XLA_FLAGS=--xla_force_host_platform_device_count=64" in err, err

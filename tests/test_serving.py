@@ -257,5 +257,5 @@ def test_cli_refuses_a_foreign_output_before_loading(requests, tmp_path, capsys)
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "no-model"), "--input", str(src), "--output", str(notes)]) == 2
     err = capsys.readouterr().err
-    assert f"{notes} line 1 is not valid JSON" in err and err.count("\n") == 1
+    assert f"--output {notes} exists and is not a results file of lt-jax generate" in err and err.count("\n") == 1
     assert notes.read_text() == "my notes\nlast line without newline"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from lt_jax.cli.flags import NON_NEGATIVE, POSITIVE, load_model, model_argument, output, parse_list, run_flags
+from lt_jax.cli.flags import (NON_NEGATIVE, POSITIVE, load_model, model_argument, model_config, output, parse_list,
+                              run_flags)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import output_file, output_image, read_text
 
@@ -54,6 +55,13 @@ def run(args) -> dict:
         raise LtJaxError(f"--lengths must list prompt lengths of at least 1 token; got {args.lengths!r}.")
     files = args.haystack or sorted(Path(assets.essays()).glob("*.txt"))
     texts = [read_text(f) for f in files] if args.probe == "retrieval" else []  # a missing file: before the load
+    cfg = model_config(args)  # the lengths against the context, before the weights load
+    context = None if cfg is None else cfg.max_position_embeddings
+    if context and args.probe == "retrieval" and max(lengths) > context:
+        raise LtJaxError(f"--lengths {max(lengths)} exceeds the model's context of {context} tokens.")
+    if context and args.probe == "induction" and 2 * args.span > context:
+        raise LtJaxError(f"--span {args.span} repeated once needs {2 * args.span} tokens, more than the model's "
+                         f"context of {context}.")
     model = load_model(args)
     if out is None:
         if model.path is None or not Path(model.path).is_dir():
@@ -62,9 +70,6 @@ def run(args) -> dict:
     settings = {"samples": args.samples, "seed": args.seed}
     if args.probe == "retrieval":
         haystack = model.encode("\n\n".join(texts))
-        context = model.config.max_position_embeddings
-        if max(lengths) > context:
-            raise LtJaxError(f"--lengths {max(lengths)} exceeds the model's context of {context} tokens.")
         found = probes.retrieval_scores(model, haystack, lengths, args.samples, args.seed, progress=not args.json)
         settings |= {"lengths": lengths, "format": "unkeyed needle in essays (needles.needle_prompt)",
                      "haystack": [str(f) for f in args.haystack or []]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lt_jax.cli.flags import (POSITIVE, load_model, model_argument, output, parse_list, plan_flag_values, plan_flags,
+from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, output, parse_list, plan_flag_values, plan_flags,
                               run_flags)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import output_file, output_image, read_text
@@ -108,8 +108,9 @@ def run(args) -> dict:
                       lambda p: records.read_rows(p, None, evaluate.row_key, WHAT))
     plot = output_image(args.plot, "--plot")
     ratio_plot = output_image(args.ratio_plot, "--ratio-plot")
-    model = load_model(args)
     flags = plan_flag_values(args)
+    check_plans(args, {spec: {**flags, **own} for spec, own in options.values()})
+    model = load_model(args)
     plans = {m: model.plan(spec, **{**flags, **own}) for m, (spec, own) in options.items()}
     task = _task(args, model)
     meta = {"task": task.name, "model": model.label, "settings": task.settings,

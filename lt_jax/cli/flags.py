@@ -144,6 +144,41 @@ def load_model(args):
     return lt_jax.load(args.model, mesh=args.mesh)
 
 
+def model_config(args):
+    """MODEL's config alone (no weights): what the checks that need only it read before the load; None where
+    MODEL is neither a checkpoint nor an HF directory (the load then says so)."""
+    from pathlib import Path
+
+    from checkpoints_conv import is_checkpoint, read_hf_config
+    from checkpoints_conv.store import CONFIG_FILE
+    from lt_jax import assets
+    from lt_jax.config import Config
+    path = assets.resolve_model(args.model)
+    if is_checkpoint(path):
+        return Config.from_json(Path(path) / CONFIG_FILE)
+    return read_hf_config(path) if (Path(path) / "config.json").exists() else None
+
+
+def check_plans(args, specs: dict) -> None:
+    """Plans built from the config alone before the weights load (a plan file that is not one, a retrieval-aware
+    plan without its calibration, a flag out of range fail in seconds): `specs` maps a plan spec (None: the
+    model's stored plan, checked by the load) to its keyword flags."""
+    from lt_jax import assets, calibration
+    from lt_jax.plan import make_plan
+    cfg = model_config(args)
+    if cfg is None:
+        return
+    for spec, flags in specs.items():
+        if spec is None:
+            continue
+        flags = {k: v for k, v in flags.items() if v is not None}
+        name, _, source = spec.partition(":")
+        if name == "retrieval-aware":
+            flags["calibration"] = calibration.find(assets.resolve_model(args.model), source or
+                                                    calibration.DEFAULT_PROBE, cfg)[0]
+        make_plan(spec, cfg, **flags)
+
+
 def plan_flag_values(args) -> dict:
     """The plan flags as `Model.plan`'s keyword arguments (those the command has)."""
     return dict(lazy_fraction=args.lazy_fraction, sink=args.sink, window=args.window,

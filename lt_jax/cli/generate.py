@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from lt_jax.cli.flags import (POSITIVE, load_model, model_argument, note_if_plan_cannot_matter, output, parse_ids,
-                              plan_flags, plan_from_args, plan_json, run_flags, sampling, sampling_flags, say)
+from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, note_if_plan_cannot_matter, output, parse_ids,
+                              plan_flag_values, plan_flags, plan_from_args, plan_json, run_flags, sampling, sampling_flags, say)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import numbered_jsonl, output_file, read_text
 
@@ -60,6 +60,7 @@ def run(args) -> dict:
     prompt = parse_ids(args.ids, "--ids") if args.ids is not None else None
     text = None if prompt is not None else args.prompt if args.prompt is not None else read_text(args.prompt_file)
     stop = None if args.stop_ids is None else parse_ids(args.stop_ids, "--stop-ids")
+    check_plans(args, {args.plan: plan_flag_values(args)})
     model = load_model(args)
     if prompt is None:
         prompt = model.chat_ids(text) if args.chat else model.encode(text)
@@ -179,6 +180,7 @@ def generate_file(args) -> dict:
     records_in, digest = read_requests(src)
     stop = None if args.stop_ids is None else tuple(parse_ids(args.stop_ids, "--stop-ids"))
     settings = sampling(args, stop).check()
+    check_plans(args, {args.plan: plan_flag_values(args)})
     model = load_model(args)
     plan = plan_from_args(model, args)
     context = model.config.max_position_embeddings

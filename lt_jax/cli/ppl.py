@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from lt_jax.cli.flags import (POSITIVE, load_model, model_argument, note_if_plan_cannot_matter, parse_ids, plan_flags,
+from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, note_if_plan_cannot_matter, parse_ids, plan_flag_values, plan_flags,
                               plan_from_args, plan_json, run_flags, say)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import read_text
@@ -29,6 +29,7 @@ def add_arguments(s):
 def run(args) -> dict:
     text = read_text(args.text_file) if args.text_file else None
     ids = None if text is not None else parse_ids(read_text(args.ids_file), f"ids file {args.ids_file}")
+    check_plans(args, {args.plan: plan_flag_values(args)})
     model = load_model(args)
     if text is not None:
         ids = model.encode(text)

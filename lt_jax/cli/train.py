@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lt_jax.cli.flags import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, load_model, model_argument,
-                              number, output, plan_from_args, run_flags, say, stream_flags)
+from lt_jax.cli.flags import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, check_plans, load_model,
+                              model_argument, number, output, plan_flag_values, plan_from_args, run_flags, say, stream_flags)
 from lt_jax.errors import LtJaxError
 
 NAME = "train"
@@ -82,6 +82,7 @@ def run(args) -> dict:
         if not Path(path).is_file():
             raise LtJaxError(f"data file {path} does not exist (or is not a file).")
     check_files([*args.data, *(args.eval_data or [])])  # the shape of every JSONL line, before the load
+    check_plans(args, {args.plan: plan_flag_values(args)})
     model = load_model(args)
     plan = plan_from_args(model, args)
     settings = TrainSettings.for_plan(

@@ -266,23 +266,32 @@ def test_a_file_of_the_users_is_never_written(case, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notes.name, "t.txt", "p.jsonl"])
 
 
-def _ctrl_c(cmd, out, rows: int):
-    """Runs `cmd`, sends one SIGINT once `out` holds `rows` result rows; (exit status, stderr)."""
+def _ctrl_c(cmd, ready):
+    """Runs `cmd`, sends one SIGINT once `ready(stderr so far)` holds; (exit status, stderr)."""
     import signal
     import subprocess
     import sys
+    import threading
     import time
     from conftest import REPO
     proc = subprocess.Popen([sys.executable, "-m", "lt_jax.cli", *map(str, cmd)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")))
+    reader.start()
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) >= 1 + rows:
+        if ready("".join(err)):
             proc.send_signal(signal.SIGINT)
             break
         time.sleep(0.01)
-    _, err = proc.communicate()
-    return proc.returncode, err
+    proc.wait()
+    reader.join()
+    return proc.returncode, "".join(err)
+
+
+def _rows(path: Path, n: int):
+    return lambda _err: path.exists() and len(path.read_text().splitlines()) >= 1 + n
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
@@ -298,7 +307,7 @@ def test_ctrl_c_ends_in_one_line(command, tiny_ckpt, tiny_chat, tmp_path):
     else:
         cmd = ["eval", tiny_chat, "--task", "niah", "--out", out, "--lengths", "300,400", "--depths", "0.2,0.8",
                "--samples", "4", "--sink", "4", "--window", "64", "--max-new-tokens", "4"]
-    code, err = _ctrl_c(cmd, out, 2)
+    code, err = _ctrl_c(cmd, _rows(out, 2))
     last = err.strip().splitlines()[-1]
     assert code == 130 and "Traceback" not in err, err[-2000:]
     assert last.startswith(f"lt-jax {command}: interrupted after ") and "rerun the same command" in last, last
@@ -358,3 +367,35 @@ def test_messages_a_user_meets(tiny_ckpt, tiny_chat, assets, tmp_path, capsys):
     assert code == 2 and f"--out {notes} is a file, not a folder" in err and notes.read_text() == "mine"
     code, _, err = run(capsys, "ppl", tiny_ckpt, "--text-file", notes, "--mesh", "data=64")
     assert code == 2 and "XLA_FLAGS=--xla_force_host_platform_device_count=64" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "calibrate", "identify", "ppl"])
+def test_ctrl_c_on_the_other_long_commands(command, tiny_ckpt, tmp_path):
+    """The same rule on train (then --resume continues), calibrate, identify and ppl."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i % 290 + 1) for i in range(1000)))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("".join(json.dumps({"ids": list(range(1, 120))}) + "\n" for _ in range(400)))
+    out = tmp_path / "out"
+    cmd, ready, last_words = {
+        "train": (["train", tiny_ckpt, "--data", samples, "--plan", "first", "--out", out, "--steps", "500",
+                   "--save-every", "1", "--seq-len", "64"], _rows(out / "train_log.jsonl", 1), "with --resume"),
+        "calibrate": (["calibrate", tiny_ckpt, "--probe", "induction", "--span", "256", "--samples", "500",
+                       "--out", tmp_path / "c.json"], lambda err: "calibrate induction:" in err and "1/500" in err,
+                      "nothing was written"),
+        "identify": (["identify", tiny_ckpt, samples, "--field", "ids", "--out", tmp_path / "p.json", "--context",
+                      "100", "--sink", "2", "--window", "8", "--max-samples", "400"],
+                     lambda err: "1/400" in err, "nothing was written"),
+        "ppl": (["ppl", tiny_ckpt, "--ids-file", ids, "--prefix", "8"], lambda err: "scoring" in err,
+                "nothing was written"),
+    }[command]
+    code, err = _ctrl_c(cmd, ready)
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err and last.startswith(f"lt-jax {command}: interrupted"), err[-2000:]
+    assert last_words in last, last
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "p.json").exists()
+    if command == "train":
+        assert " of 500 steps (train)" in last
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == list(range(1, len(log) + 1))

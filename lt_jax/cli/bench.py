@@ -21,7 +21,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 def add_arguments(s):
     run_flags(s)
     model_argument(s)
-    plan_flags(s, plan=None)
+    plan_flags(s, with_plan=False)
     s.add_argument("--methods", default="full,lighttransfer",
                    help="comma-separated plans, each measured against full in the same run (full, lighttransfer, "
                         "streaming, first, last, random[:SEED], PLAN.json; default: full,lighttransfer)")

@@ -51,7 +51,7 @@ def add_arguments(s):
     s.add_argument("--max-length", type=POSITIVE, default=None,
                    help="longbench: prompt tokens before middle truncation (default: the model's context)")
     s.add_argument("--limit", type=POSITIVE, default=None, help="longbench: at most this many records per dataset")
-    plan_flags(s, plan=None)
+    plan_flags(s, with_plan=False)
 
 
 def method_options(method: str) -> tuple[str, dict]:

@@ -69,29 +69,20 @@ PLAN_HELP = ("full | streaming | first | last | random[:SEED] | lighttransfer (c
              "most copying layers lazy; run `lt-jax calibrate` first) | PLAN.json")
 
 
-def plan_flags(s, plan: str | None = "optional", protect: bool = True):
-    """The plan flags. `plan`: "optional" (default: the model's stored plan), "required" (train: a fixed plan), or
-    None (eval and bench name plans in --methods)."""
-    if plan == "optional":
+def plan_flags(s, with_plan: bool = True):
+    """--plan (unless eval and bench, which name plans in --methods) and the flags that shape a plan."""
+    if with_plan:
         s.add_argument("--plan", default=None, help=f"{PLAN_HELP} (default: the model's stored plan, which a trained "
                        f"hybrid has; otherwise full)")
-    elif plan == "required":
-        s.add_argument("--plan", required=True,
-                       help="the fixed hybrid: a plan file from `lt-jax identify`, first, last, random[:SEED], "
-                            "streaming, full")
-    s.add_argument("--lazy-fraction", type=FRACTION, default=0.5,
-                   help="fraction of lazy layers (default 0.5)")
+    s.add_argument("--lazy-fraction", type=FRACTION, default=0.5, help="fraction of lazy layers (default 0.5)")
     stream_flags(s)
-    if plan == "required":
-        return
     s.add_argument("--prefill", choices=["exact", "hybrid"], default=None,
                    help="exact: full attention over the prompt in every layer (default); hybrid: each layer's mask")
     s.add_argument("--w-last", type=POSITIVE, default=None,
                    help="lighttransfer: last prompt queries that measure the lazy ratios (default 32)")
-    if protect:
-        s.add_argument("--protect", type=NON_NEGATIVE, default=None,
-                       help="retrieval-aware: layers of highest calibration score that never go lazy (default: a "
-                            "fifth of the layers, at most those that stay full)")
+    s.add_argument("--protect", type=NON_NEGATIVE, default=None,
+                   help="retrieval-aware: layers of highest calibration score that never go lazy (default: a "
+                        "fifth of the layers, at most those that stay full)")
 
 
 def stream_flags(s, preset: bool = True):

@@ -1,6 +1,7 @@
 """`lt-jax train MODEL --data ... --plan PLAN --out OUT`: LightTransfer-Train."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from lt_jax.cli.flags import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, check_plans, load_model,
@@ -55,7 +56,7 @@ def add_arguments(s):
     s.add_argument("--keep", type=POSITIVE, default=2,
                    help="checkpoints kept in OUT/checkpoints (default 2); each holds the float32 weights and "
                         "AdamW's two moments, about 3x the weights (SmolLM2-135M: about 1.5 GB)")
-    s.add_argument("--keep-optimizer", action=_BooleanFlag, default=True,
+    s.add_argument("--keep-optimizer", action=argparse.BooleanOptionalAction, default=True,
                    help="keep OUT/checkpoints once training ends, so a later --resume with more --steps can "
                         "continue; --no-keep-optimizer deletes them, leaving only the final weights (default: keep)")
     s.add_argument("--eval-data", nargs="+", default=None, help="held-out files (same formats as --data)")
@@ -65,11 +66,6 @@ def add_arguments(s):
     s.add_argument("--lazy-fraction", type=FRACTION, default=0.5,
                    help="fraction of lazy layers for first/last/random plans (default 0.5)")
     stream_flags(s)
-
-
-def _BooleanFlag(*args, **kwargs):
-    import argparse
-    return argparse.BooleanOptionalAction(*args, **kwargs)
 
 
 def run(args) -> dict:

@@ -18,6 +18,8 @@ _state = {"interrupted": False, "where": None}
 class _Bar(tqdm):
     def update(self, n=1):
         check_interrupt()
+        if self.disable:  # a disabled tqdm keeps no count
+            return None
         out = super().update(n)
         _state["where"] = (self.desc, self.n, self.total, self.unit)
         return out

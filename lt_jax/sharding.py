@@ -94,8 +94,8 @@ def check_axes(spec, rules=None) -> None:
     `RULES` that is an error naming the known axes; with a table of the user's own, a warning."""
     if spec is None:
         return
-    names = spec.axis_names if isinstance(spec, Mesh) else [p.partition("=")[0] for p in str(spec).replace(
-        " ", "").split(",")]
+    names = spec.axis_names if isinstance(spec, Mesh) else [  # a malformed part is make_mesh's to report
+        p.partition("=")[0] for p in str(spec).replace(" ", "").split(",") if "=" in p]
     table = RULES if rules is None else tuple(rules)
     known = sorted({a for _, axis in table if axis for a in ((axis,) if isinstance(axis, str) else axis)})
     unknown = [n for n in names if n not in known]

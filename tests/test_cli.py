@@ -399,3 +399,18 @@ def test_ctrl_c_on_the_other_long_commands(command, tiny_ckpt, tmp_path):
         assert " of 500 steps (train)" in last
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == list(range(1, len(log) + 1))
+
+
+def test_mesh_axes_against_the_rules():
+    """An axis no rule names: an error with the default rules (naming the known axes), a warning with a table of
+    the user's own; a malformed part is left to make_mesh."""
+    from lt_jax import sharding
+    from lt_jax.errors import LtJaxError
+    sharding.check_axes("data=2,model=4,fsdp=-1")
+    sharding.check_axes("data=2;model=4")
+    with pytest.raises(LtJaxError, match="axis 'modle' is not named by the sharding rules, which place arrays on "
+                                         "data, fsdp, model; nothing would be split over it"):
+        sharding.check_axes("data=2,modle=2")
+    with pytest.warns(UserWarning, match="axis 'banana' is not named by the sharding rules, which place arrays on "
+                                         "model: arrays are only copied over it"):
+        sharding.check_axes("banana=2,model=2", rules=(("ffn", "model"),))

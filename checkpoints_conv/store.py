@@ -4,7 +4,6 @@ destination)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

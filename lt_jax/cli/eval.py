@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, output, parse_list, plan_flag_values, plan_flags,
+from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, output, parse_list,
+                              plan_flag_values, plan_flags,
                               run_flags)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import output_file, output_image, read_text

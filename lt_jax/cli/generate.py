@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, note_if_plan_cannot_matter, output, parse_ids,
-                              plan_flag_values, plan_flags, plan_from_args, plan_json, run_flags, sampling, sampling_flags, say)
+from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, note_if_plan_cannot_matter, output,
+                              parse_ids, plan_flag_values, plan_flags, plan_from_args, plan_json, run_flags, sampling,
+                              sampling_flags, say)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import numbered_jsonl, output_file, read_text
 

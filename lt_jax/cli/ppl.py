@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, note_if_plan_cannot_matter, parse_ids, plan_flag_values, plan_flags,
-                              plan_from_args, plan_json, run_flags, say)
+from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument, note_if_plan_cannot_matter,
+                              parse_ids, plan_flag_values, plan_flags, plan_from_args, plan_json, run_flags, say)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import read_text
 

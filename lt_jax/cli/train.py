@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 from lt_jax.cli.flags import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, check_plans, load_model,
-                              model_argument, number, output, plan_flag_values, plan_from_args, run_flags, say, stream_flags)
+                              model_argument, number, output, plan_flag_values, plan_from_args, run_flags, say,
+                              stream_flags)
 from lt_jax.errors import LtJaxError
 
 NAME = "train"

@@ -181,7 +181,9 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
               file=sys.stderr)
     place = {e.id: i for i, e in enumerate(examples)}
     method = {m: i for i, m in enumerate(methods)}
-    order = lambda r: (place.get(r["example"], len(place)), method.get(r["method"], len(method)), r["method"])  # noqa: E731
+    def order(r):
+        return place.get(r["example"], len(place)), method.get(r["method"], len(method)), r["method"]
+
     with records.shared(out, meta, row_key, "lt-jax eval", order, (index, count)) as results:
         todo = [(e, [m for m in methods if (e.id, m) not in results.done])
                 for e in distributed.mine(examples, index, count)]

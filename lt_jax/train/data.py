@@ -68,7 +68,8 @@ def read_sequences(paths, model, seq_len: int) -> Sequences:
             except LtJaxError as e:
                 raise LtJaxError(f"{where}: {e}") from None
     if not out.ids:
-        raise LtJaxError(f"no training sequence of at least 2 tokens with a labelled token in {', '.join(map(str, paths))}"
+        raise LtJaxError(f"no training sequence of at least 2 tokens with a labelled token in "
+                         f"{', '.join(map(str, paths))}"
                          f" ({out.dropped} too short or without targets).")
     return out
 

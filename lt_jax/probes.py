@@ -157,15 +157,20 @@ def retrieval_scores(model, haystack_ids: list[int], lengths=(2048,), samples: i
     return {"head_scores": hits / used, "samples_used": used, "answer_tokens": counts, "skipped": skipped}
 
 
+def check_induction(span: int, queries: int, context: int) -> None:
+    """The induction probe's sizes against a context (needs only the config: the CLI runs it before the load)."""
+    if 2 * span > context or span < 2 or queries < 1:
+        raise LtJaxError(f"--span {span} must be at least 2 and twice it within the model's context of {context}; "
+                         f"--queries {queries} at least 1.")
+
+
 def induction_scores(model, span: int = 1024, samples: int = 8, queries: int = 64, seed: int = 0,
                      progress: bool = True) -> dict:
     """The induction probe: `samples` rows of a random `span`-token block repeated once; `queries` columns of the
     second copy (evenly spaced) each target the token after its first occurrence."""
     V = model.config.vocab_size
     L, N = model.config.num_layers, model.config.num_heads
-    if 2 * span > model.config.max_position_embeddings or span < 2 or queries < 1:
-        raise LtJaxError(f"--span {span} must be at least 2 and twice it within the model's context of "
-                         f"{model.config.max_position_embeddings}; --queries {queries} at least 1.")
+    check_induction(span, queries, model.config.max_position_embeddings)
     cols = np.unique(np.linspace(span, 2 * span - 2, min(queries, span - 1)).astype(int))
     targets = np.zeros((len(cols), 2 * span), bool)
     targets[np.arange(len(cols)), cols - span + 1] = True

@@ -344,7 +344,7 @@ def test_names_and_plans_are_checked_before_the_weights_load(tiny_ckpt, tiny_cha
         (["train", tiny_chat, "--data", chat, "--plan", "first", "--out", tmp_path / "run"],
          f"{chat} line 1: role 'wizard' is not one of the chat roles system, user, assistant, tool"),
         (["calibrate", tiny_ckpt, "--probe", "induction", "--span", "600", "--out", tmp_path / "c.json"],
-         "--span 600 repeated once needs 1200 tokens, more than the model's context of 1024"),
+         "--span 600 must be at least 2 and twice it within the model's context of 1024"),
         (["calibrate", tiny_ckpt, "--lengths", "0", "--haystack", ids, "--out", tmp_path / "c.json"],
          "--lengths must list prompt lengths of at least 1 token"),
     ]:

@@ -59,9 +59,9 @@ def run(args) -> dict:
     context = None if cfg is None else cfg.max_position_embeddings
     if context and args.probe == "retrieval" and max(lengths) > context:
         raise LtJaxError(f"--lengths {max(lengths)} exceeds the model's context of {context} tokens.")
-    if context and args.probe == "induction" and 2 * args.span > context:
-        raise LtJaxError(f"--span {args.span} repeated once needs {2 * args.span} tokens, more than the model's "
-                         f"context of {context}.")
+    if context and args.probe == "induction":
+        from lt_jax.probes import check_induction
+        check_induction(args.span, args.queries, context)
     model = load_model(args)
     if out is None:
         if model.path is None or not Path(model.path).is_dir():

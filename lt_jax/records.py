@@ -63,10 +63,9 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
         raise LtJaxError(f"{path} is not a results file of {what} (its first line is not the settings line); give "
                          f"another output file.")
     if meta is not None and lines[0]["meta"] != meta:
-        old = lines[0]["meta"] or {}
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        raise LtJaxError(f"{path} holds results made with other settings ({', '.join(diff)} differ); give another "
-                         f"output file or delete it.")
+        diff = "; ".join(_differences(lines[0]["meta"] or {}, meta))
+        raise LtJaxError(f"{path} holds results made with other settings ({diff}); give another output file or "
+                         f"delete it.")
     if partial and repair:  # ours, with a killed run's half-written row: drop it
         print(f"[{what}] {path}: dropping an incomplete last row", file=sys.stderr)
         with open(path, "r+b") as f:
@@ -78,6 +77,18 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
         except (KeyError, TypeError):
             raise LtJaxError(f"{path} line {number} is not a result row of {what}.") from None
     return rows
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'sampling.temperature: the file has 0.0, this run 0.7' per setting that differs (nested dicts opened)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: the file has {a!r}, this run {b!r}")
+    return out
 
 
 def _parse(path: Path, number: int, line: str, what: str) -> dict:

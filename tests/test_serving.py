@@ -166,7 +166,8 @@ def test_cli_resumes_a_killed_run(tiny_ckpt, requests, clean, tmp_path, capsys):
     before = out.read_bytes()
     assert generate(tiny_ckpt, src, out, "--temperature", "0.5") == 2  # other settings: refused, file untouched
     err = capsys.readouterr().err
-    assert "other settings" in err and "sampling" in err and len(err.strip().splitlines()) == 1
+    assert "other settings (sampling.temperature: the file has 0.0, this run 0.5)" in err
+    assert len(err.strip().splitlines()) == 1
     assert out.read_bytes() == before
 
 

@@ -1,12 +1,10 @@
 """Our checkpoint directory: `lt_config.json` + `params/` (orbax) + the tokenizer files; and the atomic output
-directory that convert and export write into (a failure leaves nothing at the destination)."""
+directory that convert and export write into (`lt_jax.files.atomic_dir`: a failure leaves nothing at the
+destination)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -15,44 +13,12 @@ import numpy as np
 from checkpoints_conv.hf import copy_tokenizer, read_hf_config, read_hf_params, write_hf_dir
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
+from lt_jax.files import atomic_dir, new_dir, write_atomic
 from lt_jax.params import LEGACY_LAYER_LEAVES, abstract_params, from_legacy
 
 CONFIG_FILE = "lt_config.json"
 PLAN_FILE = "plan.json"  # the default plan of a trained hybrid (`lt-jax train`); absent: every layer full
 HF_PLAN_KEY = "lt_jax_plan"  # the same plan inside an exported config.json
-
-
-def check_output_dir(out: Path) -> Path:
-    """Fails early, naming the path, if `out` cannot be created; returns its parent."""
-    out = Path(out)
-    if out.exists():
-        raise LtJaxError(f"output directory {out} already exists; remove it or choose another path.")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise LtJaxError(f"cannot create output directory {out}: {parent} is not an existing directory.")
-    if not os.access(parent, os.W_OK):
-        raise LtJaxError(f"cannot create output directory {out}: {parent} is not writable.")
-    return parent
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Yields a temporary sibling of `out`, renamed to `out` only if the body finishes."""
-    out = Path(out)
-    parent = check_output_dir(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise LtJaxError(f"cannot write output directory {out}: {e.strerror}.") from None
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the mode any new directory gets
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -79,14 +45,8 @@ def write_model_files(dest: Path, cfg: Config, params, tokenizer_dir: Path | Non
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, dest)
     if plan_json is not None:
-        _write_atomic(dest / PLAN_FILE, plan_json)
-    _write_atomic(dest / CONFIG_FILE, cfg.to_json())
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        write_atomic(dest / PLAN_FILE, plan_json)
+    write_atomic(dest / CONFIG_FILE, cfg.to_json())
 
 
 def default_plan_json(path: Path) -> str | None:
@@ -155,7 +115,7 @@ def convert(hf_dir: Path, out: Path, dtype: str = "float32", progress=None) -> C
     if not hf_dir.is_dir():
         raise LtJaxError(f"{hf_dir} is not a directory.")
     cfg = read_hf_config(hf_dir, dtype)
-    check_output_dir(out)  # fail before the slow part
+    new_dir(out)  # fail before the slow part
     params = read_hf_params(hf_dir, cfg, progress)
     save_checkpoint(out, cfg, params, tokenizer_dir=hf_dir)
     return cfg

@@ -8,7 +8,7 @@ import sys
 import warnings
 
 MOVED = {"lt_jax.mask": "lt_jax.attention", **{f"lt_jax.{name}": f"lt_jax.eval.{name}" for name in
-                                                ("bench", "evaluate", "longbench", "plots", "tasks", "texts")}}
+                                                ("bench", "evaluate", "longbench", "plots")}}
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from lt_jax.errors import LtJaxError
+from lt_jax.files import atomic_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +112,6 @@ def _extract_gguf(model: GgufModel, root: Path) -> Path:
 
 def hf_dir(model: GgufModel, root: Path | None = None) -> Path:
     """The model as an HF checkpoint (fp32 safetensors + tokenizer), made from its GGUF by transformers."""
-    from checkpoints_conv.store import atomic_dir
     root = root or cache_dir()
     out = root / "hf" / model.name
     if (out / "config.json").exists():
@@ -151,7 +151,6 @@ def checkpoint(model: GgufModel, root: Path | None = None) -> Path:
 
 def essays(root: Path | None = None) -> Path:
     """Folder of the Paul Graham essays (*.txt)."""
-    from checkpoints_conv.store import atomic_dir
     root = root or cache_dir()
     out = root / "essays"
     if out.exists():

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
+from lt_jax.files import write_atomic
 
 FORMAT = 1
 DEFAULT_PROBE = "retrieval"  # what `retrieval-aware` reads unless a probe is named (results/README.md)
@@ -48,11 +48,7 @@ class Calibration:
 
     def save(self, path: str | Path) -> Path:
         """Written whole, then renamed into place: a killed run leaves the old file or none."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
@@ -66,6 +62,9 @@ class Calibration:
             raise LtJaxError(f"cannot read calibration file {path}: {e}.") from None
 
 
+PROBES = ("retrieval", "induction")  # what `lt-jax calibrate --probe` measures (lt_jax.probes)
+
+
 def default_path(model_path: str | Path, probe: str) -> Path:
     return Path(model_path) / f"calibration-{probe}.json"
 
@@ -73,11 +72,15 @@ def default_path(model_path: str | Path, probe: str) -> Path:
 def find(model_path: str | Path | None, source: str, cfg: Config) -> tuple[Calibration, Path]:
     """The calibration a `retrieval-aware[:PROBE|:FILE]` plan names: a .json file, or the probe's file next to
     the checkpoint. Missing: one sentence naming the command that makes it."""
+    if not source.endswith(".json") and source not in PROBES:
+        raise LtJaxError(f"retrieval-aware:{source}: {source!r} is neither a probe ({', '.join(PROBES)}) nor a "
+                         f"calibration file (.json).")
     path = Path(source) if source.endswith(".json") else (
         None if model_path is None else default_path(model_path, source))
     if path is None or not path.exists():
         where = path or f"calibration-{source}.json next to the checkpoint (this model was not loaded from one)"
-        raise LtJaxError(f"the retrieval-aware plan needs a calibration and there is none at {where}; run "
-                         f"`lt-jax calibrate MODEL --probe {source if not source.endswith('.json') else 'retrieval'}`"
-                         f" first.")
+        make = (f"`lt-jax calibrate MODEL --probe {source}`" if source in PROBES else
+                f"`lt-jax calibrate MODEL --out {source}`")
+        raise LtJaxError(f"the retrieval-aware plan needs a calibration and there is none at {where}; run {make} "
+                         f"first.")
     return Calibration.load(path).check(cfg, f"calibration file {path}"), path

@@ -5,7 +5,7 @@ head's attention over the whole prompt (`attention_on`): whether its top-1 key i
 the probability mass on them. They differ in the prompts and the targets:
 
 - `retrieval` (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality"): a number hidden
-  in essays (`tasks.needle_prompt`, the unkeyed needle, a format the evaluation tasks do not use); the model's own
+  in essays (`needles.needle_prompt`, the unkeyed needle, a format the evaluation tasks do not use); the model's own
   greedy answer (all layers full) is replayed, and for every answer token that is one of the needle's tokens the
   query predicting it targets the needle positions holding that token. A head's score is its top-1 hit rate over
   those answer tokens, averaged over the samples the full model answers right (the others are skipped).
@@ -17,7 +17,6 @@ A layer's score is the maximum over its heads: one copying head among nine is wh
 """
 from __future__ import annotations
 
-import sys
 from functools import partial
 
 import jax
@@ -29,6 +28,7 @@ from lt_jax.batching import bucket, left_pad
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers
+from lt_jax.progress import progress_bar
 
 PROBES = ("retrieval", "induction")
 
@@ -121,24 +121,26 @@ def retrieval_sample(model, prompt: list[int], answer: list[int], needle: np.nda
 def retrieval_scores(model, haystack_ids: list[int], lengths=(2048,), samples: int = 8, seed: int = 0,
                      max_new_tokens: int = 8, progress: bool = True) -> dict:
     """The retrieval probe over `samples` needle prompts per length (depths spread over 0.05..0.95)."""
-    from tqdm import tqdm
-
-    from lt_jax.eval import tasks
+    from lt_jax import needles
     L, N = model.config.num_layers, model.config.num_heads
     hits, counts, used, skipped = np.zeros((L, N)), 0, 0, []
     for length in lengths:
         if len(haystack_ids) < length:
             raise LtJaxError(f"the haystack holds {len(haystack_ids)} tokens, too few for {length}-token prompts.")
     jobs = [(length, s) for length in lengths for s in range(samples)]
-    for length, s in tqdm(jobs, desc="calibrate retrieval", unit="sample", file=sys.stderr, disable=not progress):
+    for length, s in progress_bar(len(jobs), "calibrate retrieval", "sample", disable=not progress).wrap(jobs):
         rng = np.random.default_rng([seed, length, s])
         number = int(rng.integers(10_000, 100_000))
         depth = 0.05 + 0.9 * (s + 0.5) / samples
         offset = int(rng.integers(0, len(haystack_ids) - length + 1))
         hay = haystack_ids[offset:] + haystack_ids[:offset]
-        prompt = tasks.needle_prompt(model, hay, length - max_new_tokens, depth, number)
+        try:
+            prompt = needles.needle_prompt(model, hay, length - max_new_tokens, depth, number)
+        except ValueError:
+            raise LtJaxError(f"a {length}-token prompt is too short to hold the needle, the question and a "
+                             f"{max_new_tokens}-token answer; give longer lengths.") from None
         answer = model.generate([prompt], plan="full", max_new_tokens=max_new_tokens)[0]["ids"]
-        if tasks.first_number(model.decode(answer)) != str(number):
+        if needles.first_number(model.decode(answer)) != str(number):
             skipped.append(f"{length}/{s}: wrong answer")
             continue
         needle = needle_mask(model, prompt, str(number))
@@ -155,21 +157,25 @@ def retrieval_scores(model, haystack_ids: list[int], lengths=(2048,), samples: i
     return {"head_scores": hits / used, "samples_used": used, "answer_tokens": counts, "skipped": skipped}
 
 
+def check_induction(span: int, queries: int, context: int) -> None:
+    """The induction probe's sizes against a context (needs only the config: the CLI runs it before the load)."""
+    if 2 * span > context or span < 2 or queries < 1:
+        raise LtJaxError(f"--span {span} must be at least 2 and twice it within the model's context of {context}; "
+                         f"--queries {queries} at least 1.")
+
+
 def induction_scores(model, span: int = 1024, samples: int = 8, queries: int = 64, seed: int = 0,
                      progress: bool = True) -> dict:
     """The induction probe: `samples` rows of a random `span`-token block repeated once; `queries` columns of the
     second copy (evenly spaced) each target the token after its first occurrence."""
-    from tqdm import tqdm
     V = model.config.vocab_size
     L, N = model.config.num_layers, model.config.num_heads
-    if 2 * span > model.config.max_position_embeddings or span < 2 or queries < 1:
-        raise LtJaxError(f"--span {span} must be at least 2 and twice it within the model's context of "
-                         f"{model.config.max_position_embeddings}; --queries {queries} at least 1.")
+    check_induction(span, queries, model.config.max_position_embeddings)
     cols = np.unique(np.linspace(span, 2 * span - 2, min(queries, span - 1)).astype(int))
     targets = np.zeros((len(cols), 2 * span), bool)
     targets[np.arange(len(cols)), cols - span + 1] = True
     mass = np.zeros((L, N))
-    for s in tqdm(range(samples), desc="calibrate induction", unit="sample", file=sys.stderr, disable=not progress):
+    for s in progress_bar(samples, "calibrate induction", "sample", disable=not progress).wrap(range(samples)):
         block = np.random.default_rng([seed, s]).integers(min(1000, V // 4), V, span).tolist()
         _, m = probe_row(model, block + block, cols.tolist(), targets)
         mass += m.mean(axis=-1)

@@ -10,15 +10,19 @@ the file was made with, then one row per key (e.g. (example, method) for `lt-jax
   (from this run or an earlier one with another process count). When every process is done, process 0 merges the
   result and every part into the result (written whole, then renamed into place; duplicates dropped) and only then
   deletes the parts, so a kill during the merge loses nothing either.
+
+`shared` is the one way a command writes a result file, by one process or by every process of a job.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from lt_jax import distributed
 from lt_jax.errors import LtJaxError
 
 
@@ -59,10 +63,9 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
         raise LtJaxError(f"{path} is not a results file of {what} (its first line is not the settings line); give "
                          f"another output file.")
     if meta is not None and lines[0]["meta"] != meta:
-        old = lines[0]["meta"] or {}
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        raise LtJaxError(f"{path} holds results made with other settings ({', '.join(diff)} differ); give another "
-                         f"output file or delete it.")
+        diff = "; ".join(_differences(lines[0]["meta"] or {}, meta))
+        raise LtJaxError(f"{path} holds results made with other settings ({diff}); give another output file or "
+                         f"delete it.")
     if partial and repair:  # ours, with a killed run's half-written row: drop it
         print(f"[{what}] {path}: dropping an incomplete last row", file=sys.stderr)
         with open(path, "r+b") as f:
@@ -74,6 +77,18 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
         except (KeyError, TypeError):
             raise LtJaxError(f"{path} line {number} is not a result row of {what}.") from None
     return rows
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'sampling.temperature: the file has 0.0, this run 0.7' per setting that differs (nested dicts opened)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: the file has {a!r}, this run {b!r}")
+    return out
 
 
 def _parse(path: Path, number: int, line: str, what: str) -> dict:
@@ -130,3 +145,23 @@ def merge_parts(path: Path, meta: dict, key, order=None, what: str = "lt-jax eva
     for part in parts:
         part.unlink()
     return rows
+
+
+@contextlib.contextmanager
+def shared(path: Path, meta: dict, key, what: str, order=None, share: tuple[int, int] | None = None):
+    """The writer of this process's rows of the result `path` (`done`: keys to skip, `add(row)`), for one process
+    or for every process of a job (`share`: (index, count), default `lt_jax.distributed.share()`). When the body
+    ends, several processes meet at a barrier, process 0 merges (rows sorted by `order`), and `rows` becomes every
+    process's rows."""
+    path = Path(path)
+    index, count = share or distributed.share()
+    if count == 1 and part_paths(path):  # parts of an earlier multi-process run
+        merge_parts(path, meta, key, order, what)
+    writer = Records(path, meta, key, what) if count == 1 else open_part(path, meta, key, index, count, what)
+    yield writer
+    if count > 1:
+        distributed.barrier(f"{what} {path.name}: rows written")
+        if index == 0:
+            merge_parts(path, meta, key, order, what)
+        distributed.barrier(f"{what} {path.name}: merged")
+        writer.rows = read_rows(path, meta, key, what)

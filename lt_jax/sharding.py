@@ -77,13 +77,36 @@ def make_mesh(spec, devices=None) -> Mesh | None:
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise LtJaxError(f"mesh {spec!r} needs {math.prod(sizes)} devices; there are {len(devices)} "
-                         f"(jax.devices()); give sizes whose product is {len(devices)}.")
+                         f"(jax.devices()); give sizes whose product is {len(devices)} (on CPU, "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(sizes)} simulates that many "
+                         f"devices).")
     try:  # a topology-aware order on real accelerators; plain order where it has none (CPU)
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(sizes, devices)
     except Exception:  # noqa: BLE001 - any failure means no topology to follow
         grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, tuple(names))
+
+
+def check_axes(spec, rules=None) -> None:
+    """Mesh axis names (of a Mesh or an "AXIS=SIZE,..." string) against the rules that place arrays on them: an
+    axis no rule names would hold only copies, so a typo (`modle=2`) silently gives up the split. With the default
+    `RULES` that is an error naming the known axes; with a table of the user's own, a warning."""
+    if spec is None:
+        return
+    names = spec.axis_names if isinstance(spec, Mesh) else [  # a malformed part is make_mesh's to report
+        p.partition("=")[0] for p in str(spec).replace(" ", "").split(",") if "=" in p]
+    table = RULES if rules is None else tuple(rules)
+    known = sorted({a for _, axis in table if axis for a in ((axis,) if isinstance(axis, str) else axis)})
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    text = (f"mesh {spec if isinstance(spec, str) else dict(spec.shape)!r}: axis {', '.join(map(repr, unknown))} is "
+            f"not named by the sharding rules, which place arrays on {', '.join(known)}")
+    if rules is None:
+        raise LtJaxError(f"{text}; nothing would be split over it (a typo?).")
+    import warnings
+    warnings.warn(f"{text}: arrays are only copied over it.", stacklevel=2)
 
 
 def local_mesh(mesh: Mesh) -> Mesh:

@@ -32,7 +32,7 @@ from lt_jax.eval.evaluate import Example, generate_from, measure_prefill
 from lt_jax.inference import prefill
 from lt_jax.lazy import calibrate, top_lazy
 from lt_jax.plan import Plan, make_plan, num_lazy
-from lt_jax.eval.tasks import first_number, needle_prompt
+from lt_jax.needles import first_number, needle_prompt
 
 DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
 NEW_TOKENS = 8

@@ -23,8 +23,9 @@ from tqdm import tqdm
 import lt_jax
 from lt_jax import probes
 from lt_jax.calibration import find
-from lt_jax.eval import evaluate, tasks
-from lt_jax.eval.texts import read_text
+from lt_jax import needles as tasks
+from lt_jax.eval import evaluate
+from lt_jax.files import read_text
 from lt_jax.lazy import queue_score, top_lazy
 from lt_jax.plan import Plan, default_protect, num_lazy
 

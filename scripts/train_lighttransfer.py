@@ -52,7 +52,7 @@ def essays() -> tuple[list[Path], list[Path]]:
 def make_retrieval(model, files: list[Path], out: Path, samples: int, seed: int = 0):
     """Keyed needles (1-3 keys, RULER's format) at depths 0-0.7 of 300-512-token chat prompts: the needle is more
     than W tokens before the answer, so only a full layer can carry it. JSONL of ids + labels (the answer)."""
-    from lt_jax.eval.tasks import niah_prompt
+    from lt_jax.needles import niah_prompt
     rng = np.random.default_rng(seed)
     hay = model.encode(" ".join(f.read_text() for f in files))
     eos = model.config.eos_token_ids[0]

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lt_jax.eval.bench import (Executables, hf_dir_of, insert_rows, markdown, max_batch, parse_budget, run,
+from lt_jax.cli.bench import hf_dir_of, parse_budget
+from lt_jax.cli.bench import measure as run
+from lt_jax.eval.bench import (Executables, insert_rows, markdown, max_batch,
                           search_max_batch)
 from lt_jax.cache import init_cache
 from lt_jax.errors import LtJaxError

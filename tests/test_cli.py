@@ -5,6 +5,7 @@ eval --task ppl, --keys, bench) run end to end."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,210 @@ def test_bad_input_found_by_a_second_probe(tiny_ckpt, tiny_chat, tmp_path, capsy
         code, out, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, err
         assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
+
+
+# Every output argument of every command (tagged by lt_jax.cli.flags.output), with the argv that reaches it: a new
+# command's output must be added here, or test_every_output_is_walked fails.
+FOREIGN_CASES = {
+    ("convert", "out_dir"): ["convert", MISSING, "{out}"],
+    ("export", "hf_out_dir"): ["export", MISSING, "{out}"],
+    ("train", "--out"): ["train", MISSING, "--data", "{text}", "--plan", "first", "--out", "{out}"],
+    ("generate", "--output"): ["generate", MISSING, "--input", "{jsonl}", "--output", "{out}"],
+    ("identify", "--out"): ["identify", MISSING, "{text}", "--out", "{out}"],
+    ("identify", "--plot"): ["identify", MISSING, "{text}", "--out", "{new}", "--plot", "{out}"],
+    ("calibrate", "--out"): ["calibrate", MISSING, "--probe", "induction", "--out", "{out}"],
+    ("calibrate", "--plot"): ["calibrate", MISSING, "--probe", "induction", "--out", "{new}", "--plot", "{out}"],
+    ("eval", "--out"): ["eval", MISSING, "--task", "niah", "--out", "{out}"],
+    ("eval", "--plot"): ["eval", MISSING, "--task", "niah", "--out", "{new}", "--plot", "{out}"],
+    ("eval", "--ratio-plot"): ["eval", MISSING, "--task", "niah", "--out", "{new}", "--ratio-plot", "{out}"],
+}
+
+
+def _outputs():
+    """(command, flag) -> kind of every argument tagged as an output, from the parsers of the registry."""
+    import argparse
+    from lt_jax.cli.main import COMMANDS
+    found, untagged = {}, []
+    for command in COMMANDS:
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        for action in parser._actions:
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            if getattr(action, "output", None):
+                found[(command.NAME, flag)] = action.output
+            elif any(w in action.dest for w in ("out", "plot", "dir")) and action.dest not in ("hf_dir",
+                                                                                                   "ckpt_dir"):
+                untagged.append((command.NAME, flag))
+    return found, untagged
+
+
+def test_every_output_is_walked():
+    found, untagged = _outputs()
+    assert untagged == [] and set(found) == set(FOREIGN_CASES)
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_CASES))
+def test_a_file_of_the_users_is_never_written(case, tmp_path, capsys):
+    """A 3-line notes file (named .png where an image is wanted) at every output: refused in one sentence naming
+    it, byte-for-byte unchanged, nothing else written."""
+    kind = _outputs()[0][case]
+    notes = tmp_path / ("notes.png" if kind == "image" else "notes.txt")
+    notes.write_bytes(b"my notes\nsecond line\nthird, no newline")
+    (tmp_path / "t.txt").write_text("The sea is wide. " * 50)
+    (tmp_path / "p.jsonl").write_text('{"ids": [1, 2, 3]}\n')
+    fill = {"out": notes, "text": tmp_path / "t.txt", "jsonl": tmp_path / "p.jsonl", "new": tmp_path / "new.json"}
+    argv = [a.format(**fill) for a in FOREIGN_CASES[case]]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and str(notes) in err, err
+    assert notes.read_bytes() == b"my notes\nsecond line\nthird, no newline"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notes.name, "t.txt", "p.jsonl"])
+
+
+def _ctrl_c(cmd, ready):
+    """Runs `cmd`, sends one SIGINT once `ready(stderr so far)` holds; (exit status, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from conftest import REPO
+    proc = subprocess.Popen([sys.executable, "-m", "lt_jax.cli", *map(str, cmd)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")))
+    reader.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ready("".join(err)):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    reader.join()
+    return proc.returncode, "".join(err)
+
+
+def _rows(path: Path, n: int):
+    return lambda _err: path.exists() and len(path.read_text().splitlines()) >= 1 + n
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_ctrl_c_ends_in_one_line(command, tiny_ckpt, tiny_chat, tmp_path):
+    """A real SIGINT mid-run: exit 130, one line saying how far it got and how to continue (no traceback), and the
+    result file consistent (every line whole JSON; the rerun resumes it: test_serving, test_eval)."""
+    out = tmp_path / "out.jsonl"
+    if command == "generate":
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"ids": list(range(1, 40 + i))}) + "\n" for i in range(40)))
+        cmd = ["generate", tiny_ckpt, "--input", src, "--output", out, "--batch-size", "1", "--max-new-tokens",
+               "100", "--stop-ids", "-1"]
+    else:
+        cmd = ["eval", tiny_chat, "--task", "niah", "--out", out, "--lengths", "300,400", "--depths", "0.2,0.8",
+               "--samples", "4", "--sink", "4", "--window", "64", "--max-new-tokens", "4"]
+    code, err = _ctrl_c(cmd, _rows(out, 2))
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    assert last.startswith(f"lt-jax {command}: interrupted after ") and "rerun the same command" in last, last
+    for line in out.read_text().splitlines()[:-1]:
+        json.loads(line)
+
+
+def test_names_and_plans_are_checked_before_the_weights_load(tiny_ckpt, tiny_chat, tmp_path, capsys, monkeypatch):
+    """Mesh axes, per-method options, chat roles, retrieval-aware probes and plan files: one sentence naming the
+    wrong name, before `lt_jax.load` runs (here it cannot)."""
+    import lt_jax
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the check")
+    monkeypatch.setattr(lt_jax, "load", no_load)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3 4 5 6")
+    not_a_plan = tmp_path / "results.json"
+    not_a_plan.write_text(json.dumps({"rows": 3}))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "wizard", "content": "hello"}]}) + "\n")
+    ppl = ["ppl", tiny_ckpt, "--ids-file", ids]
+    for argv, words in [
+        ([*ppl, "--mesh", "data=1,banana=1"], "axis 'banana' is not named by the sharding rules, which place arrays "
+                                              "on data, fsdp, model"),
+        (["eval", tiny_ckpt, "--task", "niah", "--methods", "full,full@protect=3", "--out", tmp_path / "e.jsonl"],
+         "method 'full@protect=3': full does not use protect (only retrieval-aware do)"),
+        ([*ppl, "--plan", "retrieval-aware:bogus"], "'bogus' is neither a probe (retrieval, induction) nor a "
+                                                    "calibration file (.json)"),
+        ([*ppl, "--plan", "retrieval-aware:my-notes.txt"], "'my-notes.txt' is neither a probe"),
+        ([*ppl, "--plan", "retrieval-aware"], "run `lt-jax calibrate MODEL --probe retrieval` first"),
+        ([*ppl, "--plan", not_a_plan], str(not_a_plan)),
+        (["train", tiny_chat, "--data", chat, "--plan", "first", "--out", tmp_path / "run"],
+         f"{chat} line 1: role 'wizard' is not one of the chat roles system, user, assistant, tool"),
+        (["calibrate", tiny_ckpt, "--probe", "induction", "--span", "600", "--out", tmp_path / "c.json"],
+         "--span 600 must be at least 2 and twice it within the model's context of 1024"),
+        (["calibrate", tiny_ckpt, "--lengths", "0", "--haystack", ids, "--out", tmp_path / "c.json"],
+         "--lengths must list prompt lengths of at least 1 token"),
+    ]:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e.jsonl").exists()
+    assert "calibration-bogus.json" not in err and "calibration-my-notes" not in err
+
+
+def test_messages_a_user_meets(tiny_ckpt, tiny_chat, assets, tmp_path, capsys):
+    """calibrate --lengths too short for a needle: one sentence (not a traceback from the prompt builder); train
+    --out onto a file says it is a file; a mesh larger than the machine names the CPU simulation flag."""
+    essay = sorted((Path(assets["essays"])).glob("*.txt"))[0]
+    code, _, err = run(capsys, "calibrate", tiny_chat, "--lengths", "50", "--samples", "1", "--haystack", essay,
+                       "--out", tmp_path / "c.json")
+    assert code == 2 and err.count("\n") == 1 and "a 50-token prompt is too short to hold the needle" in err, err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = run(capsys, "train", tiny_ckpt, "--data", notes, "--plan", "first", "--out", notes, "--resume")
+    assert code == 2 and f"--out {notes} is a file, not a folder" in err and notes.read_text() == "mine"
+    code, _, err = run(capsys, "ppl", tiny_ckpt, "--text-file", notes, "--mesh", "data=64")
+    assert code == 2 and "XLA_FLAGS=--xla_force_host_platform_device_count=64" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "calibrate", "identify", "ppl"])
+def test_ctrl_c_on_the_other_long_commands(command, tiny_ckpt, tmp_path):
+    """The same rule on train (then --resume continues), calibrate, identify and ppl."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i % 290 + 1) for i in range(1000)))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("".join(json.dumps({"ids": list(range(1, 120))}) + "\n" for _ in range(400)))
+    out = tmp_path / "out"
+    cmd, ready, last_words = {
+        "train": (["train", tiny_ckpt, "--data", samples, "--plan", "first", "--out", out, "--steps", "500",
+                   "--save-every", "1", "--seq-len", "64"], _rows(out / "train_log.jsonl", 1), "with --resume"),
+        "calibrate": (["calibrate", tiny_ckpt, "--probe", "induction", "--span", "256", "--samples", "500",
+                       "--out", tmp_path / "c.json"], lambda err: "calibrate induction:" in err and "1/500" in err,
+                      "nothing was written"),
+        "identify": (["identify", tiny_ckpt, samples, "--field", "ids", "--out", tmp_path / "p.json", "--context",
+                      "100", "--sink", "2", "--window", "8", "--max-samples", "400"],
+                     lambda err: "1/400" in err, "nothing was written"),
+        "ppl": (["ppl", tiny_ckpt, "--ids-file", ids, "--prefix", "8"], lambda err: "scoring" in err,
+                "nothing was written"),
+    }[command]
+    code, err = _ctrl_c(cmd, ready)
+    last = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err and last.startswith(f"lt-jax {command}: interrupted"), err[-2000:]
+    assert last_words in last, last
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "p.json").exists()
+    if command == "train":
+        assert " of 500 steps (train)" in last
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == list(range(1, len(log) + 1))
+
+
+def test_mesh_axes_against_the_rules():
+    """An axis no rule names: an error with the default rules (naming the known axes), a warning with a table of
+    the user's own; a malformed part is left to make_mesh."""
+    from lt_jax import sharding
+    from lt_jax.errors import LtJaxError
+    sharding.check_axes("data=2,model=4,fsdp=-1")
+    sharding.check_axes("data=2;model=4")
+    with pytest.raises(LtJaxError, match="axis 'modle' is not named by the sharding rules, which place arrays on "
+                                         "data, fsdp, model; nothing would be split over it"):
+        sharding.check_axes("data=2,modle=2")
+    with pytest.warns(UserWarning, match="axis 'banana' is not named by the sharding rules, which place arrays on "
+                                         "model: arrays are only copied over it"):
+        sharding.check_axes("banana=2,model=2", rules=(("ffn", "model"),))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, sigkill_when
-from lt_jax.eval import evaluate, tasks
+from lt_jax import needles as tasks
+from lt_jax.eval import evaluate
 from lt_jax.cli import main
 
 ESSAY = "addiction.txt"
@@ -198,7 +199,7 @@ def test_unknown_task_and_foreign_results_file(tiny_chat, tmp_path, capsys):
     assert "holds results made with other settings" in capsys.readouterr().err
     out.write_text("not json\n")
     assert main(["eval", str(tiny_chat), "--task", "niah", "--out", str(out), *TINY_ARGS]) == 2
-    assert f"{out} line 1 is not valid JSON" in capsys.readouterr().err
+    assert f"--out {out} exists and is not a results file of lt-jax eval" in capsys.readouterr().err
     # A file that is not ours, whose last line has no newline: refused, and left byte for byte as it was (the
     # repair of a killed run's last row must not run before the file is known to be a results file).
     for text in ("my notes\nlast line without newline", '{"a": 1}\n{"b": 2}', "no newline at all"):

@@ -80,7 +80,7 @@ def test_lazy_ratios_on_essay_are_reproducible_and_tell_layers_apart(smol, essay
 
 @pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
 def test_needle_prompt_places_the_number_at_its_depth(smol, essay_ids, depth):
-    from lt_jax.eval.tasks import ANSWER_PREFIX, NEEDLE, first_number, needle_prompt
+    from lt_jax.needles import ANSWER_PREFIX, NEEDLE, first_number, needle_prompt
     ours, _ = smol
     ids = needle_prompt(ours, essay_ids, 1000, depth, 31337)
     assert 1000 - 4 <= len(ids) <= 1000
@@ -132,7 +132,7 @@ def test_retrieval_probe_on_a_real_needle_equals_transformers_attention(smol, es
     counted from transformers' eager attention probabilities (top-1 key on a needle token equal to the one
     emitted)."""
     from lt_jax import probes
-    from lt_jax.eval.tasks import first_number, needle_prompt
+    from lt_jax.needles import first_number, needle_prompt
     ours, ref = smol
     prompt = needle_prompt(ours, essay_ids, 1000, 0.3, 31337)
     needle = probes.needle_mask(ours, prompt, "31337")

@@ -359,7 +359,9 @@ def test_bad_input_one_sentence_and_nothing_written(tiny_ckpt, tmp_path):
         assert message in lines[-1] and lines[-1].startswith("lt-jax train: error:"), (name, run.stderr[-500:])
         assert not out.exists(), name
     out = tmp_path / "run"  # a LoRA run through the CLI: its output holds the merged weights
-    _cli("train", *base, "--out", out, "--save-every", 2, "--lora-rank", 2, "--eval-data", data, "--eval-every", 2)
+    _cli("train", *base, "--out", out, "--save-every", 2, "--lora-rank", 2, "--eval-data", data, "--eval-every", 2,
+         "--no-keep-optimizer")
+    assert not (out / "checkpoints").exists() and (out / "lt_config.json").exists()  # only the final weights kept
     logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "eval_loss" in r] == [2, 4]
     import lt_jax

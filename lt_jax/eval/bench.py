@@ -19,10 +19,8 @@ insert holds the donated batch cache and one small cache: less than the second t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,14 +33,11 @@ from lt_jax import sharding
 from lt_jax.batching import left_pad
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, insert_rows
 from lt_jax.errors import LtJaxError
-from lt_jax.eval.texts import parse_list
 from lt_jax.inference import Sampling, generate_loop, prefill, sample
 from lt_jax.plan import Plan
+from lt_jax.progress import progress_bar
 
 MIB = 2**20
-DEFAULT_CONTEXTS = {False: "2048,4096", True: "4096,8192,16384,32768"}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
 
 
 # ---- small helpers (also used by scripts/bench_inference.py) ---------------------------------------------------
@@ -67,23 +62,6 @@ def peak_bytes(compiled) -> int:
     """XLA's buffer plan of a compiled function: arguments + outputs + temporaries - donated (aliased)."""
     s = compiled.memory_analysis()
     return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
-
-
-def parse_budget(text: str) -> int:
-    """'8GiB', '512MiB', '1.5GiB' (powers of 2), '2GB' (powers of 10), or plain bytes -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m and _UNITS.get(m.group(2).lower())
-    if not unit or float(m.group(1)) * unit < 1:
-        raise LtJaxError(f"--memory-budget {text!r} is not a size like 8GiB, 512MiB, 2GB or 1.5GiB.")
-    return int(float(m.group(1)) * unit)
-
-
-def parse_ints(text: str, flag: str) -> list[int]:
-    """'1,4,8' -> [1, 4, 8], each at least 1."""
-    values = parse_list(str(text), int, flag)
-    if min(values) < 1:
-        raise LtJaxError(f"{flag} must list integers of at least 1; got {text!r}.")
-    return values
 
 
 def _fixed(plan: Plan) -> Plan:
@@ -347,20 +325,6 @@ def hf_generate_decode_s(ref, x, steps: int, repeats: int = 3) -> float:
     return min(many) - min(one)
 
 
-def hf_dir_of(name: str, model) -> Path:
-    """The HF directory behind MODEL: itself, or an asset's (smollm2, qwen2.5-coder) HF checkpoint."""
-    from checkpoints_conv import is_checkpoint
-    from lt_jax import assets
-    path = Path(model.path) if model.path is not None else None
-    if path is not None and (path / "config.json").exists() and not is_checkpoint(path):
-        return path
-    for key, asset in assets.MODELS.items():
-        if name == key or path == assets.cache_dir() / "lt" / asset.name:
-            return assets.hf_dir(asset)
-    raise LtJaxError(f"--transformers needs a Hugging Face model directory or an asset name (smollm2, "
-                     f"qwen2.5-coder); {name} is neither.")
-
-
 def transformers_record(hf_dir: Path, full: dict, new_tokens: int, vocab: int, rng) -> dict:
     """transformers' fp32 `generate` at the batch `full` reached, prefill excluded."""
     import torch
@@ -376,73 +340,38 @@ def transformers_record(hf_dir: Path, full: dict, new_tokens: int, vocab: int, r
             "note": "batch of full; its own dynamic KV cache"}
 
 
-# ---- the CLI's two entry points ---------------------------------------------------------------------------------
+# ---- the whole measurement -------------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The bench flags (MODEL, --json and the plan flags are the CLI's)."""
-    parser.add_argument("--methods", default="full,lighttransfer",
-                        help="comma-separated plans, each measured against full in the same run (full, lighttransfer, "
-                             "streaming, first, last, random[:SEED], PLAN.json; default: full,lighttransfer)")
-    parser.add_argument("--contexts", default=None,
-                        help="cache slots: a prompt of CONTEXT - NEW_TOKENS random tokens, then the new tokens "
-                             f"(default {DEFAULT_CONTEXTS[False]}; with --throughput {DEFAULT_CONTEXTS[True]})")
-    parser.add_argument("--batches", default="1,4", help="batch sizes of the default mode (default 1,4)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (default 32)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of the timed generation loop; the fastest counts (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random token ids (default 0)")
-    parser.add_argument("--throughput", action="store_true",
-                        help="the largest batch that fits --memory-budget per method and context, and the decode "
-                             "throughput at that batch relative to full")
-    parser.add_argument("--memory-budget", default="8GiB",
-                        help="--throughput: weights + XLA's peak buffer plan must fit this (e.g. 8GiB, 512MiB, 2GB)")
-    parser.add_argument("--prefill-every-row", action="store_true",
-                        help="--throughput: prefill every row from its own prompt as an engine would (batch times "
-                             "the prefill time); default: prefill one prompt and insert it into every row")
-    parser.add_argument("--transformers", action="store_true",
-                        help="--throughput: also transformers' fp32 generate at full's batch (needs an HF model)")
-
-
-def run(args, model, executables: Executables | None = None) -> dict:
-    """Measure; print the markdown table unless args.json; return the JSON result. `executables`: compiled
-    functions to reuse (for N = args.new_tokens), e.g. across calls in one process."""
-    from tqdm import tqdm
-    cfg, N = model.config, args.new_tokens
-    throughput = bool(getattr(args, "throughput", False))
-    contexts = parse_ints(args.contexts or DEFAULT_CONTEXTS[throughput], "--contexts")
-    batches = parse_ints(args.batches, "--batches")
-    budget = parse_budget(args.memory_budget) if throughput else None
-    if N < 1 or args.repeats < 1:
-        raise LtJaxError(f"--new-tokens ({N}) and --repeats ({args.repeats}) must be at least 1.")
+def run(model, plans: dict[str, Plan], contexts: list[int], batches: list[int] = (1,), new_tokens: int = 32,
+        repeats: int = 1, seed: int = 0, budget: int | None = None, prefill_every_row: bool = False,
+        hf_dir: Path | None = None, executables: Executables | None = None, progress: bool = True) -> dict:
+    """Every plan measured against `plans["full"]` in the same run: speed mode (per context and batch), or with a
+    memory `budget` in bytes the throughput mode (the largest batch that fits, per context; `hf_dir`: also
+    transformers' generate there). `executables`: compiled functions to reuse (for `new_tokens`)."""
+    cfg, N = model.config, new_tokens
+    throughput = budget is not None
     if min(contexts) <= N:
-        raise LtJaxError(f"context {min(contexts)} leaves no prompt before {N} new tokens; give larger --contexts.")
-    if args.transformers and not throughput:
-        raise LtJaxError("--transformers is a baseline of the --throughput mode; add --throughput.")
+        raise LtJaxError(f"context {min(contexts)} leaves no prompt before {N} new tokens; give larger contexts.")
     too_long = [c for c in contexts if c > cfg.max_position_embeddings]
     if too_long and not throughput:
         raise LtJaxError(f"context {too_long[0]} exceeds the model's {cfg.max_position_embeddings} positions.")
     if too_long:
         print(f"lt-jax bench: warning: contexts {too_long} are beyond the model's trained context "
               f"({cfg.max_position_embeddings}): measures speed only.", file=sys.stderr)
-    flags = {k: getattr(args, a, None) for k, a in (("lazy_fraction", "lazy_fraction"), ("sink", "sink"),
-             ("window", "window"), ("preset", "stream_preset"), ("prefill", "prefill"), ("w_last", "w_last"))}
-    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
-    specs = (["full"] if "full" not in specs else []) + specs  # every ratio is against full, measured here
-    plans = {s: model.plan(s, **flags) for s in specs}
-    hf_dir = hf_dir_of(getattr(args, "model", str(model.path)), model) if args.transformers else None
-    exe, rng = executables or Executables(model, N), np.random.default_rng(args.seed)
-    assert exe.model is model and exe.new_tokens == N, "executables compiled for another model or --new-tokens"
+    assert "full" in plans, "every ratio is against full, measured in the same run"
+    exe, rng = executables or Executables(model, N), np.random.default_rng(seed)
+    assert exe.model is model and exe.new_tokens == N, "executables compiled for another model or new_tokens"
     weights = tree_bytes(model.params)
     records = []
     if throughput:
         plans = {s: _fixed(p) for s, p in plans.items()}
-        with tqdm(total=len(contexts) * len(plans), desc="bench", file=sys.stderr, leave=False) as bar:
+        with progress_bar(len(contexts) * len(plans), "bench", "run", disable=not progress) as bar:
             for context in contexts:
                 group = []
                 for spec, plan in plans.items():
                     bar.set_postfix_str(f"{spec} @ {context}")
-                    group.append(throughput_record(exe, spec, plan, context, budget, args.repeats, rng,
-                                                   args.prefill_every_row))
+                    group.append(throughput_record(exe, spec, plan, context, budget, repeats, rng,
+                                                   prefill_every_row))
                     bar.update()
                 full = next(r for r in group if r["method"] == "full")
                 for r in group:
@@ -457,11 +386,11 @@ def run(args, model, executables: Executables | None = None) -> dict:
                     records.append(transformers_record(hf_dir, full, N, cfg.vocab_size, rng))
     else:
         items = [(c, b, s) for c in contexts for b in batches for s in plans]
-        for context, batch, spec in tqdm(items, desc="bench", file=sys.stderr, leave=False):
+        for context, batch, spec in progress_bar(len(items), "bench", "run", disable=not progress).wrap(items):
             plan = plans[spec]
             records.append({"method": spec, "context": context, "batch": batch, "num_lazy": plan.lazy_count,
                             "sink": plan.sink, "window": plan.window,
-                            **measure(exe, plan, context, batch, args.repeats, rng)})
+                            **measure(exe, plan, context, batch, repeats, rng)})
         for r in records:
             full = next(f for f in records if f["method"] == "full" and (f["context"], f["batch"]) ==
                         (r["context"], r["batch"]))
@@ -471,12 +400,10 @@ def run(args, model, executables: Executables | None = None) -> dict:
               "weights_bytes": weights, "compilations": exe.count, "compile_s": round(sum(exe.seconds.values()), 1),
               "records": records}
     if throughput:
-        result.update(budget_bytes=budget, prefill="every row" if args.prefill_every_row else "one prompt per batch",
+        result.update(budget_bytes=budget, prefill="every row" if prefill_every_row else "one prompt per batch",
                       note="tokens_per_s = batch x new tokens / seconds of the compiled generation loop (prefill "
                            "excluded; prefill_s is one row's prefill); lighttransfer is measured as a fixed plan "
                            "with the same number of lazy layers")
-    if not getattr(args, "json", False):
-        print(markdown(result))
     return result
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lt_jax import distributed, records
+from lt_jax import distributed, needles, records
 from lt_jax.errors import LtJaxError
-from lt_jax.eval import tasks
 from lt_jax.inference import Sampling
 from lt_jax.lazy import queue_score, top_lazy
 from lt_jax.plan import Plan
+from lt_jax.progress import progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +75,16 @@ class Retrieval:
                     prompt = length - self.max_new_tokens  # RULER's length counts the answer's tokens too
                     if hay is None:
                         passkey = int(rng.integers(10_000, 100_000))
-                        ids, target = tasks.passkey_prompt(model, prompt, depth, passkey), str(passkey)
+                        ids, target = needles.passkey_prompt(model, prompt, depth, passkey), str(passkey)
                     else:
                         offset = int(rng.integers(0, len(hay) - length + 1))
-                        ids, target = tasks.niah_prompt(model, hay[offset:] + hay[:offset], prompt, depth, rng,
+                        ids, target = needles.niah_prompt(model, hay[offset:] + hay[:offset], prompt, depth, rng,
                                                         self.keys)
                     yield Example(f"{length}/{depth:g}/{s}", {"length": length, "depth": depth}, ids,
                                   self.max_new_tokens, target=target)
 
     def score(self, example, answer: str) -> float:
-        return float(tasks.first_number(answer) == example.target)
+        return float(needles.first_number(answer) == example.target)
 
     def column(self, row) -> str:
         return str(row["cell"]["length"])
@@ -166,7 +166,6 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
         share: tuple[int, int] | None = None) -> list[dict]:
     """Run every method on every example of `task`, appending to `out`; returns the rows of these methods (every
     process's, once all are done). `share`: (process index, process count), default `jax.distributed`'s."""
-    from tqdm import tqdm
     index, count = share or distributed.share()
     examples = list(task.examples(model))
     context = model.config.max_position_embeddings
@@ -180,33 +179,25 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
         print(f"[lt-jax eval] note: no example is longer than S + W, so {', '.join(same)} will give the same numbers "
               f"as all-full (a streaming layer still sees every token; lighttransfer's choice is the tie rule)",
               file=sys.stderr)
-    out = Path(out)
-    if count == 1 and index == 0 and records.part_paths(out):  # parts of an earlier multi-process run
-        records.merge_parts(out, meta, row_key, what="lt-jax eval")
-    results = (records.Records(out, meta, row_key) if count == 1 else
-               records.open_part(out, meta, row_key, index, count))
-    todo = [(e, [m for m in methods if (e.id, m) not in results.done])
-            for e in distributed.mine(examples, index, count)]
-    todo = [(e, ms) for e, ms in todo if ms]
-    if not todo and progress:
-        print(f"[lt-jax eval] {out}: already complete ({len(results.rows)} rows); nothing to run", file=sys.stderr)
-    bar = tqdm(total=sum(len(ms) for _, ms in todo), desc=f"eval {task.name}", unit="run", file=sys.stderr,
-               disable=not progress or not todo)
-    for example, names in todo:
-        for row in run_example(model, example, {m: methods[m] for m in names}, task):
-            results.add(row)
-            bar.update()
-    bar.close()
+    place = {e.id: i for i, e in enumerate(examples)}
+    method = {m: i for i, m in enumerate(methods)}
+    def order(r):
+        return place.get(r["example"], len(place)), method.get(r["method"], len(method)), r["method"]
+
+    with records.shared(out, meta, row_key, "lt-jax eval", order, (index, count)) as results:
+        todo = [(e, [m for m in methods if (e.id, m) not in results.done])
+                for e in distributed.mine(examples, index, count)]
+        todo = [(e, ms) for e, ms in todo if ms]
+        if not todo and progress:
+            print(f"[lt-jax eval] {out}: already complete ({len(results.rows)} rows); nothing to run",
+                  file=sys.stderr)
+        with progress_bar(sum(len(ms) for _, ms in todo), f"eval {task.name}", "run",
+                          not progress or not todo) as bar:
+            for example, names in todo:
+                for row in run_example(model, example, {m: methods[m] for m in names}, task):
+                    results.add(row)
+                    bar.update()
     rows = results.rows
-    if count > 1:
-        distributed.barrier(f"lt-jax eval {out.name}: rows written")
-        if index == 0:
-            place = {e.id: i for i, e in enumerate(examples)}
-            method = {m: i for i, m in enumerate(methods)}
-            records.merge_parts(out, meta, row_key, lambda r: (place.get(r["example"], len(place)),
-                                                               method.get(r["method"], len(method)), r["method"]))
-        distributed.barrier(f"lt-jax eval {out.name}: merged")
-        rows = records.read_rows(out, meta, row_key, "lt-jax eval")
     ids = {e.id for e in examples}
     return [r for r in rows if r["method"] in methods and r["example"] in ids]
 

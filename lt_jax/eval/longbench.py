@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lt_jax.errors import LtJaxError
-from lt_jax.eval.texts import read_jsonl, read_text
+from lt_jax.files import read_jsonl, read_text
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Figures (matplotlib, headless). Written to a temporary file and renamed, so a failure leaves no half-written
-image."""
+image; their paths are checked by `lt_jax.files.output_image` before any work."""
 from __future__ import annotations
 
 import os
@@ -11,22 +11,6 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "eps", "ps", "webp", "tif", "tiff")
-
-
-def check_path(path: str | Path, flag: str) -> Path:
-    """Fails before any work if a figure cannot be written there: an unknown format or a missing folder."""
-    from lt_jax.errors import LtJaxError
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise LtJaxError(f"cannot write {flag} {path}: the format {'.' + fmt if fmt else '(no suffix)'} is not one "
-                         f"of {', '.join('.' + f for f in FORMATS)}.")
-    if path.is_dir() or not path.parent.is_dir():
-        raise LtJaxError(f"cannot write {flag} {path}: it is a directory or its folder does not exist.")
-    return path
 
 
 def _title(ax_or_fig, title: str, width: int) -> None:
@@ -121,11 +105,13 @@ def plot_calibration(head_scores, path: str | Path, title: str, protected=()) ->
                        extent=(-0.5, L - 0.5, -0.5, scores.shape[1] - 0.5))
     fig.colorbar(image, ax=[top, bottom], pad=0.01, shrink=0.5, anchor=(0, 1)).set_label("head score", fontsize=8)
     top.set_ylabel("query head")
-    bottom.bar(layers, scores.max(axis=1), color=["tab:red" if i in protected else "tab:blue" for i in layers],
-               label="layer score: max over heads (red: protected)")
-    bottom.plot(layers, scores.mean(axis=1), "k.-", lw=1, label="mean over heads")
+    from matplotlib.patches import Patch
+    bottom.bar(layers, scores.max(axis=1), color=["tab:red" if i in protected else "tab:blue" for i in layers])
+    (mean,) = bottom.plot(layers, scores.mean(axis=1), "k.-", lw=1, label="mean over heads")
     bottom.set_xlabel("layer")
     bottom.set_ylabel("score")
-    bottom.legend(fontsize=7)
+    # the bars' colours by hand: a labelled bar series would show its first bar's colour, whichever it is
+    bottom.legend(handles=[Patch(color="tab:blue", label="layer score: max over heads"),
+                           Patch(color="tab:red", label="layer score of a protected layer"), mean], fontsize=7)
     _title(fig, title, 110)
     _save(fig, path)

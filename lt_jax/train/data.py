@@ -21,7 +21,7 @@ import numpy as np
 
 from lt_jax.batching import bucket
 from lt_jax.errors import LtJaxError
-from lt_jax.eval.texts import read_jsonl, read_text
+from lt_jax.files import numbered_jsonl, read_jsonl, read_text
 from lt_jax.train.step import IGNORE
 
 
@@ -68,7 +68,8 @@ def read_sequences(paths, model, seq_len: int) -> Sequences:
             except LtJaxError as e:
                 raise LtJaxError(f"{where}: {e}") from None
     if not out.ids:
-        raise LtJaxError(f"no training sequence of at least 2 tokens with a labelled token in {', '.join(map(str, paths))}"
+        raise LtJaxError(f"no training sequence of at least 2 tokens with a labelled token in "
+                         f"{', '.join(map(str, paths))}"
                          f" ({out.dropped} too short or without targets).")
     return out
 
@@ -95,15 +96,54 @@ def _add_windows(out: Sequences, ids: list[int], seq_len: int):
         _add(out, window, window)
 
 
-def _add_record(out: Sequences, record: dict, model, seq_len: int, vocab: int):
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates render (Llama, Qwen2, SmolLM2)
+
+
+def check_messages(messages, assistant: bool = True) -> None:
+    """A conversation's shape: {role, content} objects with texts, each role one the chat templates know (a typo
+    such as "wizard" would be rendered as some other turn or dropped), and (for training) an assistant turn."""
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError("messages must be a non-empty list of {\"role\", \"content\"} objects with string values.")
+    unknown = [m["role"] for m in messages if m["role"] not in CHAT_ROLES]
+    if unknown:
+        raise ValueError(f"role {unknown[0]!r} is not one of the chat roles {', '.join(CHAT_ROLES)}.")
+    if assistant and not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("messages hold no assistant turn to learn.")
+
+
+def record_kind(record: dict) -> str:
+    """Which format a JSONL line is (text, prompt, messages, ids), its fields' types checked; nothing tokenized."""
     kinds = [k for k in ("text", "prompt", "messages", "ids") if k in record]
     if len(kinds) != 1:
         raise ValueError("expected exactly one of the fields text, prompt (+ completion), messages, ids; got "
                          f"{sorted(record)}.")
     kind = kinds[0]
+    if kind == "text" and not isinstance(record["text"], str):
+        raise ValueError("field text is not a string.")
+    if kind == "prompt" and not (isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)):
+        raise ValueError("prompt and completion must both be strings.")
+    if kind == "messages":
+        check_messages(record["messages"])
+    return kind
+
+
+def check_files(paths) -> None:
+    """Every JSONL line's format, before the model loads (a bad line fails in seconds, not after the load)."""
+    for path in paths:
+        if Path(path).suffix != ".jsonl":
+            continue
+        for number, record in numbered_jsonl(path):
+            try:
+                record_kind(record)
+            except ValueError as e:
+                raise LtJaxError(f"{path} line {number}: {e}") from None
+
+
+def _add_record(out: Sequences, record: dict, model, seq_len: int, vocab: int):
+    kind = record_kind(record)
     if kind == "text":
-        if not isinstance(record["text"], str):
-            raise ValueError("field text is not a string.")
         _add_windows(out, _encode(model, record["text"], "field text"), seq_len)
         return
     if kind == "ids":
@@ -118,9 +158,7 @@ def _add_record(out: Sequences, record: dict, model, seq_len: int, vocab: int):
         _add_truncated(out, ids, labels, seq_len)
         return
     if kind == "prompt":
-        prompt, completion = record.get("prompt"), record.get("completion")
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise ValueError("prompt and completion must both be strings.")
+        prompt, completion = record["prompt"], record["completion"]
         head = _encode(model, prompt, "field prompt")
         tail = _encode(model, completion, "field completion", special=False) + _eos(model)
         _add_truncated(out, head + tail, [IGNORE] * len(head) + tail, seq_len)
@@ -149,14 +187,9 @@ def chat_sequence(model, messages) -> tuple[list[int], list[int]]:
     """A conversation through the chat template, labels on the assistant turns only. Each assistant turn's tokens
     are the difference between the rendering up to it (with the generation prompt) and the rendering including
     it, so whatever the template wraps around a turn (the assistant header) stays unlabelled."""
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise ValueError("messages must be a non-empty list of {\"role\", \"content\"} objects with string values.")
+    check_messages(messages)
     if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
         raise LtJaxError("chat messages need a tokenizer with a chat template, and this model has none.")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("messages hold no assistant turn to learn.")
 
     def render(turns, generation_prompt=False):
         ids = model.tokenizer.apply_chat_template(turns, add_generation_prompt=generation_prompt, tokenize=True)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 
 from lt_jax import sharding
 from lt_jax.errors import LtJaxError
+from lt_jax.files import write_atomic
 from lt_jax.plan import Plan
 from lt_jax.train.data import Sequences, eval_batches, make_batch, read_sequences, step_rows
 from lt_jax.train.step import (TrainSettings, TrainState, eval_terms, host_metrics, init_state, model_weights,
@@ -41,8 +43,9 @@ class RunOptions:
     grad_accum: int = 1
     seed: int = 0
     save_every: int = 50
-    keep: int = 2
+    keep: int = 2  # checkpoints kept while training; each holds the weights and AdamW's two moments (3x fp32)
     eval_every: int = 50
+    keep_optimizer: bool = True  # False: the checkpoints are deleted once the final weights are saved
 
 
 def defining(model, plan: Plan, settings: TrainSettings, options: RunOptions, data: Sequences) -> dict:
@@ -66,6 +69,8 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 def check_out(out: Path, resume: bool):
     out = Path(out)
+    if out.is_file():
+        raise LtJaxError(f"--out {out} is a file, not a folder; it is left as it is: give a new folder path.")
     if out.exists() and not resume:
         raise LtJaxError(f"output directory {out} already exists; pass --resume to continue its run, or choose "
                          f"another path.")
@@ -107,10 +112,7 @@ def _read_log(path: Path) -> list[dict]:
 
 def _keep_log_until(path: Path, step: int):
     """Drops rows after the restored checkpoint (they are recomputed, identically); atomic."""
-    rows = [r for r in _read_log(path) if r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in _read_log(path) if r["step"] <= step))
 
 
 def evaluate(state: TrainState, data: Sequences, layers, cfg, settings: TrainSettings, options: RunOptions) -> float:
@@ -146,9 +148,7 @@ def train(model, plan: Plan, data_paths, out, settings: TrainSettings, options: 
             return _summary(out, plan, settings, data, already=True)
     else:
         out.mkdir()
-        tmp = out / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(run, indent=2))
-        tmp.replace(out / RUN_FILE)
+        write_atomic(out / RUN_FILE, json.dumps(run, indent=2))
 
     layers = plan.layers(cfg)
     rows_per_step = options.batch_size * options.grad_accum
@@ -160,6 +160,12 @@ def train(model, plan: Plan, data_paths, out, settings: TrainSettings, options: 
     if manager.latest_step() is not None:
         state = _restore(manager, state)
         start = int(state.step)
+        if progress:
+            print(f"[lt-jax train] resumed {out} from its checkpoint at step {start} of {settings.steps}",
+                  file=sys.stderr, flush=True)
+    elif resume and progress:
+        print(f"[lt-jax train] resumed {out}: no checkpoint was saved yet, starting at step 0", file=sys.stderr,
+              flush=True)
     _keep_log_until(out / LOG_FILE, start)
     bar = _bar(settings.steps, start, progress)
     last_good = start if manager.latest_step() is not None else None
@@ -191,13 +197,14 @@ def train(model, plan: Plan, data_paths, out, settings: TrainSettings, options: 
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
     bar.close()
     _finish(out, model, state, plan, settings)
-    return _summary(out, plan, settings, data)
+    if not options.keep_optimizer:  # the final weights are saved: the optimizer checkpoints can go
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    return {**_summary(out, plan, settings, data), "resumed_from": start if resume else None}
 
 
 def _bar(total: int, start: int, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, disable=not enabled,
-                leave=False)
+    from lt_jax.progress import progress_bar
+    return progress_bar(total, "train", "step", disable=not enabled, initial=start)
 
 
 def _finish(out: Path, model, state: TrainState, plan: Plan, settings: TrainSettings):
@@ -234,16 +241,20 @@ def plot_losses(rows: list[dict], path: Path):
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
-    ax.plot(steps, loss, lw=0.6, alpha=0.35, label="train loss per step")
     # token-weighted mean over the last `span` steps: steps differ in how many tokens carry loss
-    span = max(1, min(20, len(rows) // 5))
-    weights = np.array([r["tokens"] for r in rows], np.float64)
-    kernel = np.ones(span)
-    smooth = np.convolve(loss * weights, kernel)[:len(loss)] / np.maximum(np.convolve(weights, kernel)[:len(loss)], 1)
-    ax.plot(steps, smooth, lw=1.6, label=f"per token, last {span} steps")
+    span = min(20, len(rows) // 5)
+    ax.plot(steps, loss, color="0.55", lw=0.8, marker="." if len(rows) <= 50 else None, ms=4,
+            label="train loss per step")
+    if span > 1:  # over one step it is the per-step line itself
+        weights = np.array([r["tokens"] for r in rows], np.float64)
+        kernel = np.ones(span)
+        smooth = (np.convolve(loss * weights, kernel)[:len(loss)] /
+                  np.maximum(np.convolve(weights, kernel)[:len(loss)], 1))
+        ax.plot(steps, smooth, color="tab:blue", lw=1.8, label=f"per token, mean of the last {span} steps")
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:orange",
+                label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("mean NLL (nats/token)")
     ax.set_title("lt-jax train", fontsize=10)

@@ -1,4 +1,5 @@
-"""Evaluation prompts built from long text: needles (numbers) hidden at chosen depths of a haystack.
+"""Prompts built from long text (the eval tasks and the retrieval probe use them): needles (numbers) hidden at
+chosen depths of a haystack.
 
 - `needle_prompt`: one number, essays as haystack, chat formatted (the LightTransfer-Test benchmark's prompt).
 - `niah_prompt`: RULER's niah_single / niah_multikey: keyed needles ("One of the special magic numbers for

@@ -1,0 +1,97 @@
+"""`lt-jax`: a thin command layer over the library. One module per command (NAME, HELP, add_arguments(parser),
+run(args) -> the result; INTERRUPTED: what a Ctrl-C leaves, for long commands), listed in COMMANDS. Every
+subcommand takes --json (the result on stdout, one JSON object) and reports bad input as one sentence on stderr
+with exit status 2; Ctrl-C ends a run with one line and exit status 130."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from lt_jax.cli import bench, calibrate, convert, demo, export, fetch, generate, identify, ppl, train
+from lt_jax.cli import eval as eval_
+from lt_jax.errors import LtJaxError
+
+COMMANDS = [convert, export, train, ppl, generate, demo, identify, calibrate, eval_, bench, fetch]
+QUIET = {"demo", "generate", "eval", "bench", "identify", "ppl", "train", "calibrate"}  # print their own summary
+NO_PERSISTENT_CACHE = {"convert", "bench"}  # bench reports compile times
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags as one line (`lt-jax CMD: error: ...`, exit 2) like every other bad input, not usage + error."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lt-jax", description="LightTransfer in JAX: hybrid streaming/full attention "
+                                "LLMs converted from Hugging Face checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        s = sub.add_parser(command.NAME, help=command.HELP, description=command.HELP)
+        s.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+        command.add_arguments(s)
+        s.set_defaults(command_module=command)
+    return p
+
+
+def _enable_compilation_cache():
+    import jax
+    from lt_jax.assets import cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _interrupted(args) -> int:
+    from lt_jax import progress
+    note = getattr(args.command_module, "INTERRUPTED", "rerun the same command to start again")
+    print(f"\nlt-jax {args.command}: interrupted{progress.where()}; {note}.", file=sys.stderr, flush=True)
+    return 130
+
+
+def main(argv=None) -> int:
+    from lt_jax import progress
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        progress.catch_interrupts()
+    try:
+        if getattr(args, "coordinator", None) or getattr(args, "num_processes", None) is not None \
+                or getattr(args, "process_id", None) is not None:
+            from lt_jax import distributed
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        if getattr(args, "mesh", None):
+            from lt_jax import sharding
+            sharding.check_axes(args.mesh)  # a typo of an axis name, before the load
+        if args.command not in NO_PERSISTENT_CACHE:
+            _enable_compilation_cache()
+        result = args.command_module.run(args)
+        progress.check_interrupt()  # one swallowed on the way (a garbage-collector callback) still ends the run
+    except KeyboardInterrupt:
+        return _interrupted(args)
+    except LtJaxError as e:
+        print(f"lt-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.json:
+        print(json.dumps(result))
+    elif args.command not in QUIET:
+        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,6 @@ from lt_jax.cache import KVCache, init_cache, restrict
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, generate_loop, prefill
-from lt_jax.lazy import top_lazy
 from lt_jax.model import default_positions, forward, forward_masked
 from lt_jax.params import split_layers
 from lt_jax.plan import LayerPlan, Plan, make_plan, override
@@ -204,7 +203,13 @@ class Model:
                 if prefilled.ratios is None:
                     raise LtJaxError("a lighttransfer plan needs a prefill that measured the lazy ratios "
                                      "(Plan(num_layers, select_lazy=0)).")
-                plan = plan.resolve(top_lazy(prefilled.ratios.mean(axis=0), plan.select_lazy))
+                measured = {k: getattr(base, k) for k in ("sink", "window", "w_last")}
+                wanted = {k: getattr(plan, k) for k in measured}
+                if measured != wanted:
+                    raise LtJaxError(f"plan {plan.source} selects from the ratios of {_settings(wanted)}, but the "
+                                     f"prefill measured them with {_settings(measured)}; prefill with "
+                                     f"Plan(num_layers, select_lazy=0, {_settings(wanted)}).")
+                plan = plan.choose(prefilled.ratios.mean(axis=0))
             cache, layers = restrict(prefilled.cache, plan), plan.layers(self.config)
         out, counts, _ = generate_loop(self.params, prefilled.logits, cache, layers,
                                        sampling.prepared(self.config.eos_token_ids), self.config, plan.shape.decoding)
@@ -295,6 +300,10 @@ class Model:
         "lazy_ratios"). kwargs: sampling=Sampling(...), max_new_tokens (one or one per prompt), chunk, plan flags."""
         from lt_jax import serving
         return serving.generate_stream(self, prompts, plan, batch_size=batch_size, **kwargs)
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 def _is_single(prompts) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.attention import FULL
+from lt_jax.lazy import lazy_set
 
 DEFAULT_SINK, DEFAULT_WINDOW, DEFAULT_W_LAST = 4, 1020, 32
 PREFILL_MODES = ("exact", "hybrid")
@@ -58,6 +59,15 @@ class Plan:
         """The fixed plan a per-prompt selection chose."""
         return dataclasses.replace(self, lazy_layers=tuple(sorted(int(i) for i in lazy_layers)), select_lazy=None,
                                    protect=())
+
+    def choose(self, ratios) -> "Plan":
+        """The fixed plan this plan decodes a prompt with, given the prompt's lazy ratios [L] (measured with this
+        plan's sink, window and w_last): itself if its layers are fixed, else the layers its prefill's queue
+        picks (`lazy.lazy_set`: the highest ratios, protected layers kept full)."""
+        if self.select_lazy is None:
+            return self
+        protected = np.isin(np.arange(self.num_layers), self.protect)
+        return self.resolve(lazy_set(ratios, self.select_lazy, protected))
 
     def validate(self, cfg: Config, where: str = "plan") -> "Plan":
         if self.num_layers != cfg.num_layers:

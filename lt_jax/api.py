@@ -4,7 +4,6 @@ each plan)."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -177,12 +176,6 @@ class Model:
         cache = self.empty_cache(plan, len(rows), max_len)
         return prefill(self.params, self.rows(tokens), self.rows(positions), cache,
                        plan.prefill_layers(self.config), self.config, plan.shape)
-
-    def prefill_rows(self, rows: list[list[int]], plan: Plan, max_len: int):
-        """Deprecated: use `prefill` (returns a `Prefilled`)."""
-        warnings.warn("Model.prefill_rows is deprecated; use Model.prefill.", DeprecationWarning, stacklevel=2)
-        logits, cache, layers, ratios = self._prefill(rows, plan, max_len)
-        return logits, cache, {"is_lazy": layers.is_lazy, "index": layers.slot, "ratios": ratios}
 
     def generate_from(self, prefilled: Prefilled, plan: Plan | str | None = None, sampling: Sampling | None = None,
                       **plan_flags) -> list[dict]:

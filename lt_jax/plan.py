@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 
 import jax
@@ -120,13 +119,6 @@ class Plan:
         protected = np.zeros(self.num_layers, bool)
         protected[list(self.protect)] = True
         return Selection(jnp.asarray(protected))
-
-    def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-        """Deprecated: per-layer (sink, window) int32 [L]; use `plan.layers(cfg)`."""
-        warnings.warn("Plan.layer_windows is deprecated; use Plan.layers(cfg).sink / .window.", DeprecationWarning,
-                      stacklevel=2)
-        layers = self.layers(cfg)
-        return np.asarray(layers.sink), np.asarray(layers.window)
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

@@ -247,30 +247,6 @@ def test_sampling_filters(tiny_lt):
         model.generate(prompt, sampling=Sampling(top_p=0))
 
 
-def test_old_names_still_work_with_a_deprecation_warning(tiny_lt):
-    """0.1's module paths and renamed methods work for one more release, each with a DeprecationWarning naming
-    the new one."""
-    import importlib
-    import sys
-    from lt_jax.attention import attention_mask as rule
-    model = tiny_lt("llama")
-    sys.modules.pop("lt_jax.mask", None)
-    with pytest.warns(DeprecationWarning, match="lt_jax.attention"):
-        assert importlib.import_module("lt_jax.mask").attention_mask is rule
-    with pytest.warns(DeprecationWarning, match="lt_jax.eval.evaluate"):
-        sys.modules.pop("lt_jax.evaluate", None)
-        assert importlib.import_module("lt_jax.evaluate").run is importlib.import_module("lt_jax.eval.evaluate").run
-    plan = make_plan("last", model.config, sink=2, window=8)
-    with pytest.warns(DeprecationWarning, match="Plan.layers"):
-        sinks, windows = plan.layer_windows(model.config)
-    np.testing.assert_array_equal(sinks, [0, 2, 2])  # "last": 2 of 3 layers lazy
-    assert windows[2] == 8
-    with pytest.warns(DeprecationWarning, match="Model.prefill"):
-        logits, _, layers = model.prefill_rows([[1, 2, 3]], plan, 64)
-    np.testing.assert_array_equal(layers["is_lazy"], [False, True, True])
-    np.testing.assert_allclose(logits, model.prefill([[1, 2, 3]], plan, 64).logits, rtol=0, atol=0)
-
-
 def test_batch_generation_equals_one_by_one(tiny_lt):
     model = tiny_lt("mistral")
     prompts = [list(range(5, 25)), list(range(40, 140)), [7, 8, 9]]

@@ -17,16 +17,17 @@ from lt_jax.cache import KVCache, init_cache, restrict
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, generate_loop, prefill
-from lt_jax.model import default_positions, forward, forward_masked
+from lt_jax.model import default_positions, forward, forward_masked, streaming_shape
 from lt_jax.params import split_layers
-from lt_jax.plan import LayerPlan, Plan, make_plan, override
+from lt_jax.plan import LayerPlan, Plan, PlanShape, make_plan, override
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def token_nll(params, tokens, layers: LayerPlan, cfg: Config, prefix=None):
+@partial(jax.jit, static_argnames=("cfg", "shape"))
+def token_nll(params, tokens, layers: LayerPlan, cfg: Config, prefix=None, shape: PlanShape | None = None):
     """-log p(tokens[:, t] | tokens[:, :t]) for t >= 1 under a plan (as data): float32 [B, T-1]. Reduced inside
-    jit: no [T, V] to host."""
-    logits = forward_masked(params, tokens, default_positions(tokens), layers, cfg, prefix)
+    jit: no [T, V] to host. `shape`: `model.streaming_shape` (lazy layers in O(T (S + W)); None: the dense form,
+    which a prefix needs)."""
+    logits = forward_masked(params, tokens, default_positions(tokens), layers, cfg, prefix, shape=shape)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -218,7 +219,7 @@ class Model:
         """-log p(token t | tokens < t) for t >= 1: float32 [B, T-1], under a fixed plan (`logits`' prefix rule)."""
         plan = self.plan(plan)
         return np.asarray(token_nll(self.params, self.rows(as_batch(ids, self.config.vocab_size)),
-                                    plan.layers(self.config), self.config, prefix))
+                                    plan.layers(self.config), self.config, prefix, streaming_shape(plan, prefix)))
 
     def perplexity(self, ids, max_tokens: int | None = None, plan: Plan | str | None = None,
                    prefix: int | None = None) -> dict:

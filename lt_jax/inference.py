@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.attention import FULL, attend_cached, attend_causal, attend_streaming
+from lt_jax.attention import attend_cached, attend_layer, layer_kinds, native_window
 from lt_jax.batching import bucket
 from lt_jax.cache import (KVCache, evict, ordered_after, read_slot, write_layer_kv, write_positions,
                           write_step_kv)
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.lazy import init_queue, lazy_ratio, push, queue_score
-from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers, unembed
+from lt_jax.model import decoder, unembed
 from lt_jax.plan import LayerPlan, PlanShape, Selection
 
 
@@ -37,71 +37,55 @@ def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | Selec
     same structure: (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache; the
     LayerPlan decode runs with; ratios float32 [L, B, N], every layer's lazy ratio per row and query head, NaN
     unless `shape.select`)."""
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    L, native = cfg.num_layers, cfg.sliding_window or FULL
+    L, native = cfg.num_layers, native_window(cfg)
     cache = write_positions(cache, positions, shape.sink, shape.window)  # evictions read the ring's positions
     queue = init_queue(L, L - shape.num_lazy) if shape.select else None
     protected = layers.protected if shape.select else jnp.zeros(L, bool)
     if shape.select:  # where the queue's choices will go; only is_lazy / slot are read below
         layers = LayerPlan.of(np.zeros(L, bool), np.zeros(L, np.int32), shape, cfg)
-    x = params["embed"][tokens]
+    # exact prefill: every layer attends like a full layer over the prompt
+    kinds = layer_kinds(shape.num_lazy, L) if shape.prefill == "hybrid" else "full"
 
-    def step(carry, layer):
-        x, kv, queue = carry
-        lp, (layer_id, is_lazy, slot, protect) = layer
-
-        def attention(q, k, v):
-            full = lambda: attend_causal(q, k, v, positions, 0, native)  # noqa: E731
-            if shape.prefill == "hybrid" and shape.num_lazy:
-                stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window)  # noqa: E731
-                out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < L else stream()
-            else:  # exact prefill: every layer attends like a full layer over the prompt
-                out = full()
-            if not shape.select:
-                return out, (write_layer_kv(kv, k, v, positions, is_lazy, slot, shape.sink, shape.window), queue,
-                             jnp.full(q.shape[:1] + q.shape[2:3], jnp.nan, jnp.float32))
-            ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
-            queue_after, lazy, at, full_slot, evict_to = push(queue, layer_id, queue_score(jnp.mean(ratio), protect))
-            after_eviction, at = evict(kv, full_slot, evict_to, cache.ring_pos, at)
-            return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window),
-                         queue_after, ratio)
-
-        x, (kv, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
-        return (x, kv, queue), ratio
+    def attention(q, k, v, layer, carry):
+        layer_id, is_lazy, slot, protect = layer
+        kv, queue = carry
+        out = attend_layer(q, k, v, positions, is_lazy, shape.sink, shape.window, native, kinds)
+        if not shape.select:
+            return out, (write_layer_kv(kv, k, v, positions, is_lazy, slot, shape.sink, shape.window), queue), \
+                jnp.full(q.shape[:1] + q.shape[2:3], jnp.nan, jnp.float32)
+        ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
+        queue, lazy, at, full_slot, evict_to = push(queue, layer_id, queue_score(jnp.mean(ratio), protect))
+        after_eviction, at = evict(kv, full_slot, evict_to, cache.ring_pos, at)
+        return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window), queue), ratio
 
     xs = (jnp.arange(L), layers.is_lazy, layers.slot, protected)
-    (x, kv, queue), ratios = scan_layers(step, (x, cache.kv, queue), params["layers"], xs)
+    logits, (kv, queue), ratios = decoder(params, tokens, positions, cfg, attention, xs, (cache.kv, queue),
+                                          head="all" if all_logits else "last")
     if shape.select:
         layers = LayerPlan.of(queue.is_lazy, queue.slot, shape, cfg)
-    logits = unembed(params, x if all_logits else x[:, -1:], cfg)
     return (logits if all_logits else logits[:, 0]), cache.with_kv(kv), layers, ratios
 
 
 def _decode(params, tokens, cache: KVCache, layers: LayerPlan, cfg: Config, shape: PlanShape):
     """One token per row [B] at position `cache.length` -> (logits [B, V], cache)."""
     positions = cache.length[:, None]
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    x = params["embed"][tokens[:, None]]
     full_k, full_v, ring_k, ring_v = cache.kv
     if not (full_k and ring_k):  # one kind of layer: layer i's slot is i, known while tracing
         layers = dataclasses.replace(layers, is_lazy=np.full(cfg.num_layers, not full_k),
                                      slot=np.arange(cfg.num_layers))
 
-    def step(x, layer):
-        lp, (is_lazy, slot, sink, window) = layer
+    def attention(q, k, v, layer, _):
+        is_lazy, slot, sink, window = layer
 
-        def attention(q, k, v):
-            def over(slots_k, slots_v, slot_pos):
-                return attend_cached(q, k, v, partial(read_slot, slots_k, slot), partial(read_slot, slots_v, slot),
-                                     positions, slot_pos, sink, window)
-            full, ring = partial(over, full_k, full_v, cache.full_pos), partial(over, ring_k, ring_v, cache.ring_pos)
-            out = jax.lax.cond(is_lazy, ring, full) if (full_k and ring_k) else (full() if full_k else ring())
-            return out, (k, v)
-
-        return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
+        def over(slots_k, slots_v, slot_pos):
+            return attend_cached(q, k, v, partial(read_slot, slots_k, slot), partial(read_slot, slots_v, slot),
+                                 positions, slot_pos, sink, window)
+        full, ring = partial(over, full_k, full_v, cache.full_pos), partial(over, ring_k, ring_v, cache.ring_pos)
+        out = jax.lax.cond(is_lazy, ring, full) if (full_k and ring_k) else (full() if full_k else ring())
+        return out, None, (k, v)
 
     xs = (layers.is_lazy, layers.slot, layers.sink, layers.window)
-    x, (new_k, new_v) = scan_layers(step, x, params["layers"], xs, unroll=True)
+    x, _, (new_k, new_v) = decoder(params, tokens[:, None], positions, cfg, attention, xs, head=None, unroll=True)
     # Every slot is read before the step's write into it: the writes wait for the last hidden state.
     written = ordered_after(positions, x[:, 0, :1], -1)
     kv = write_step_kv(cache.kv, new_k, new_v, written, layers.is_lazy, layers.slot, shape.sink, shape.window)

@@ -71,6 +71,15 @@ def run_cached(model, plan, prompts, continuation):
     return prompt_logits, np.stack(steps, 1), cache
 
 
+def dense_logits(model, ids, plan, prefix=None):
+    """The reference: one no-cache forward of one row whose every layer masks its full score matrix with the rule
+    (`forward_masked`'s dense form, O(T^2) for streaming layers too) -> float32 [T, V]."""
+    from lt_jax.model import default_positions, forward_masked
+    tokens = jnp.asarray(np.asarray(ids, np.int32)[None])
+    return np.asarray(forward_masked(model.params, tokens, default_positions(tokens), plan.layers(model.config),
+                                     model.config, prefix))[0]
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("prefill_mode", ["exact", "hybrid"])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -86,7 +95,7 @@ def test_prefill_decode_equals_masked_forward(family, prefill_mode, seed, tiny_l
     continuation = np.stack([s[n:] for s, n in zip(seqs, lengths)])
     prompt_logits, step_logits, _ = run_cached(model, plan, prompts, continuation[:, :24])
     for b, (s, n) in enumerate(zip(seqs, lengths)):
-        ref = model.logits(s, plan=plan, prefix=n if prefill_mode == "exact" else None)[0]
+        ref = dense_logits(model, s, plan, prefix=n if prefill_mode == "exact" else None)
         assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
         assert np.abs(step_logits[b] - ref[n:n + 24]).max() <= 1e-5
 
@@ -357,9 +366,17 @@ def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, windo
     prompt_logits, step_logits, _ = run_cached(model, plan, [s[:n] for s, n in zip(seqs, lengths)],
                                                np.stack([s[n:n + 5] for s, n in zip(seqs, lengths)]))
     for b, (s, n) in enumerate(zip(seqs, lengths)):
-        ref = model.logits(s, plan=plan)[0]
+        ref = dense_logits(model, s, plan)
         assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
         assert np.abs(step_logits[b] - ref[n:n + 5]).max() <= 1e-5
+        # the public forward streams the lazy layers as the hybrid prefill does
+        assert np.abs(model.logits(s[:n], plan=plan)[0] - prompt_logits[b]).max() <= 1e-5
+    tokens = np.stack([s[:min(lengths)] for s in seqs])
+    nll = model.token_nll(tokens, plan)
+    for b in range(2):
+        logp = jax.nn.log_softmax(jnp.asarray(dense_logits(model, tokens[b], plan)[:-1]), axis=-1)
+        want = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[b, 1:, None]), axis=-1))[:, 0]
+        assert np.abs(nll[b] - want).max() <= 1e-5
 
 
 def test_long_prefill_keeps_one_score_block_alive(tiny_lt):

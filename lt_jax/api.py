@@ -19,7 +19,8 @@ from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, generate_loop, prefill
 from lt_jax.model import default_positions, forward, forward_masked, streaming_shape
 from lt_jax.params import split_layers
-from lt_jax.plan import LayerPlan, Plan, PlanShape, make_plan, override
+from lt_jax.plan import (DEFAULT_SINK, DEFAULT_W_LAST, DEFAULT_WINDOW, LayerPlan, Plan, PlanShape, make_plan,
+                         override)
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape"))
@@ -129,7 +130,7 @@ class Model:
         done = self.prefill(rows, plan, bucket(max(len(r) for r in rows)))
         return done.plan, done.ratios.mean(axis=0)
 
-    def lazy_ratios(self, ids, sink: int = 4, window: int = 1020, w_last: int = 32,
+    def lazy_ratios(self, ids, sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW, w_last: int = DEFAULT_W_LAST,
                     per_head: bool = False) -> np.ndarray:
         """Every layer's lazy ratio for one prompt ([L], or [L, N] per query head) or a batch of prompts of any
         lengths ([B, L] or [B, L, N]): the attention mass of the last `w_last` queries on the first `sink` and last

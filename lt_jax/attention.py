@@ -9,8 +9,9 @@ from stored positions, never from slot order, so the same rule serves contiguous
 Paths: `attend` (one block), `attend_causal` (a call's own tokens in query blocks; past TILED_FROM tokens
 `attend_tiled`, flash-style), `attend_streaming` (a streaming layer's prefill in O(T (sink + window))), `attend_cached`
 (a decode step over one cache slot and the new token). `attend_layer` picks, for a layer over a call's own tokens
-(prefill, training, scoring), between the first three by the layer's kind. Shapes: q [B, T, N, H]; keys [B, K, H, S] (head_dim
-before time), values [B, K, S, H], as the cache stores them (docs/design.md §5).
+(prefill, training, scoring), between the first three by the layer's kind.
+Shapes: q [B, T, N, H]; keys [B, K, H, S] (head_dim before time), values [B, K, S, H], as the cache stores them
+(docs/design.md §5).
 """
 from __future__ import annotations
 

@@ -158,6 +158,61 @@ def sample(logits, key, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
+# ---- the decode loop: one step, two drivers ----------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Per-row state of a decode loop, all [B]: `budget` the tokens a row may still emit, `done` whether it has
+    stopped (a stop id, or its budget spent; an empty row is done), `key` the raw data of the PRNG key, split once
+    per step: one key for the batch ([2] uint32, `generate_loop`) or one per row ([B, 2], `decode_chunk`), each
+    split as the one key of a lone `generate` is, so a row samples what it would sample alone."""
+    budget: jax.Array
+    done: jax.Array
+    key: jax.Array
+
+
+def _sample_tokens(logits, key, sampling: Sampling):
+    """(next key data, tokens [B]) from logits [B, V] and the state's key data (one for the batch, or per row)."""
+    if key.ndim == 1:
+        key, sub = jax.random.split(jax.random.wrap_key_data(key))
+        return jax.random.key_data(key), sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p)
+    split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key))
+    sample_row = jax.vmap(lambda lg, k: sample(lg[None], k, sampling.temperature, sampling.top_k,
+                                               sampling.top_p)[0])
+    return jax.random.key_data(split[:, 0]), sample_row(logits, split[:, 1])
+
+
+def _sample_step(params, carry, layers: LayerPlan, sampling: Sampling, cfg: Config, shape: PlanShape):
+    """One step of every row: sample from its logits, record the token (-1 for a row already done), spend one of
+    its budget, stop after a stop id or its last token, then decode every token (a done row's is ignored, and
+    rows never mix)."""
+    t, logits, cache, state, out = carry
+    key, token = _sample_tokens(logits, state.key, sampling)
+    out = out.at[:, t].set(jnp.where(state.done, -1, token))
+    budget = state.budget - (~state.done).astype(state.budget.dtype)
+    done = state.done | jnp.isin(token, jnp.stack(sampling.stop_ids)) | (budget <= 0)
+    logits, cache = _decode(params, token, cache, layers, cfg, shape)
+    return t + 1, logits, cache, DecodeState(budget, done, key), out
+
+
+def _decode_loop(params, logits, cache: KVCache, layers: LayerPlan, state: DecodeState, sampling: Sampling,
+                 cfg: Config, shape: PlanShape, steps: int, until_finish=False):
+    """Up to `steps` `_sample_step`s in one compiled loop, from logits [B, V]; ends early once every row is done,
+    or, with `until_finish` (data), once a row finishes. Returns (tokens int32 [B, steps], -1 where a row emitted
+    nothing; the logits after the last step; the cache; the state)."""
+    done_before = state.done
+
+    def cond(carry):
+        t, _, _, state, _ = carry
+        return (t < steps) & ~jnp.all(state.done) & ~(until_finish & jnp.any(state.done & ~done_before))
+
+    carry = (jnp.int32(0), logits, cache, state, jnp.full((logits.shape[0], steps), -1, jnp.int32))
+    _, logits, cache, state, out = jax.lax.while_loop(
+        cond, partial(_sample_step, params, layers=layers, sampling=sampling, cfg=cfg, shape=shape), carry)
+    return out, logits, cache, state
+
+
 @partial(jax.jit, static_argnames=("cfg", "shape"), donate_argnames=("cache",))
 def generate_loop(params, logits, cache: KVCache, layers: LayerPlan, sampling: Sampling, cfg: Config,
                   shape: PlanShape):
@@ -166,74 +221,18 @@ def generate_loop(params, logits, cache: KVCache, layers: LayerPlan, sampling: S
 
     Returns (tokens int32 [B, sampling.steps], -1 after a row stops; number generated per row [B]; the cache,
     returned so the donated input buffers are reused in place rather than copied)."""
-    B, steps = logits.shape[0], sampling.steps
-    out = jnp.full((B, steps), -1, jnp.int32)
-    stop_ids = jnp.stack(sampling.stop_ids)
-
-    def cond(state):
-        t, _, _, _, done, _ = state
-        return (t < jnp.minimum(sampling.max_new_tokens, steps)) & ~jnp.all(done)
-
-    def body(state):
-        t, logits, cache, out, done, key = state
-        key, sub = jax.random.split(key)
-        token = sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p)
-        out = out.at[:, t].set(jnp.where(done, -1, token))
-        done = done | jnp.isin(token, stop_ids)
-        logits, cache = _decode(params, token, cache, layers, cfg, shape)
-        return t + 1, logits, cache, out, done, key
-
-    state = (jnp.int32(0), logits, cache, out, jnp.zeros((B,), bool), jax.random.key(sampling.seed))
-    _, _, cache, out, _, _ = jax.lax.while_loop(cond, body, state)
+    B = logits.shape[0]
+    state = DecodeState(jnp.full((B,), sampling.max_new_tokens, jnp.int32), jnp.zeros((B,), bool),
+                        jax.random.key_data(jax.random.key(sampling.seed)))
+    out, _, cache, _ = _decode_loop(params, logits, cache, layers, state, sampling, cfg, shape, sampling.steps)
     return out, jnp.sum(out >= 0, axis=-1), cache
-
-
-# ---- continuous batching -----------------------------------------------------------------------------------
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    """Per-row state of a continuously batched decode (`decode_chunk`), all [B]: `budget` the tokens a row may
-    still emit, `done` whether it has stopped (a stop id, or its budget spent; an empty row is done), `key` the raw
-    data of its own PRNG key ([B, 2] uint32), split once per step as `generate_loop` splits its one key, so a row
-    samples what it would sample alone."""
-    budget: jax.Array
-    done: jax.Array
-    key: jax.Array
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape", "steps"), donate_argnames=("cache",))
 def decode_chunk(params, logits, cache: KVCache, layers: LayerPlan, state: DecodeState, sampling: Sampling,
                  cfg: Config, shape: PlanShape, steps: int, until_finish=False):
-    """Up to `steps` decode steps of a batch whose rows started at different times, in one compiled loop: each row
-    that is not done samples from its logits [B, V] (`sample`, with its own key), spends one of its budget, and
-    stops after a stop id or its last token; every row then decodes (a done row's token is ignored, and rows never
-    mix). The loop ends early once every row is done, or, with `until_finish` (data), once a row finishes (so a
-    waiting prompt takes its row without idling). `sampling` comes from `Sampling.prepared`; its max_new_tokens
-    is not used (the budgets are per row).
-
-    Returns (tokens int32 [B, steps], -1 where a row emitted nothing; the logits after the last step; the cache;
-    the state)."""
-    B = logits.shape[0]
-    stop_ids = jnp.stack(sampling.stop_ids)
-    sample_row = jax.vmap(lambda lg, key: sample(lg[None], key, sampling.temperature, sampling.top_k,
-                                                 sampling.top_p)[0])
-    done_before = state.done
-
-    def cond(carry):
-        t, _, _, _, done, _, _ = carry
-        return (t < steps) & ~jnp.all(done) & ~(until_finish & jnp.any(done & ~done_before))
-
-    def body(carry):
-        t, logits, cache, budget, done, key, out = carry
-        split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key))
-        token = sample_row(logits, split[:, 1])
-        out = out.at[:, t].set(jnp.where(done, -1, token))
-        budget = budget - (~done).astype(budget.dtype)
-        done = done | jnp.isin(token, stop_ids) | (budget <= 0)
-        logits, cache = _decode(params, token, cache, layers, cfg, shape)
-        return t + 1, logits, cache, budget, done, jax.random.key_data(split[:, 0]), out
-
-    carry = (jnp.int32(0), logits, cache, state.budget, state.done, state.key, jnp.full((B, steps), -1, jnp.int32))
-    _, logits, cache, budget, done, key, out = jax.lax.while_loop(cond, body, carry)
-    return out, logits, cache, DecodeState(budget, done, key)
+    """Up to `steps` decode steps of a continuously batched decode whose rows started at different times
+    (`lt_jax.serving`), with per-row budgets and keys (`state`); with `until_finish` the loop ends once a row
+    finishes, so a waiting prompt takes its row without idling. `sampling` comes from `Sampling.prepared`; its
+    max_new_tokens is not used. Returns what `_decode_loop` returns."""
+    return _decode_loop(params, logits, cache, layers, state, sampling, cfg, shape, steps, until_finish)

@@ -149,6 +149,13 @@ class Plan:
 
         try:
             d = json.loads(text)
+        except ValueError as e:
+            raise LtJaxError(f"cannot read {where}: {e}.") from None
+        missing = [k for k in ("num_layers", "lazy_layers") if k not in d] if isinstance(d, dict) else None
+        if missing is None or missing:
+            what = f"it has no {' or '.join(map(repr, missing))} field" if missing else "it is not a JSON object"
+            raise LtJaxError(f"{where} is not a plan: {what} (a plan has num_layers and lazy_layers).")
+        try:
             plan = cls(num_layers=whole(d["num_layers"], "num_layers"),
                        lazy_layers=tuple(sorted(whole(i, "a lazy layer") for i in d["lazy_layers"])),
                        sink=whole(d.get("sink", DEFAULT_SINK), "sink"),

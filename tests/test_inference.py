@@ -313,7 +313,9 @@ def test_plan_file_that_does_not_fit(tiny_ckpt, tmp_path, capsys):
     from lt_jax.cli import main
     for plan, words in [({"num_layers": 3, "lazy_layers": [0, 7]}, "[7] outside 0..2"),
                         ({"num_layers": 30, "lazy_layers": [0]}, "for 30 layers but the model has 3"),
-                        ({"lazy_layers": [0]}, "cannot read plan file"),
+                        ({"lazy_layers": [0]}, "is not a plan: it has no 'num_layers' field"),
+                        ({"probe": "retrieval", "head_scores": [[1]]}, "has no 'num_layers' or 'lazy_layers' field"),
+                        ([3, [0]], "is not a plan: it is not a JSON object"),
                         ({"num_layers": 3, "lazy_layers": [1.7]}, "a lazy layer must be a whole number, got 1.7"),
                         ({"num_layers": 3, "lazy_layers": [1], "sink": "4"}, "sink must be a whole number")]:
         f = tmp_path / "plan.json"
@@ -369,14 +371,10 @@ def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, windo
         ref = dense_logits(model, s, plan)
         assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
         assert np.abs(step_logits[b] - ref[n:n + 5]).max() <= 1e-5
-        # the public forward streams the lazy layers as the hybrid prefill does
-        assert np.abs(model.logits(s[:n], plan=plan)[0] - prompt_logits[b]).max() <= 1e-5
-    tokens = np.stack([s[:min(lengths)] for s in seqs])
-    nll = model.token_nll(tokens, plan)
-    for b in range(2):
-        logp = jax.nn.log_softmax(jnp.asarray(dense_logits(model, tokens[b], plan)[:-1]), axis=-1)
-        want = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[b, 1:, None]), axis=-1))[:, 0]
-        assert np.abs(nll[b] - want).max() <= 1e-5
+        # scoring (`token_nll`, perplexity) streams the lazy layers as the hybrid prefill does: the same NLL
+        logp = jax.nn.log_softmax(jnp.asarray(prompt_logits[b][:-1]), axis=-1)
+        want = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(s[1:n, None]), axis=-1))[:, 0]
+        assert np.abs(model.token_nll(s[:n], plan)[0] - want).max() <= 1e-5
 
 
 def test_long_prefill_keeps_one_score_block_alive(tiny_lt):

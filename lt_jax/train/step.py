@@ -25,7 +25,7 @@ from lt_jax.attention import attend_layer, layer_kinds, native_window
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.model import decoder, default_positions, unembed
-from lt_jax.plan import LayerPlan, Plan, PlanShape
+from lt_jax.plan import DEFAULT_SINK, DEFAULT_WINDOW, LayerPlan, Plan, PlanShape
 from lt_jax.train.lora import init_lora, merge
 
 IGNORE = -100  # a label that is not predicted (transformers' ignore_index)
@@ -53,8 +53,8 @@ class TrainSettings:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the projections instead of the weights
     lora_alpha: float = 0.0  # the adapters' scale is alpha / rank (0: alpha = rank, scale 1)
     num_lazy: int = 0  # the plan's shape: lazy count, S, W (which layers are lazy is data)
-    sink: int = 4
-    window: int = 1020
+    sink: int = DEFAULT_SINK
+    window: int = DEFAULT_WINDOW
 
     def check(self) -> "TrainSettings":
         if self.trainable not in TRAINABLE:

@@ -4,8 +4,9 @@
 One token's path through `generate`: `prefill` runs the prompt through every layer (exact mode: full attention on
 the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its slot (with a
 selecting plan it also measures each layer's lazy ratio, and the priority queue decides, layer by layer, which
-caches stay full); then a compiled `lax.while_loop` samples a token, and `decode_step` attends over each layer's
-slot (read in place) and the token itself, and writes every layer's keys at the end of the step.
+caches stay full); then a compiled `lax.while_loop` repeats `_sample_step`: it samples a token, and `_decode` (one
+decoder pass) attends over each layer's slot (read in place) and the token itself, and writes every layer's keys
+at the end of the step. `generate_loop` and serving's `decode_chunk` drive the same loop.
 """
 from __future__ import annotations
 

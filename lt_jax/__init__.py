@@ -6,9 +6,6 @@ from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling
 from lt_jax.model import forward
 from lt_jax.plan import LayerPlan, Plan, PlanShape
-from lt_jax import _moved
-
-_moved.install()  # lt_jax.mask, lt_jax.evaluate, ...: the 0.1 paths still import, with a DeprecationWarning
 
 __all__ = ["Config", "LayerPlan", "LtJaxError", "Model", "Plan", "PlanShape", "Prefilled", "Rope", "Sampling",
            "attention_mask", "forward", "load"]

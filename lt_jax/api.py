@@ -4,7 +4,6 @@ each plan)."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -18,17 +17,18 @@ from lt_jax.cache import KVCache, init_cache, restrict
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, generate_loop, prefill
-from lt_jax.lazy import top_lazy
-from lt_jax.model import default_positions, forward, forward_masked
+from lt_jax.model import default_positions, forward, forward_masked, streaming_shape
 from lt_jax.params import split_layers
-from lt_jax.plan import LayerPlan, Plan, make_plan, override
+from lt_jax.plan import (DEFAULT_SINK, DEFAULT_W_LAST, DEFAULT_WINDOW, LayerPlan, Plan, PlanShape, make_plan,
+                         override)
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def token_nll(params, tokens, layers: LayerPlan, cfg: Config, prefix=None):
+@partial(jax.jit, static_argnames=("cfg", "shape"))
+def token_nll(params, tokens, layers: LayerPlan, cfg: Config, prefix=None, shape: PlanShape | None = None):
     """-log p(tokens[:, t] | tokens[:, :t]) for t >= 1 under a plan (as data): float32 [B, T-1]. Reduced inside
-    jit: no [T, V] to host."""
-    logits = forward_masked(params, tokens, default_positions(tokens), layers, cfg, prefix)
+    jit: no [T, V] to host. `shape`: `model.streaming_shape` (lazy layers in O(T (S + W)); None: the dense form,
+    which a prefix needs)."""
+    logits = forward_masked(params, tokens, default_positions(tokens), layers, cfg, prefix, shape=shape)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
@@ -130,7 +130,7 @@ class Model:
         done = self.prefill(rows, plan, bucket(max(len(r) for r in rows)))
         return done.plan, done.ratios.mean(axis=0)
 
-    def lazy_ratios(self, ids, sink: int = 4, window: int = 1020, w_last: int = 32,
+    def lazy_ratios(self, ids, sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW, w_last: int = DEFAULT_W_LAST,
                     per_head: bool = False) -> np.ndarray:
         """Every layer's lazy ratio for one prompt ([L], or [L, N] per query head) or a batch of prompts of any
         lengths ([B, L] or [B, L, N]): the attention mass of the last `w_last` queries on the first `sink` and last
@@ -179,12 +179,6 @@ class Model:
         return prefill(self.params, self.rows(tokens), self.rows(positions), cache,
                        plan.prefill_layers(self.config), self.config, plan.shape)
 
-    def prefill_rows(self, rows: list[list[int]], plan: Plan, max_len: int):
-        """Deprecated: use `prefill` (returns a `Prefilled`)."""
-        warnings.warn("Model.prefill_rows is deprecated; use Model.prefill.", DeprecationWarning, stacklevel=2)
-        logits, cache, layers, ratios = self._prefill(rows, plan, max_len)
-        return logits, cache, {"is_lazy": layers.is_lazy, "index": layers.slot, "ratios": ratios}
-
     def generate_from(self, prefilled: Prefilled, plan: Plan | str | None = None, sampling: Sampling | None = None,
                       **plan_flags) -> list[dict]:
         """Decode from a `prefill`: under its own plan (plan None; its cache is donated, so only once), or under
@@ -204,7 +198,13 @@ class Model:
                 if prefilled.ratios is None:
                     raise LtJaxError("a lighttransfer plan needs a prefill that measured the lazy ratios "
                                      "(Plan(num_layers, select_lazy=0)).")
-                plan = plan.resolve(top_lazy(prefilled.ratios.mean(axis=0), plan.select_lazy))
+                measured = {k: getattr(base, k) for k in ("sink", "window", "w_last")}
+                wanted = {k: getattr(plan, k) for k in measured}
+                if measured != wanted:
+                    raise LtJaxError(f"plan {plan.source} selects from the ratios of {_settings(wanted)}, but the "
+                                     f"prefill measured them with {_settings(measured)}; prefill with "
+                                     f"Plan(num_layers, select_lazy=0, {_settings(wanted)}).")
+                plan = plan.choose(prefilled.ratios.mean(axis=0))
             cache, layers = restrict(prefilled.cache, plan), plan.layers(self.config)
         out, counts, _ = generate_loop(self.params, prefilled.logits, cache, layers,
                                        sampling.prepared(self.config.eos_token_ids), self.config, plan.shape.decoding)
@@ -220,7 +220,7 @@ class Model:
         """-log p(token t | tokens < t) for t >= 1: float32 [B, T-1], under a fixed plan (`logits`' prefix rule)."""
         plan = self.plan(plan)
         return np.asarray(token_nll(self.params, self.rows(as_batch(ids, self.config.vocab_size)),
-                                    plan.layers(self.config), self.config, prefix))
+                                    plan.layers(self.config), self.config, prefix, streaming_shape(plan, prefix)))
 
     def perplexity(self, ids, max_tokens: int | None = None, plan: Plan | str | None = None,
                    prefix: int | None = None) -> dict:
@@ -295,6 +295,10 @@ class Model:
         "lazy_ratios"). kwargs: sampling=Sampling(...), max_new_tokens (one or one per prompt), chunk, plan flags."""
         from lt_jax import serving
         return serving.generate_stream(self, prompts, plan, batch_size=batch_size, **kwargs)
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 def _is_single(prompts) -> bool:

@@ -8,8 +8,10 @@ from stored positions, never from slot order, so the same rule serves contiguous
 
 Paths: `attend` (one block), `attend_causal` (a call's own tokens in query blocks; past TILED_FROM tokens
 `attend_tiled`, flash-style), `attend_streaming` (a streaming layer's prefill in O(T (sink + window))), `attend_cached`
-(a decode step over one cache slot and the new token). Shapes: q [B, T, N, H]; keys [B, K, H, S] (head_dim
-before time), values [B, K, S, H], as the cache stores them (docs/design.md §5).
+(a decode step over one cache slot and the new token). `attend_layer` picks, for a layer over a call's own tokens
+(prefill, training, scoring), between the first three by the layer's kind.
+Shapes: q [B, T, N, H]; keys [B, K, H, S] (head_dim before time), values [B, K, S, H], as the cache stores them
+(docs/design.md §5).
 """
 from __future__ import annotations
 
@@ -203,3 +205,48 @@ def attend_cached(q, k, v, read_keys, read_values, q_pos, k_pos, sink, window):
     p_cached, p_own = jnp.exp(cached - top), jnp.exp(own - top)
     out = read_values(lambda values: value_product(p_cached, values)) + value_product(p_own, v)
     return merge_heads(out / (jnp.sum(p_cached, axis=-1, keepdims=True) + p_own), v.dtype)
+
+
+def native_window(cfg) -> int:
+    """A full layer's window: the model's own sliding window (Mistral), or FULL."""
+    return cfg.sliding_window or FULL
+
+
+def layer_kinds(num_lazy: int, num_layers: int) -> str:
+    """Which kinds of layer a plan holds (static): "full", "lazy", or "mixed" (each layer picks by data)."""
+    return "full" if num_lazy == 0 else "lazy" if num_lazy == num_layers else "mixed"
+
+
+def attend_layer(q, k, v, positions, is_lazy, sink, window, native, kinds: str = "mixed", dense: bool = False,
+                 full_queries=None, tiled: bool | None = None, checkpoint: bool = False):
+    """One layer's self-attention over a call's own tokens, by its kind: a full layer attends causally within
+    `native` (`native_window`), a streaming (lazy) layer under its `sink` and `window`.
+
+    is_lazy: the layer's kind, a bool scalar (data). kinds (`layer_kinds`, static): a plan of one kind needs no
+    branch; "mixed" picks by `is_lazy` (a `lax.cond`).
+    dense: the full-matrix form, one `attend_causal` whose mask takes the kind, sink and window as data (so any
+    S/W share a compilation) and per query: `full_queries` bool [B, T, 1] marks queries that attend as in a full
+    layer (teacher-forced scoring after an exact prefix of the prompt). O(T^2) scores for every layer.
+    Otherwise the streaming form: a lazy layer in O(T (sink + window)) (`attend_streaming`; sink and window
+    static), a full one through `attend_causal`.
+    tiled: as `attend_causal` takes it; checkpoint: each form's residuals are recomputed in the backward pass
+    (`jax.checkpoint`: the score blocks are most of a training step's memory)."""
+    if dense:
+        lazy = is_lazy if full_queries is None else is_lazy & ~full_queries
+        return attend_causal(q, k, v, positions, jnp.where(lazy, sink, 0), jnp.where(lazy, window, native), tiled)
+    if full_queries is not None:
+        raise ValueError("per-query masks need the dense form")
+
+    def full(q, k, v):
+        return attend_causal(q, k, v, positions, 0, native, tiled)
+
+    def stream(q, k, v):
+        return attend_streaming(q, k, v, positions, sink, window, tiled)
+
+    if checkpoint:
+        full, stream = jax.checkpoint(full), jax.checkpoint(stream)
+    if kinds == "full":
+        return full(q, k, v)
+    if kinds == "lazy":
+        return stream(q, k, v)
+    return jax.lax.cond(is_lazy, stream, full, q, k, v)

@@ -4,8 +4,9 @@
 One token's path through `generate`: `prefill` runs the prompt through every layer (exact mode: full attention on
 the prompt for every layer; hybrid mode: each layer's own mask) and writes each layer's keys into its slot (with a
 selecting plan it also measures each layer's lazy ratio, and the priority queue decides, layer by layer, which
-caches stay full); then a compiled `lax.while_loop` samples a token, and `decode_step` attends over each layer's
-slot (read in place) and the token itself, and writes every layer's keys at the end of the step.
+caches stay full); then a compiled `lax.while_loop` repeats `_sample_step`: it samples a token, and `_decode` (one
+decoder pass) attends over each layer's slot (read in place) and the token itself, and writes every layer's keys
+at the end of the step. `generate_loop` and serving's `decode_chunk` drive the same loop.
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.attention import FULL, attend_cached, attend_causal, attend_streaming
+from lt_jax.attention import attend_cached, attend_layer, layer_kinds, native_window
 from lt_jax.batching import bucket
 from lt_jax.cache import (KVCache, evict, ordered_after, read_slot, write_layer_kv, write_positions,
                           write_step_kv)
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.lazy import init_queue, lazy_ratio, push, queue_score
-from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers, unembed
+from lt_jax.model import decoder, unembed
 from lt_jax.plan import LayerPlan, PlanShape, Selection
 
 
@@ -37,71 +38,55 @@ def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | Selec
     same structure: (logits float32 [B, V] of the last column, or [B, T, V] with all_logits; the filled cache; the
     LayerPlan decode runs with; ratios float32 [L, B, N], every layer's lazy ratio per row and query head, NaN
     unless `shape.select`)."""
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    L, native = cfg.num_layers, cfg.sliding_window or FULL
+    L, native = cfg.num_layers, native_window(cfg)
     cache = write_positions(cache, positions, shape.sink, shape.window)  # evictions read the ring's positions
     queue = init_queue(L, L - shape.num_lazy) if shape.select else None
     protected = layers.protected if shape.select else jnp.zeros(L, bool)
     if shape.select:  # where the queue's choices will go; only is_lazy / slot are read below
         layers = LayerPlan.of(np.zeros(L, bool), np.zeros(L, np.int32), shape, cfg)
-    x = params["embed"][tokens]
+    # exact prefill: every layer attends like a full layer over the prompt
+    kinds = layer_kinds(shape.num_lazy, L) if shape.prefill == "hybrid" else "full"
 
-    def step(carry, layer):
-        x, kv, queue = carry
-        lp, (layer_id, is_lazy, slot, protect) = layer
-
-        def attention(q, k, v):
-            full = lambda: attend_causal(q, k, v, positions, 0, native)  # noqa: E731
-            if shape.prefill == "hybrid" and shape.num_lazy:
-                stream = lambda: attend_streaming(q, k, v, positions, shape.sink, shape.window)  # noqa: E731
-                out = jax.lax.cond(is_lazy, stream, full) if shape.num_lazy < L else stream()
-            else:  # exact prefill: every layer attends like a full layer over the prompt
-                out = full()
-            if not shape.select:
-                return out, (write_layer_kv(kv, k, v, positions, is_lazy, slot, shape.sink, shape.window), queue,
-                             jnp.full(q.shape[:1] + q.shape[2:3], jnp.nan, jnp.float32))
-            ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
-            queue_after, lazy, at, full_slot, evict_to = push(queue, layer_id, queue_score(jnp.mean(ratio), protect))
-            after_eviction, at = evict(kv, full_slot, evict_to, cache.ring_pos, at)
-            return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window),
-                         queue_after, ratio)
-
-        x, (kv, queue, ratio) = decoder_layer(lp, x, positions, cfg, inv_freq, attention)
-        return (x, kv, queue), ratio
+    def attention(q, k, v, layer, carry):
+        layer_id, is_lazy, slot, protect = layer
+        kv, queue = carry
+        out = attend_layer(q, k, v, positions, is_lazy, shape.sink, shape.window, native, kinds)
+        if not shape.select:
+            return out, (write_layer_kv(kv, k, v, positions, is_lazy, slot, shape.sink, shape.window), queue), \
+                jnp.full(q.shape[:1] + q.shape[2:3], jnp.nan, jnp.float32)
+        ratio = lazy_ratio(q, k, positions, shape.sink, shape.window, shape.w_last, native)
+        queue, lazy, at, full_slot, evict_to = push(queue, layer_id, queue_score(jnp.mean(ratio), protect))
+        after_eviction, at = evict(kv, full_slot, evict_to, cache.ring_pos, at)
+        return out, (write_layer_kv(after_eviction, k, v, positions, lazy, at, shape.sink, shape.window), queue), ratio
 
     xs = (jnp.arange(L), layers.is_lazy, layers.slot, protected)
-    (x, kv, queue), ratios = scan_layers(step, (x, cache.kv, queue), params["layers"], xs)
+    logits, (kv, queue), ratios = decoder(params, tokens, positions, cfg, attention, xs, (cache.kv, queue),
+                                          head="all" if all_logits else "last")
     if shape.select:
         layers = LayerPlan.of(queue.is_lazy, queue.slot, shape, cfg)
-    logits = unembed(params, x if all_logits else x[:, -1:], cfg)
     return (logits if all_logits else logits[:, 0]), cache.with_kv(kv), layers, ratios
 
 
 def _decode(params, tokens, cache: KVCache, layers: LayerPlan, cfg: Config, shape: PlanShape):
     """One token per row [B] at position `cache.length` -> (logits [B, V], cache)."""
     positions = cache.length[:, None]
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    x = params["embed"][tokens[:, None]]
     full_k, full_v, ring_k, ring_v = cache.kv
     if not (full_k and ring_k):  # one kind of layer: layer i's slot is i, known while tracing
         layers = dataclasses.replace(layers, is_lazy=np.full(cfg.num_layers, not full_k),
                                      slot=np.arange(cfg.num_layers))
 
-    def step(x, layer):
-        lp, (is_lazy, slot, sink, window) = layer
+    def attention(q, k, v, layer, _):
+        is_lazy, slot, sink, window = layer
 
-        def attention(q, k, v):
-            def over(slots_k, slots_v, slot_pos):
-                return attend_cached(q, k, v, partial(read_slot, slots_k, slot), partial(read_slot, slots_v, slot),
-                                     positions, slot_pos, sink, window)
-            full, ring = partial(over, full_k, full_v, cache.full_pos), partial(over, ring_k, ring_v, cache.ring_pos)
-            out = jax.lax.cond(is_lazy, ring, full) if (full_k and ring_k) else (full() if full_k else ring())
-            return out, (k, v)
-
-        return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
+        def over(slots_k, slots_v, slot_pos):
+            return attend_cached(q, k, v, partial(read_slot, slots_k, slot), partial(read_slot, slots_v, slot),
+                                 positions, slot_pos, sink, window)
+        full, ring = partial(over, full_k, full_v, cache.full_pos), partial(over, ring_k, ring_v, cache.ring_pos)
+        out = jax.lax.cond(is_lazy, ring, full) if (full_k and ring_k) else (full() if full_k else ring())
+        return out, None, (k, v)
 
     xs = (layers.is_lazy, layers.slot, layers.sink, layers.window)
-    x, (new_k, new_v) = scan_layers(step, x, params["layers"], xs, unroll=True)
+    x, _, (new_k, new_v) = decoder(params, tokens[:, None], positions, cfg, attention, xs, head=None, unroll=True)
     # Every slot is read before the step's write into it: the writes wait for the last hidden state.
     written = ordered_after(positions, x[:, 0, :1], -1)
     kv = write_step_kv(cache.kv, new_k, new_v, written, layers.is_lazy, layers.slot, shape.sink, shape.window)
@@ -174,6 +159,61 @@ def sample(logits, key, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
+# ---- the decode loop: one step, two drivers ----------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Per-row state of a decode loop, all [B]: `budget` the tokens a row may still emit, `done` whether it has
+    stopped (a stop id, or its budget spent; an empty row is done), `key` the raw data of the PRNG key, split once
+    per step: one key for the batch ([2] uint32, `generate_loop`) or one per row ([B, 2], `decode_chunk`), each
+    split as the one key of a lone `generate` is, so a row samples what it would sample alone."""
+    budget: jax.Array
+    done: jax.Array
+    key: jax.Array
+
+
+def _sample_tokens(logits, key, sampling: Sampling):
+    """(next key data, tokens [B]) from logits [B, V] and the state's key data (one for the batch, or per row)."""
+    if key.ndim == 1:
+        key, sub = jax.random.split(jax.random.wrap_key_data(key))
+        return jax.random.key_data(key), sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p)
+    split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key))
+    sample_row = jax.vmap(lambda lg, k: sample(lg[None], k, sampling.temperature, sampling.top_k,
+                                               sampling.top_p)[0])
+    return jax.random.key_data(split[:, 0]), sample_row(logits, split[:, 1])
+
+
+def _sample_step(params, carry, layers: LayerPlan, sampling: Sampling, cfg: Config, shape: PlanShape):
+    """One step of every row: sample from its logits, record the token (-1 for a row already done), spend one of
+    its budget, stop after a stop id or its last token, then decode every token (a done row's is ignored, and
+    rows never mix)."""
+    t, logits, cache, state, out = carry
+    key, token = _sample_tokens(logits, state.key, sampling)
+    out = out.at[:, t].set(jnp.where(state.done, -1, token))
+    budget = state.budget - (~state.done).astype(state.budget.dtype)
+    done = state.done | jnp.isin(token, jnp.stack(sampling.stop_ids)) | (budget <= 0)
+    logits, cache = _decode(params, token, cache, layers, cfg, shape)
+    return t + 1, logits, cache, DecodeState(budget, done, key), out
+
+
+def _decode_loop(params, logits, cache: KVCache, layers: LayerPlan, state: DecodeState, sampling: Sampling,
+                 cfg: Config, shape: PlanShape, steps: int, until_finish=False):
+    """Up to `steps` `_sample_step`s in one compiled loop, from logits [B, V]; ends early once every row is done,
+    or, with `until_finish` (data), once a row finishes. Returns (tokens int32 [B, steps], -1 where a row emitted
+    nothing; the logits after the last step; the cache; the state)."""
+    done_before = state.done
+
+    def cond(carry):
+        t, _, _, state, _ = carry
+        return (t < steps) & ~jnp.all(state.done) & ~(until_finish & jnp.any(state.done & ~done_before))
+
+    carry = (jnp.int32(0), logits, cache, state, jnp.full((logits.shape[0], steps), -1, jnp.int32))
+    _, logits, cache, state, out = jax.lax.while_loop(
+        cond, partial(_sample_step, params, layers=layers, sampling=sampling, cfg=cfg, shape=shape), carry)
+    return out, logits, cache, state
+
+
 @partial(jax.jit, static_argnames=("cfg", "shape"), donate_argnames=("cache",))
 def generate_loop(params, logits, cache: KVCache, layers: LayerPlan, sampling: Sampling, cfg: Config,
                   shape: PlanShape):
@@ -182,74 +222,18 @@ def generate_loop(params, logits, cache: KVCache, layers: LayerPlan, sampling: S
 
     Returns (tokens int32 [B, sampling.steps], -1 after a row stops; number generated per row [B]; the cache,
     returned so the donated input buffers are reused in place rather than copied)."""
-    B, steps = logits.shape[0], sampling.steps
-    out = jnp.full((B, steps), -1, jnp.int32)
-    stop_ids = jnp.stack(sampling.stop_ids)
-
-    def cond(state):
-        t, _, _, _, done, _ = state
-        return (t < jnp.minimum(sampling.max_new_tokens, steps)) & ~jnp.all(done)
-
-    def body(state):
-        t, logits, cache, out, done, key = state
-        key, sub = jax.random.split(key)
-        token = sample(logits, sub, sampling.temperature, sampling.top_k, sampling.top_p)
-        out = out.at[:, t].set(jnp.where(done, -1, token))
-        done = done | jnp.isin(token, stop_ids)
-        logits, cache = _decode(params, token, cache, layers, cfg, shape)
-        return t + 1, logits, cache, out, done, key
-
-    state = (jnp.int32(0), logits, cache, out, jnp.zeros((B,), bool), jax.random.key(sampling.seed))
-    _, _, cache, out, _, _ = jax.lax.while_loop(cond, body, state)
+    B = logits.shape[0]
+    state = DecodeState(jnp.full((B,), sampling.max_new_tokens, jnp.int32), jnp.zeros((B,), bool),
+                        jax.random.key_data(jax.random.key(sampling.seed)))
+    out, _, cache, _ = _decode_loop(params, logits, cache, layers, state, sampling, cfg, shape, sampling.steps)
     return out, jnp.sum(out >= 0, axis=-1), cache
-
-
-# ---- continuous batching -----------------------------------------------------------------------------------
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    """Per-row state of a continuously batched decode (`decode_chunk`), all [B]: `budget` the tokens a row may
-    still emit, `done` whether it has stopped (a stop id, or its budget spent; an empty row is done), `key` the raw
-    data of its own PRNG key ([B, 2] uint32), split once per step as `generate_loop` splits its one key, so a row
-    samples what it would sample alone."""
-    budget: jax.Array
-    done: jax.Array
-    key: jax.Array
 
 
 @partial(jax.jit, static_argnames=("cfg", "shape", "steps"), donate_argnames=("cache",))
 def decode_chunk(params, logits, cache: KVCache, layers: LayerPlan, state: DecodeState, sampling: Sampling,
                  cfg: Config, shape: PlanShape, steps: int, until_finish=False):
-    """Up to `steps` decode steps of a batch whose rows started at different times, in one compiled loop: each row
-    that is not done samples from its logits [B, V] (`sample`, with its own key), spends one of its budget, and
-    stops after a stop id or its last token; every row then decodes (a done row's token is ignored, and rows never
-    mix). The loop ends early once every row is done, or, with `until_finish` (data), once a row finishes (so a
-    waiting prompt takes its row without idling). `sampling` comes from `Sampling.prepared`; its max_new_tokens
-    is not used (the budgets are per row).
-
-    Returns (tokens int32 [B, steps], -1 where a row emitted nothing; the logits after the last step; the cache;
-    the state)."""
-    B = logits.shape[0]
-    stop_ids = jnp.stack(sampling.stop_ids)
-    sample_row = jax.vmap(lambda lg, key: sample(lg[None], key, sampling.temperature, sampling.top_k,
-                                                 sampling.top_p)[0])
-    done_before = state.done
-
-    def cond(carry):
-        t, _, _, _, done, _, _ = carry
-        return (t < steps) & ~jnp.all(done) & ~(until_finish & jnp.any(done & ~done_before))
-
-    def body(carry):
-        t, logits, cache, budget, done, key, out = carry
-        split = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key))
-        token = sample_row(logits, split[:, 1])
-        out = out.at[:, t].set(jnp.where(done, -1, token))
-        budget = budget - (~done).astype(budget.dtype)
-        done = done | jnp.isin(token, stop_ids) | (budget <= 0)
-        logits, cache = _decode(params, token, cache, layers, cfg, shape)
-        return t + 1, logits, cache, budget, done, jax.random.key_data(split[:, 0]), out
-
-    carry = (jnp.int32(0), logits, cache, state.budget, state.done, state.key, jnp.full((B, steps), -1, jnp.int32))
-    _, logits, cache, budget, done, key, out = jax.lax.while_loop(cond, body, carry)
-    return out, logits, cache, DecodeState(budget, done, key)
+    """Up to `steps` decode steps of a continuously batched decode whose rows started at different times
+    (`lt_jax.serving`), with per-row budgets and keys (`state`); with `until_finish` the loop ends once a row
+    finishes, so a waiting prompt takes its row without idling. `sampling` comes from `Sampling.prepared`; its
+    max_new_tokens is not used. Returns what `_decode_loop` returns."""
+    return _decode_loop(params, logits, cache, layers, state, sampling, cfg, shape, steps, until_finish)

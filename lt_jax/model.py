@@ -1,6 +1,7 @@
 """The decoder (LLaMA / Mistral / Qwen2): pure functions over the params pytree of `lt_jax.params`.
-Attention itself lives in `lt_jax.attention`; a layer gets it as a callback, so forward, prefill and decode share
-every other line of the layer.
+`decoder` is the one pass over the layers (embed, RoPE, the layer loop, remat, the head) that the no-cache forward,
+prefill, decode, training and the probes all run; each passes only its attention (`lt_jax.attention`; a cache's
+reads and writes, a queue) as a callback, with the per-layer data it scans over and the carry it threads through.
 
 One token's path: embed -> L x [RMSNorm -> GQA attention (RoPE at the token's own position, the one mask rule
 with the layer's sink/window) -> residual -> RMSNorm -> SwiGLU -> residual] -> RMSNorm -> tied or untied head.
@@ -13,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.attention import FULL, attend_causal
+from lt_jax.attention import attend_layer, layer_kinds, native_window
 from lt_jax.config import Config
-from lt_jax.plan import LayerPlan, Plan
+from lt_jax.plan import LayerPlan, Plan, PlanShape
 
 
 def rope_inv_freq(cfg: Config) -> np.ndarray:
@@ -117,37 +118,82 @@ def unembed(params, x, cfg: Config):
     return jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=jnp.float32)
 
 
+def decoder(params, tokens, positions, cfg: Config, attention, xs=None, carry=None, head: str | None = "all",
+            unroll: bool = False, remat: bool = False):
+    """The decoder pass: embed tokens [B, T] -> L x `decoder_layer` -> the head, at positions [B, T].
+
+    attention(q, k, v, x_i, carry) -> (out [B, T, N, H], carry, y_i): the caller's attention for layer i, given
+    its slice x_i of `xs` (per-layer data, leaves [L, ...]) and the `carry` (a cache, a queue) it threads through
+    the layers. head: "all" -> logits float32 [B, T, V]; "last" -> [B, 1, V] of the last column; None -> the
+    hidden states [B, T, D] before the final norm. unroll, remat: as `scan_layers` takes them.
+    Returns (logits or hidden states, carry, ys: the y_i stacked over layers)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+
+    def step(state, layer):
+        x, carry = state
+        lp, x_i = layer
+
+        def layer_attention(q, k, v):
+            out, new_carry, y = attention(q, k, v, x_i, carry)
+            return out, (new_carry, y)
+
+        x, (carry, y) = decoder_layer(lp, x, positions, cfg, inv_freq, layer_attention)
+        return (x, carry), y
+
+    (x, carry), ys = scan_layers(step, (params["embed"][tokens], carry), params["layers"], xs, unroll, remat)
+    if head is not None:
+        x = unembed(params, x if head == "all" else x[:, -1:], cfg)
+    return x, carry, ys
+
+
 def forward(params, tokens, positions, cfg: Config, plan: Plan | LayerPlan | None = None, prefix=None):
     """No-cache forward. tokens, positions int32 [B, T] (padding: position -1) -> logits float32 [B, T, V].
 
     Each layer masks with its own (sink, window) from the plan; layers are scanned, so the model compiles once
     whatever its depth, and the plan enters as data (`Plan.layers`), so plans differing only in which layers are
-    lazy share that compilation. `prefix` N (int or [B], data): queries at positions < N attend as in a full
-    layer, which is what an exact prefill of N tokens followed by decode steps computes (teacher-forced scoring).
+    lazy share that compilation. A `Plan`'s lazy layers attend in O(T (S + W)) (`forward_masked`'s streaming
+    form), exactly what a hybrid prefill computes. `prefix` N (int or [B], data): queries at positions < N attend
+    as in a full layer, which is what an exact prefill of N tokens followed by decode steps computes
+    (teacher-forced scoring; the dense form, as for a `LayerPlan`).
     """
+    shape = None
     if not isinstance(plan, LayerPlan):
-        plan = (plan or Plan.full(cfg.num_layers)).layers(cfg)
-    return forward_masked(params, tokens, positions, plan, cfg, prefix)
+        plan = plan or Plan.full(cfg.num_layers)
+        shape = streaming_shape(plan, prefix)
+        plan = plan.layers(cfg)
+    return forward_masked(params, tokens, positions, plan, cfg, prefix, shape=shape)
 
 
-@partial(jax.jit, static_argnames=("cfg", "remat"))
-def forward_masked(params, tokens, positions, layers: LayerPlan, cfg: Config, prefix=None, remat: bool = False):
-    """`forward` with the plan as data (`LayerPlan`; only its sink and window are read); `remat` recomputes each
-    layer in the backward pass (`scan_layers`)."""
-    native = cfg.sliding_window or FULL
-    before = None if prefix is None else (positions < jnp.reshape(jnp.asarray(prefix), (-1, 1)))[:, :, None]
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    x = params["embed"][tokens]
+def streaming_shape(plan: Plan, prefix=None) -> PlanShape | None:
+    """What `forward_masked` compiles its streaming form for: the plan's lazy count, S and W; None (the dense
+    form, one compilation for every plan) where no layer streams or a prefix needs per-query masks."""
+    return None if prefix is not None or not plan.lazy_count else plan.shape.decoding
 
-    def step(x, layer):
-        lp, (sink, window) = layer
-        if before is not None:
-            sink, window = jnp.where(before, 0, sink), jnp.where(before, native, window)
-        return decoder_layer(lp, x, positions, cfg, inv_freq,
-                             lambda q, k, v: (attend_causal(q, k, v, positions, sink, window), None))
 
-    x, _ = scan_layers(step, x, params["layers"], (layers.sink, layers.window), remat=remat)
-    return unembed(params, x, cfg)
+@partial(jax.jit, static_argnames=("cfg", "remat", "shape"))
+def forward_masked(params, tokens, positions, layers: LayerPlan, cfg: Config, prefix=None, remat: bool = False,
+                   shape: PlanShape | None = None):
+    """`forward` with the plan as data (`LayerPlan`); `remat` recomputes each layer in the backward pass
+    (`scan_layers`). Without `shape`, the dense form (`attention.attend_layer`): every layer's full score matrix
+    under the mask rule, its sink and window read from `layers` (any plan, one compilation; `prefix` allowed).
+    With `shape` (`streaming_shape`: lazy count, S, W) and no prefix, the streaming form: lazy layers in
+    O(T (S + W))."""
+    native = native_window(cfg)
+    full_queries = None if prefix is None else (positions < jnp.reshape(jnp.asarray(prefix), (-1, 1)))[:, :, None]
+    dense = shape is None
+    if not dense and prefix is not None:
+        raise ValueError("a prefix needs the dense form (shape=None)")
+    kinds = "mixed" if dense else layer_kinds(shape.num_lazy, cfg.num_layers)
+
+    def attention(q, k, v, layer, _):
+        is_lazy, sink, window = layer
+        if not dense:
+            sink, window = shape.sink, shape.window
+        return attend_layer(q, k, v, positions, is_lazy, sink, window, native, kinds, dense, full_queries), None, None
+
+    logits, _, _ = decoder(params, tokens, positions, cfg, attention, (layers.is_lazy, layers.sink, layers.window),
+                           remat=remat)
+    return logits
 
 
 def default_positions(tokens) -> jax.Array:

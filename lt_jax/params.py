@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -123,18 +122,6 @@ def stack_layers(params: dict) -> dict:
     if isinstance(params["layers"], dict):
         return params
     return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
-
-
-def serving_params(params: dict) -> dict:
-    """Deprecated alias of `split_layers` (there is one layout now; only its storage differs)."""
-    warnings.warn("lt_jax.params.serving_params is deprecated; use split_layers.", DeprecationWarning, stacklevel=2)
-    return split_layers(params)
-
-
-def checkpoint_params(params: dict, cfg: Config | None = None) -> dict:
-    """Deprecated alias of `stack_layers` (there is one layout now; only its storage differs)."""
-    warnings.warn("lt_jax.params.checkpoint_params is deprecated; use stack_layers.", DeprecationWarning, stacklevel=2)
-    return stack_layers(params)
 
 
 # Checkpoints written before the one layout (lt-jax 0.1: q/k/v/o/gate/up/down stored [in..., out...], unfused).

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.attention import FULL
+from lt_jax.lazy import lazy_set
 
 DEFAULT_SINK, DEFAULT_WINDOW, DEFAULT_W_LAST = 4, 1020, 32
 PREFILL_MODES = ("exact", "hybrid")
@@ -58,6 +58,15 @@ class Plan:
         """The fixed plan a per-prompt selection chose."""
         return dataclasses.replace(self, lazy_layers=tuple(sorted(int(i) for i in lazy_layers)), select_lazy=None,
                                    protect=())
+
+    def choose(self, ratios) -> "Plan":
+        """The fixed plan this plan decodes a prompt with, given the prompt's lazy ratios [L] (measured with this
+        plan's sink, window and w_last): itself if its layers are fixed, else the layers its prefill's queue
+        picks (`lazy.lazy_set`: the highest ratios, protected layers kept full)."""
+        if self.select_lazy is None:
+            return self
+        protected = np.isin(np.arange(self.num_layers), self.protect)
+        return self.resolve(lazy_set(ratios, self.select_lazy, protected))
 
     def validate(self, cfg: Config, where: str = "plan") -> "Plan":
         if self.num_layers != cfg.num_layers:
@@ -111,13 +120,6 @@ class Plan:
         protected[list(self.protect)] = True
         return Selection(jnp.asarray(protected))
 
-    def layer_windows(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-        """Deprecated: per-layer (sink, window) int32 [L]; use `plan.layers(cfg)`."""
-        warnings.warn("Plan.layer_windows is deprecated; use Plan.layers(cfg).sink / .window.", DeprecationWarning,
-                      stacklevel=2)
-        layers = self.layers(cfg)
-        return np.asarray(layers.sink), np.asarray(layers.window)
-
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["lazy_layers"] = list(self.lazy_layers)
@@ -147,6 +149,13 @@ class Plan:
 
         try:
             d = json.loads(text)
+        except ValueError as e:
+            raise LtJaxError(f"cannot read {where}: {e}.") from None
+        missing = [k for k in ("num_layers", "lazy_layers") if k not in d] if isinstance(d, dict) else None
+        if missing is None or missing:
+            what = f"it has no {' or '.join(map(repr, missing))} field" if missing else "it is not a JSON object"
+            raise LtJaxError(f"{where} is not a plan: {what} (a plan has num_layers and lazy_layers).")
+        try:
             plan = cls(num_layers=whole(d["num_layers"], "num_layers"),
                        lazy_layers=tuple(sorted(whole(i, "a lazy layer") for i in d["lazy_layers"])),
                        sink=whole(d.get("sink", DEFAULT_SINK), "sink"),

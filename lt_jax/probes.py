@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lt_jax.attention import FULL, attend_causal, masked_scores
+from lt_jax.attention import attend_causal, masked_scores, native_window
 from lt_jax.batching import bucket, left_pad
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.model import decoder_layer, rope_inv_freq, scan_layers
+from lt_jax.model import decoder
 from lt_jax.progress import progress_bar
 
 PROBES = ("retrieval", "induction")
@@ -38,24 +38,18 @@ def attention_on(params, tokens, positions, queries, targets, cfg: Config):
     """One exact forward of a row tokens/positions [1, T]; for the query columns `queries` int32 [Q] and their
     target keys `targets` bool [Q, T] -> (hit bool [L, N, Q]: the head's top-1 key is a target; mass float32
     [L, N, Q]: its attention probability on the targets). Attention uses each layer's full mask."""
-    native = cfg.sliding_window or FULL
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    native = native_window(cfg)
     q_pos = positions[:, queries]
 
-    def step(x, layer):
-        lp, _ = layer
+    def attention(q, k, v, _, carry):
+        scores = masked_scores(q[:, queries], k, q_pos, positions, 0, native)  # [1, K, G, Q, T]
+        probs = jax.nn.softmax(scores, axis=-1).reshape(-1, *scores.shape[-2:])  # [N, Q, T]
+        top = jnp.argmax(probs, axis=-1)
+        hit = jnp.take_along_axis(targets[None], top[..., None], axis=-1)[..., 0]
+        mass = jnp.sum(jnp.where(targets[None], probs, 0.0), axis=-1)
+        return attend_causal(q, k, v, positions, 0, native), carry, (hit, mass)
 
-        def attention(q, k, v):
-            scores = masked_scores(q[:, queries], k, q_pos, positions, 0, native)  # [1, K, G, Q, T]
-            probs = jax.nn.softmax(scores, axis=-1).reshape(-1, *scores.shape[-2:])  # [N, Q, T]
-            top = jnp.argmax(probs, axis=-1)
-            hit = jnp.take_along_axis(targets[None], top[..., None], axis=-1)[..., 0]
-            mass = jnp.sum(jnp.where(targets[None], probs, 0.0), axis=-1)
-            return attend_causal(q, k, v, positions, 0, native), (hit, mass)
-
-        return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
-
-    _, (hit, mass) = scan_layers(step, params["embed"][tokens], params["layers"], jnp.arange(cfg.num_layers))
+    _, _, (hit, mass) = decoder(params, tokens, positions, cfg, attention, head=None)
     return hit, mass
 
 

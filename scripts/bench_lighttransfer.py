@@ -30,7 +30,7 @@ from lt_jax.eval.bench import peak_bytes, tree_bytes
 from lt_jax.cache import init_cache
 from lt_jax.eval.evaluate import Example, generate_from, measure_prefill
 from lt_jax.inference import prefill
-from lt_jax.lazy import calibrate, top_lazy
+from lt_jax.lazy import calibrate
 from lt_jax.plan import Plan, make_plan, num_lazy
 from lt_jax.needles import first_number, needle_prompt
 
@@ -41,13 +41,11 @@ CALIBRATION_ESSAYS = 9  # the last essays (sorted by name) calibrate; the others
 
 def methods(cfg, calibrated: Plan):
     """name -> plan from the prompt's ratios [L] (only lighttransfer looks at them)."""
-    L = cfg.num_layers
     fixed = {name: make_plan(name, cfg, lazy_fraction=0.5) for name in
              ("full", "streaming", "random:0", "random:1", "random:2", "first", "last")}
     out = {name: (lambda r, p=plan: p) for name, plan in fixed.items()}
     for frac in (0.25, 0.5):
-        out[f"lighttransfer:{frac:g}"] = lambda r, f=frac: Plan(L, tuple(int(i) for i in top_lazy(r, num_lazy(L, f))),
-                                                              source=f"lighttransfer:{f:g}")
+        out[f"lighttransfer:{frac:g}"] = lambda r, p=make_plan("lighttransfer", cfg, lazy_fraction=frac): p.choose(r)
     out["calibrated"] = lambda r: calibrated
     return out
 

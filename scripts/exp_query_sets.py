@@ -26,7 +26,7 @@ from lt_jax.calibration import find
 from lt_jax import needles as tasks
 from lt_jax.eval import evaluate
 from lt_jax.files import read_text
-from lt_jax.lazy import queue_score, top_lazy
+from lt_jax.lazy import lazy_set
 from lt_jax.plan import Plan, default_protect, num_lazy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def main():
         row = {"example": ex.id, "cell": ex.cell, "target": ex.target, "full": model.decode(answer),
                "ratios": {k: [round(float(x), 5) for x in v] for k, v in ratios.items()}, "methods": {}}
         for name, r in ratios.items():
-            for rule, score in (("lighttransfer", r), ("retrieval-aware", queue_score(r, protected))):
-                lazy = tuple(int(i) for i in top_lazy(score, n))
+            for rule, keep in (("lighttransfer", None), ("retrieval-aware", protected)):
+                lazy = tuple(int(i) for i in lazy_set(r, n, keep))
                 answer_ = model.decode(evaluate.generate_from(model, shared, Plan(L, lazy, sink=S, window=W),
                                                               ex.max_new_tokens))
                 row["methods"][f"{rule} / {name}"] = {"lazy_layers": list(lazy), "answer": answer_,

@@ -71,6 +71,15 @@ def run_cached(model, plan, prompts, continuation):
     return prompt_logits, np.stack(steps, 1), cache
 
 
+def dense_logits(model, ids, plan, prefix=None):
+    """The reference: one no-cache forward of one row whose every layer masks its full score matrix with the rule
+    (`forward_masked`'s dense form, O(T^2) for streaming layers too) -> float32 [T, V]."""
+    from lt_jax.model import default_positions, forward_masked
+    tokens = jnp.asarray(np.asarray(ids, np.int32)[None])
+    return np.asarray(forward_masked(model.params, tokens, default_positions(tokens), plan.layers(model.config),
+                                     model.config, prefix))[0]
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("prefill_mode", ["exact", "hybrid"])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -86,7 +95,7 @@ def test_prefill_decode_equals_masked_forward(family, prefill_mode, seed, tiny_l
     continuation = np.stack([s[n:] for s, n in zip(seqs, lengths)])
     prompt_logits, step_logits, _ = run_cached(model, plan, prompts, continuation[:, :24])
     for b, (s, n) in enumerate(zip(seqs, lengths)):
-        ref = model.logits(s, plan=plan, prefix=n if prefill_mode == "exact" else None)[0]
+        ref = dense_logits(model, s, plan, prefix=n if prefill_mode == "exact" else None)
         assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
         assert np.abs(step_logits[b] - ref[n:n + 24]).max() <= 1e-5
 
@@ -247,30 +256,6 @@ def test_sampling_filters(tiny_lt):
         model.generate(prompt, sampling=Sampling(top_p=0))
 
 
-def test_old_names_still_work_with_a_deprecation_warning(tiny_lt):
-    """0.1's module paths and renamed methods work for one more release, each with a DeprecationWarning naming
-    the new one."""
-    import importlib
-    import sys
-    from lt_jax.attention import attention_mask as rule
-    model = tiny_lt("llama")
-    sys.modules.pop("lt_jax.mask", None)
-    with pytest.warns(DeprecationWarning, match="lt_jax.attention"):
-        assert importlib.import_module("lt_jax.mask").attention_mask is rule
-    with pytest.warns(DeprecationWarning, match="lt_jax.eval.evaluate"):
-        sys.modules.pop("lt_jax.evaluate", None)
-        assert importlib.import_module("lt_jax.evaluate").run is importlib.import_module("lt_jax.eval.evaluate").run
-    plan = make_plan("last", model.config, sink=2, window=8)
-    with pytest.warns(DeprecationWarning, match="Plan.layers"):
-        sinks, windows = plan.layer_windows(model.config)
-    np.testing.assert_array_equal(sinks, [0, 2, 2])  # "last": 2 of 3 layers lazy
-    assert windows[2] == 8
-    with pytest.warns(DeprecationWarning, match="Model.prefill"):
-        logits, _, layers = model.prefill_rows([[1, 2, 3]], plan, 64)
-    np.testing.assert_array_equal(layers["is_lazy"], [False, True, True])
-    np.testing.assert_allclose(logits, model.prefill([[1, 2, 3]], plan, 64).logits, rtol=0, atol=0)
-
-
 def test_batch_generation_equals_one_by_one(tiny_lt):
     model = tiny_lt("mistral")
     prompts = [list(range(5, 25)), list(range(40, 140)), [7, 8, 9]]
@@ -328,7 +313,9 @@ def test_plan_file_that_does_not_fit(tiny_ckpt, tmp_path, capsys):
     from lt_jax.cli import main
     for plan, words in [({"num_layers": 3, "lazy_layers": [0, 7]}, "[7] outside 0..2"),
                         ({"num_layers": 30, "lazy_layers": [0]}, "for 30 layers but the model has 3"),
-                        ({"lazy_layers": [0]}, "cannot read plan file"),
+                        ({"lazy_layers": [0]}, "is not a plan: it has no 'num_layers' field"),
+                        ({"probe": "retrieval", "head_scores": [[1]]}, "has no 'num_layers' or 'lazy_layers' field"),
+                        ([3, [0]], "is not a plan: it is not a JSON object"),
                         ({"num_layers": 3, "lazy_layers": [1.7]}, "a lazy layer must be a whole number, got 1.7"),
                         ({"num_layers": 3, "lazy_layers": [1], "sink": "4"}, "sink must be a whole number")]:
         f = tmp_path / "plan.json"
@@ -381,9 +368,13 @@ def test_hybrid_prefill_of_long_prompts_uses_the_window_path_exactly(spec, windo
     prompt_logits, step_logits, _ = run_cached(model, plan, [s[:n] for s, n in zip(seqs, lengths)],
                                                np.stack([s[n:n + 5] for s, n in zip(seqs, lengths)]))
     for b, (s, n) in enumerate(zip(seqs, lengths)):
-        ref = model.logits(s, plan=plan)[0]
+        ref = dense_logits(model, s, plan)
         assert np.abs(prompt_logits[b] - ref[:n]).max() <= 1e-5
         assert np.abs(step_logits[b] - ref[n:n + 5]).max() <= 1e-5
+        # scoring (`token_nll`, perplexity) streams the lazy layers as the hybrid prefill does: the same NLL
+        logp = jax.nn.log_softmax(jnp.asarray(prompt_logits[b][:-1]), axis=-1)
+        want = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(s[1:n, None]), axis=-1))[:, 0]
+        assert np.abs(model.token_nll(s[:n], plan)[0] - want).max() <= 1e-5
 
 
 def test_long_prefill_keeps_one_score_block_alive(tiny_lt):

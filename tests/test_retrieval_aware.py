@@ -2,6 +2,7 @@
 copy scoring highest under both probes, the calibration file, the selection's invariants (protected layers
 never lazy, exact lazy count, the P + 1 bound in XLA's buffer plan, no recompilation across prompts or
 calibrations), eval's offline choice equal to the prefill's, and bad input."""
+import dataclasses
 import json
 from functools import partial
 
@@ -12,7 +13,8 @@ import torch
 from lt_jax import probes
 from lt_jax.calibration import Calibration, default_path
 from lt_jax.errors import LtJaxError
-from lt_jax.lazy import queue_score, top_lazy
+from lt_jax.inference import Sampling
+from lt_jax.lazy import lazy_set, top_lazy
 from lt_jax.plan import Plan, make_plan
 from test_lazy import LAYERS, S, W, W_LAST, deep, lighttransfer_prefill, prefill_peak  # noqa: F401 (a fixture)
 
@@ -107,7 +109,7 @@ def test_calibration_file_round_trip_and_bad_files(tmp_path, forced):
 
 
 def test_protected_layers_are_never_lazy_and_the_count_is_exact(deep):
-    """The selecting prefill with protection equals the global top-k of queue_score (ratio less 2 if
+    """The selecting prefill with protection equals the selection rule (`lazy_set`, `Plan.choose`: ratio less 2 if
     protected); protecting the layers lighttransfer would make lazy moves them to full, the count unchanged."""
     _, model = deep
     cfg = model.config
@@ -123,7 +125,8 @@ def test_protected_layers_are_never_lazy_and_the_count_is_exact(deep):
         assert len(lazy) == 3 and not set(lazy) & set(protect)
         np.testing.assert_array_equal(np.asarray(got_ratios), np.asarray(ratios))  # ratios are reported as is
         protected = np.isin(np.arange(LAYERS), protect)
-        np.testing.assert_array_equal(lazy, top_lazy(queue_score(mean, protected), 3))
+        np.testing.assert_array_equal(lazy, lazy_set(mean, 3, protected))
+        assert plan.choose(mean).lazy_layers == tuple(lazy)
         index = np.asarray(got.slot)
         assert sorted(index[lazy]) == [0, 1, 2] and sorted(np.delete(index, lazy)) == [0, 1, 2]
 
@@ -158,15 +161,39 @@ def test_protection_keeps_the_p_plus_one_bound_and_compiles_once(deep):
 
 
 def test_eval_offline_choice_equals_the_prefill(deep):
-    from lt_jax.eval.evaluate import fixed_plan
     _, model = deep
     cfg = model.config
     plan = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, w_last=W_LAST, protect=2,
                      calibration=fake_calibration([0.3, 0, 0.8, 0, 0, 0.1]))
     prompt = np.random.default_rng(3).integers(0, 300, 80).astype(np.int32)
     done = model.prefill([prompt], plan)
-    assert fixed_plan(plan, done.ratios[0]).lazy_layers == done.plan.lazy_layers
+    assert plan.choose(done.ratios[0]).lazy_layers == done.plan.lazy_layers
     assert not set(done.plan.lazy_layers) & {0, 2}
+
+
+def test_generate_from_a_measuring_prefill_keeps_the_protection(deep):
+    """A retrieval-aware plan decoded through `generate_from` from an all-full measuring prefill chooses what the
+    plan's own prefill chooses (`Plan.choose`, which eval uses): the protected layers stay full. The calibration
+    protects the two layers of highest ratio, which plain `top_lazy` of the ratios would make lazy."""
+    _, model = deep
+    cfg = model.config
+    prompt = np.random.default_rng(5).integers(0, 300, 80).astype(np.int32)
+    measure = Plan(LAYERS, sink=S, window=W, w_last=W_LAST, select_lazy=0).validate(cfg)
+    shared = model.prefill([prompt], measure, 128)
+    ratios = shared.ratios[0]
+    top = top_lazy(ratios, 2)
+    scores = np.zeros(LAYERS)
+    scores[top] = 1.0
+    plan = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, w_last=W_LAST, protect=2,
+                     calibration=fake_calibration(scores))
+    assert plan.protect == tuple(top)
+    own = model.prefill([prompt], plan, 128).plan.lazy_layers
+    assert not set(own) & set(top) and plan.choose(ratios).lazy_layers == own
+    got = model.generate_from(shared, plan, Sampling(2, stop_ids=()))[0]["plan"]
+    assert got.lazy_layers == own
+    other = dataclasses.replace(plan, window=W + 1)  # ratios of another window: not what the prefill measured
+    with pytest.raises(LtJaxError, match="window"):
+        model.generate_from(shared, other, Sampling(2, stop_ids=()))
 
 
 def test_plan_and_calibration_errors(deep, tmp_path):

@@ -25,7 +25,6 @@ import numpy as np
 from lt_jax import distributed, needles, records
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling
-from lt_jax.lazy import queue_score, top_lazy
 from lt_jax.plan import Plan
 from lt_jax.progress import progress_bar
 
@@ -222,7 +221,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
         for name, plan in methods.items():
             t0 = time.perf_counter()
             ratios = ratios_for(plan, example.ids[:example.prefix]) if plan.select_lazy is not None else None
-            plan = fixed_plan(plan, ratios)
+            plan = plan.choose(ratios)
             prefix = None if plan.prefill == "hybrid" else example.prefix  # hybrid: the prompt streams too
             nll = model.token_nll(tokens, plan, prefix)[0, example.prefix - 1:]
             yield {**base, "method": name, "lazy_layers": list(plan.lazy_layers), "nll_sum": float(np.sum(nll)),
@@ -241,7 +240,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
                 shared, first = measure_prefill(model, example, measure)
                 measured[(measure.sink, measure.window, measure.w_last)] = first
             ratios = ratios_for(plan, example.ids) if plan.select_lazy is not None else None
-            fixed = fixed_plan(plan, ratios)
+            fixed = plan.choose(ratios)
             ids = generate_from(model, shared, fixed, example.max_new_tokens)
         answer = model.decode(ids)
         yield {**base, "method": name, "lazy_layers": list(fixed.lazy_layers), "answer": answer,
@@ -254,15 +253,6 @@ def measure_prefill(model, example: Example, measure: Plan):
     """One exact prefill, every layer full and its lazy ratio measured -> (`Prefilled`, ratios [L])."""
     done = model.prefill([example.ids], measure, model.cache_len(len(example.ids), example.max_new_tokens))
     return done, done.ratios.mean(axis=0)
-
-
-def fixed_plan(plan: Plan, ratios) -> Plan:
-    """The fixed plan a selecting plan chooses from a prompt's ratios [L]: the queue's global choice
-    (`lazy.top_lazy` of `lazy.queue_score`, protected layers ranked below every other)."""
-    if plan.select_lazy is None:
-        return plan
-    protected = np.isin(np.arange(plan.num_layers), plan.protect)
-    return plan.resolve(top_lazy(queue_score(np.asarray(ratios), protected), plan.select_lazy))
 
 
 def generate_from(model, shared, plan: Plan, max_new_tokens: int, stop_ids=None) -> list[int]:

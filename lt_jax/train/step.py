@@ -7,9 +7,10 @@ only their S sinks and last W keys in training as in inference, and one AdamW up
   binds everything but (state, batch). The plan enters as data (`LayerPlan`) and the settings are static and
   hashable, so runs with other plans of the same lazy count reuse the compilation.
 
-Streaming layers attend through `attention.attend_streaming` (O(T (S + W)) in the forward and, being a scan over
-query blocks, in the backward pass too); full layers through `attend_causal`. The layer loop is a scan, with
-`remat` each layer is recomputed in the backward pass (`jax.checkpoint`).
+The forward is `model.decoder` with `attention.attend_layer`'s streaming form: streaming layers in O(T (S + W))
+in the forward and, being a scan over query blocks, in the backward pass too; full layers through
+`attend_causal`. The layer loop is a scan, with `remat` each layer is recomputed in the backward pass
+(`jax.checkpoint`).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lt_jax.attention import FULL, attend_causal, attend_streaming
+from lt_jax.attention import attend_layer, layer_kinds, native_window
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.model import decoder_layer, default_positions, rope_inv_freq, scan_layers, unembed
-from lt_jax.plan import LayerPlan, Plan, PlanShape
+from lt_jax.model import decoder, default_positions, unembed
+from lt_jax.plan import DEFAULT_SINK, DEFAULT_WINDOW, LayerPlan, Plan, PlanShape
 from lt_jax.train.lora import init_lora, merge
 
 IGNORE = -100  # a label that is not predicted (transformers' ignore_index)
@@ -52,8 +53,8 @@ class TrainSettings:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the projections instead of the weights
     lora_alpha: float = 0.0  # the adapters' scale is alpha / rank (0: alpha = rank, scale 1)
     num_lazy: int = 0  # the plan's shape: lazy count, S, W (which layers are lazy is data)
-    sink: int = 4
-    window: int = 1020
+    sink: int = DEFAULT_SINK
+    window: int = DEFAULT_WINDOW
 
     def check(self) -> "TrainSettings":
         if self.trainable not in TRAINABLE:
@@ -108,30 +109,16 @@ def model_weights(params, settings: TrainSettings):
 def hidden_states(params, tokens, positions, is_lazy, cfg: Config, shape: PlanShape, remat: bool = False):
     """The decoder under a fixed plan with the streaming mask everywhere (what the hybrid computes over a whole
     sequence): [B, T, D] before the final norm. is_lazy bool [L] is data."""
-    native = cfg.sliding_window or FULL
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    L = cfg.num_layers
+    kinds = layer_kinds(shape.num_lazy, cfg.num_layers)
 
-    def step(x, layer):
-        lp, lazy = layer
+    def attention(q, k, v, lazy, _):
+        # tiled=False: the flash-style path's loop bound is traced, which reverse-mode cannot differentiate.
+        # Without layer remat attention is still recomputed in the backward pass (checkpoint): its residuals
+        # (the score blocks) are most of a step's memory, and under grad `cond` would keep both branches'.
+        return attend_layer(q, k, v, positions, lazy, shape.sink, shape.window, native_window(cfg), kinds,
+                            tiled=False, checkpoint=not remat), None, None
 
-        def attention(q, k, v):
-            # tiled=False: the flash-style path's loop bound is traced, which reverse-mode cannot differentiate
-            full = lambda q, k, v: attend_causal(q, k, v, positions, 0, native, tiled=False)  # noqa: E731
-            stream = lambda q, k, v: attend_streaming(q, k, v, positions, shape.sink, shape.window, False)  # noqa
-            if not remat:
-                # Attention is recomputed in the backward pass even without layer remat: its residuals (the
-                # score blocks) are most of a step's memory, and under grad `cond` would keep both branches'.
-                full, stream = jax.checkpoint(full), jax.checkpoint(stream)
-            if shape.num_lazy == 0:
-                return full(q, k, v), None
-            if shape.num_lazy == L:
-                return stream(q, k, v), None
-            return jax.lax.cond(lazy, stream, full, q, k, v), None
-
-        return decoder_layer(lp, x, positions, cfg, inv_freq, attention)
-
-    x, _ = scan_layers(step, params["embed"][tokens], params["layers"], jnp.asarray(is_lazy), remat=remat)
+    x, _, _ = decoder(params, tokens, positions, cfg, attention, jnp.asarray(is_lazy), head=None, remat=remat)
     return x
 
 

@@ -13,8 +13,9 @@ LAYERS = [
     ("checkpoints", ["checkpoints_conv", "checkpoints_conv.*"]),
     ("core", ["lt_jax.attention", "lt_jax.plan", "lt_jax.cache", "lt_jax.lazy", "lt_jax.model", "lt_jax.inference",
               "lt_jax.serving", "lt_jax.sharding", "lt_jax.calibration", "lt_jax.probes", "lt_jax.train",
-              "lt_jax.train.*", "lt_jax.assets", "lt_jax.api", "lt_jax", "lt_jax._moved"]),
-    ("harness", ["lt_jax.eval", "lt_jax.eval.*"]),
+              "lt_jax.train.*", "lt_jax.assets", "lt_jax.scoring", "lt_jax.api", "lt_jax"]),
+    # what runs over the core: the evaluation harness, the server and lm-eval model, TPU ahead-of-time compilation
+    ("harness", ["lt_jax.eval", "lt_jax.eval.*", "lt_jax.server", "lt_jax.lm_eval_model", "lt_jax.aot"]),
     ("cli", ["lt_jax.cli", "lt_jax.cli.*"]),
 ]
 # checkpoints_conv imports only these of lt_jax; only these of lt_jax import checkpoints_conv
@@ -39,8 +40,9 @@ def _matches(name: str, patterns) -> bool:
 
 
 def _layer(name: str) -> int:
-    (index,) = [i for i, (_, names) in enumerate(LAYERS) if _matches(name, names)]
-    return index
+    found = [i for i, (_, names) in enumerate(LAYERS) if _matches(name, names)]
+    assert len(found) == 1, f"{name} must sit in exactly one layer of LAYERS (tests/test_imports.py)"
+    return found[0]
 
 
 def imports(name: str) -> set[str]:

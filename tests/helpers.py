@@ -2,36 +2,29 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import jax
 
 from lt_jax.config import Config, Rope
 
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # fired by every compilation jit does (cache hit or not)
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # fired by every compilation jit makes
+_compiled = collections.Counter()  # function name -> compilations in this process since this module loaded
 
 
-@contextlib.contextmanager
-def compilations():
-    """Counts the compilations made while the block runs, by function name ("jit(train_step)"), through JAX's
-    public monitoring events: `with compilations() as compiled: ...; assert compiled[name(fn)] == 0`. A
-    persistent-cache hit counts too (the event wraps it), so a recompilation cannot hide behind the disk cache."""
-    counts = collections.Counter()
-
-    def listen(event, _duration, fun_name: str = "?", **_):
-        if event == BACKEND_COMPILE:
-            counts[fun_name] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield counts
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
+def _count(event: str, _duration: float, fun_name: str = "?", **_):
+    if event == BACKEND_COMPILE:
+        _compiled[fun_name] += 1
 
 
-def name(fn) -> str:
-    """The name `compilations` counts a jitted function under."""
-    return f"jit({getattr(fn, '__name__', fn)})"
+jax.monitoring.register_event_duration_secs_listener(_count)
+
+
+def compile_count(fn) -> int:
+    """How many times the jitted function `fn` has compiled in this process (since tests/helpers.py was imported:
+    conftest imports it first), through JAX's public monitoring events instead of the private `_cache_size()`. A
+    persistent-cache hit counts too (the event wraps the cache lookup), so a recompilation cannot hide behind the
+    disk cache. Counted by name: two jitted functions of one name count together."""
+    return _compiled[f"jit({fn.__name__})"]
 
 
 def tiny_config(**changes) -> Config:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import compile_count
 from lt_jax.errors import LtJaxError
 from lt_jax.params import stack_layers
 from lt_jax.plan import Plan
@@ -208,11 +209,11 @@ def test_gradient_accumulation_equals_one_batch_and_plans_share_a_compilation(ti
     batch = _batch(ids, labels)
     step = make_step(cfg, s, Plan(3, (1,), sink=SINK, window=WINDOW))
     state, _ = step(init_state(model.params, s), batch)
-    compiled = train_step._cache_size()
+    compiled = compile_count(train_step)
     other = make_step(cfg, s, Plan(3, (2,), sink=SINK, window=WINDOW))
     state, metrics = other(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-    assert train_step._cache_size() == compiled
+    assert compile_count(train_step) == compiled
 
 
 def test_data_formats_label_what_they_should(tiny_chat, tmp_path):

@@ -166,6 +166,7 @@ def test_one_step_equals_a_hand_written_adamw_step(tiny_lt, prompt_ids):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # tests/unit/test_trainable.py checks every subset leaf by leaf
 @pytest.mark.parametrize("trainable", ["attention", "lazy-layers"])
 def test_frozen_weights_stay_bit_identical(trainable, tiny_lt, prompt_ids):
     model = tiny_lt("llama")

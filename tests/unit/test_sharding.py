@@ -11,7 +11,7 @@ from lt_jax.plan import Plan
 from lt_jax.sharding import CACHE_AXES, spec_for
 
 MESH = AbstractMesh((4, 2), ("data", "model"))
-CFG = tiny_config(num_heads=4, num_kv_heads=2, vocab_size=64, ffn_dim=48, qkv_bias=True)  # 2 KV heads: not % 4
+CFG = tiny_config(qkv_bias=True)  # 4 query and 2 KV heads (2 divides model=2, not data=4), ffn 48, vocab 64
 
 
 def test_weight_specs_put_heads_on_model():

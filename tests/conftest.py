@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import helpers  # noqa: F401 (its compile counter listens from before the first test compiles)
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN = 320  # >= 300 tokens, and longer than the Mistral window below
 VOCAB = 300

@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from helpers import compile_count  # noqa: E402 (counts compilations from here on)
+
 MESHES = ["data=8,model=1", "data=2,model=4", "data=1,model=8", "data=4,model=2"]
 FAMILIES = ["llama", "mistral", "qwen2"]
 LENGTHS = [50, 120, 200, 90, 64, 180, 30, 150]  # 8 rows of mixed lengths, longer than S + W below
@@ -69,11 +71,11 @@ def train_run(ckpt: Path, root: Path, mesh: str | None) -> dict:
                             for _ in range(16)))
     model = lt_jax.load(ckpt, mesh=mesh)
     plan = model.plan("first", **PLAN)
-    before = train_step._cache_size()
+    before = compile_count(train_step)
     result = train(model, plan, [data], root / f"run-{mesh}", TrainSettings.for_plan(plan, steps=3, lr=1e-3),
                    RunOptions(seq_len=64, batch_size=8, save_every=3), progress=False)
     log = [json.loads(line) for line in (root / f"run-{mesh}" / "train_log.jsonl").read_text().splitlines()]
-    return {"losses": [row["loss"] for row in log], "step_compilations": train_step._cache_size() - before,
+    return {"losses": [row["loss"] for row in log], "step_compilations": compile_count(train_step) - before,
             "final_loss": result["final_loss"]}
 
 
@@ -136,12 +138,12 @@ def run_family(ckpt: Path, meshes: list[str], rng) -> dict:
         logits = model.logits(ids)
         greedy = [r["ids"] for r in model.generate(prompts, plan="first", max_new_tokens=12, stop_ids=[], **PLAN)]
         chosen, ratios = model.select(prompts, "lighttransfer", lazy_fraction=0.34, **PLAN)
-        compiled = prefill._cache_size(), generate_loop._cache_size()
+        compiled = compile_count(prefill), compile_count(generate_loop)
         # other prompts of the same bucket choose again and decode again: no new compilation
         other = [[int(t) for t in rng.integers(0, 300, n)] for n in LENGTHS]
         model.select(other, "lighttransfer", lazy_fraction=0.34, **PLAN)
         model.generate(other, plan="first", max_new_tokens=12, stop_ids=[], **PLAN)
-        recompiled = (prefill._cache_size() - compiled[0], generate_loop._cache_size() - compiled[1])
+        recompiled = (compile_count(prefill) - compiled[0], compile_count(generate_loop) - compiled[1])
         # the cache: made in its shards; a decode donates it
         plan = model.plan("first", **PLAN)
         cache = model.empty_cache(plan, 8, 256)

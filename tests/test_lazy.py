@@ -17,7 +17,7 @@ from lt_jax.inference import decode_step, prefill
 from lt_jax.lazy import init_queue, push, top_lazy
 from lt_jax.plan import Plan, make_plan
 
-S, W, W_LAST = 3, 20, 8
+SINK, W, W_LAST = 3, 20, 8
 LAYERS = 6
 
 
@@ -55,14 +55,14 @@ def test_ratios_equal_brute_force_from_transformers(deep):
     hf, model = deep
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 300, n).astype(np.int32) for n in (97, 60, 5, 23)]  # 23 = S + W: all ratios 1
-    got = model.lazy_ratios(prompts, sink=S, window=W, w_last=W_LAST, per_head=True)  # one left-padded batch
+    got = model.lazy_ratios(prompts, sink=SINK, window=W, w_last=W_LAST, per_head=True)  # one left-padded batch
     assert got.shape == (4, LAYERS, 4)
     for b, ids in enumerate(prompts):
-        want = reference_ratios(hf, ids, S, W, W_LAST)
+        want = reference_ratios(hf, ids, SINK, W, W_LAST)
         assert np.abs(got[b] - want).max() <= 1e-5, b
     assert np.all(got[2:] == 1.0)
     assert got[0].std() > 0.01  # the ratios do tell the layers apart
-    single = model.lazy_ratios(prompts[0], sink=S, window=W, w_last=W_LAST)
+    single = model.lazy_ratios(prompts[0], sink=SINK, window=W, w_last=W_LAST)
     np.testing.assert_allclose(single, got[0].mean(-1), atol=1e-6)
 
 
@@ -72,8 +72,8 @@ def test_ratios_under_mistral_native_window(tiny_models, prompt_ids, tiny_lt):
     hf, _ = tiny_models("mistral", prompt_ids)
     ids = prompt_ids[0, :120]
     model = tiny_lt("mistral")
-    got = model.lazy_ratios(ids, sink=S, window=30, w_last=32, per_head=True)
-    assert np.abs(got - reference_ratios(hf, ids, S, 30, 32)).max() <= 1e-5
+    got = model.lazy_ratios(ids, sink=SINK, window=30, w_last=32, per_head=True)
+    assert np.abs(got - reference_ratios(hf, ids, SINK, 30, 32)).max() <= 1e-5
     no_sink = model.lazy_ratios(ids, sink=0, window=30, w_last=32, per_head=True)
     assert (got - no_sink).min() > 1e-4  # every head puts some mass on the sinks it can see
 
@@ -99,7 +99,7 @@ def test_queue_reaches_the_global_top_k(data, num_layers):
 def lighttransfer_prefill(model, prompts, fraction, max_len, plan=None):
     """(logits [B, T, V], cache, LayerPlan, ratios [L, B, N]) of one prefill under `plan` (default: selecting)."""
     from lt_jax.batching import left_pad
-    plan = plan or make_plan("lighttransfer", model.config, lazy_fraction=fraction, sink=S, window=W,
+    plan = plan or make_plan("lighttransfer", model.config, lazy_fraction=fraction, sink=SINK, window=W,
                              w_last=W_LAST)
     tokens, positions = left_pad(prompts, max(map(len, prompts)))
     cache = init_cache(model.config, plan, len(prompts), max_len)
@@ -122,7 +122,7 @@ def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
     chosen = np.flatnonzero(np.asarray(layers.is_lazy))
     np.testing.assert_array_equal(chosen, top_lazy(ratios.mean(axis=(1, 2)), num_lazy))
 
-    fixed = Plan(LAYERS, tuple(int(i) for i in chosen), sink=S, window=W)
+    fixed = Plan(LAYERS, tuple(int(i) for i in chosen), sink=SINK, window=W)
     want_logits, want_cache, _, not_measured = lighttransfer_prefill(model, prompts, fraction, 100, plan=fixed)
     assert np.isnan(np.asarray(not_measured)).all() and not_measured.shape == ratios.shape  # same structure
     index, fixed_index = np.asarray(layers.slot), np.asarray(fixed.layers(model.config).slot)
@@ -171,11 +171,11 @@ def test_selecting_prefill_holds_at_most_p_plus_one_full_caches(deep):
     weights = sum(a.nbytes for a in jax.tree.leaves(model.params))
 
     peak = partial(prefill_peak, model, batch=B, length=T, max_len=M)
-    lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=S, window=W)
+    lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=SINK, window=W)
     assert expected_kv_bytes(cfg, lt, B, M) > 3 * layer_bytes  # P = 3 full layers plus the rings
     lt_peak = peak(lt)
     assert 3 * layer_bytes < lt_peak - weights < 4 * layer_bytes
-    assert abs(lt_peak - peak(make_plan("last", cfg, lazy_fraction=0.5, sink=S, window=W))) < layer_bytes / 2
+    assert abs(lt_peak - peak(make_plan("last", cfg, lazy_fraction=0.5, sink=SINK, window=W))) < layer_bytes / 2
     assert peak(Plan.full(LAYERS)) - lt_peak >= (LAYERS - 3 - 1) * layer_bytes
 
 
@@ -184,8 +184,8 @@ def test_another_lazy_set_of_the_same_bucket_compiles_nothing(deep):
     _, model = deep
     rng = np.random.default_rng(7)
     candidates = [rng.integers(0, 300, 50 + i).astype(np.int32) for i in range(6)]
-    plan = make_plan("lighttransfer", model.config, lazy_fraction=0.5, sink=S, window=W, w_last=W_LAST)
-    sets = [tuple(top_lazy(r, 3)) for r in model.lazy_ratios(candidates, sink=S, window=W, w_last=W_LAST)]
+    plan = make_plan("lighttransfer", model.config, lazy_fraction=0.5, sink=SINK, window=W, w_last=W_LAST)
+    sets = [tuple(top_lazy(r, 3)) for r in model.lazy_ratios(candidates, sink=SINK, window=W, w_last=W_LAST)]
     a, b = 0, next(i for i in range(1, 6) if sets[i] != sets[0])
     counter = CompileCounter()
     first = model.generate([candidates[a]], plan=plan, max_new_tokens=8, stop_ids=[])[0]
@@ -200,7 +200,7 @@ def test_short_prompt_truncates_nothing(deep):
     """No longer than S + W: every ratio is 1, and the lighttransfer answer is the full model's."""
     _, model = deep
     prompt = list(range(10, 30))
-    got = model.generate([prompt], plan="lighttransfer", sink=S, window=W, max_new_tokens=10, stop_ids=[])[0]
+    got = model.generate([prompt], plan="lighttransfer", sink=SINK, window=W, max_new_tokens=10, stop_ids=[])[0]
     assert got["lazy_ratios"] == [1.0] * LAYERS
     assert got["ids"] == model.generate([prompt], max_new_tokens=10, stop_ids=[])[0]["ids"]
 
@@ -208,11 +208,11 @@ def test_short_prompt_truncates_nothing(deep):
 def test_lighttransfer_logits_and_ppl_choose_on_the_prefix(deep):
     _, model = deep
     s = np.random.default_rng(4).integers(0, 300, 80).astype(np.int32)
-    chosen, ratios = model.select(s[:60], "lighttransfer", sink=S, window=W)
+    chosen, ratios = model.select(s[:60], "lighttransfer", sink=SINK, window=W)
     assert chosen.source == "lighttransfer:0.5" and len(chosen.lazy_layers) == 3 and len(ratios) == LAYERS
-    got = model.logits(s, plan=make_plan("lighttransfer", model.config, sink=S, window=W), prefix=60)
+    got = model.logits(s, plan=make_plan("lighttransfer", model.config, sink=SINK, window=W), prefix=60)
     np.testing.assert_array_equal(got, model.logits(s, plan=chosen, prefix=60))
-    ppl = model.perplexity(s, plan=make_plan("lighttransfer", model.config, sink=S, window=W), prefix=60)
+    ppl = model.perplexity(s, plan=make_plan("lighttransfer", model.config, sink=SINK, window=W), prefix=60)
     assert ppl["plan"] == chosen and ppl["tokens"] == 20
 
 
@@ -252,17 +252,17 @@ def test_identify_writes_the_calibrated_plan_and_a_plot(deep, deep_ckpt, tmp_pat
     plan_file, png = tmp_path / "plan.json", tmp_path / "lazy.png"
     capsys.readouterr()
     assert main(["identify", str(deep_ckpt), str(data), str(more), "--field", "ids", "--context", "100",
-                 "--sink", str(S), "--window", str(W), "--w-last", str(W_LAST), "--out", str(plan_file),
+                 "--sink", str(SINK), "--window", str(W), "--w-last", str(W_LAST), "--out", str(plan_file),
                  "--plot", str(png), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     chunks = [seqs[0][:100], seqs[0][100:], seqs[1]]  # seqs[2] (20 tokens <= S + W) is skipped
-    ratios = np.stack([model.lazy_ratios(c, sink=S, window=W, w_last=W_LAST) for c in chunks])
+    ratios = np.stack([model.lazy_ratios(c, sink=SINK, window=W, w_last=W_LAST) for c in chunks])
     want = calibrate(ratios, 3)
     assert got["identify"]["samples"] == 3 and got["lazy_layers"] == want["lazy_layers"]
     np.testing.assert_allclose(got["identify"]["ratio_mean"], ratios.mean(0), atol=1e-6)
     assert json.loads(plan_file.read_text()) == got
     plan = make_plan(str(plan_file), model.config)
-    assert plan.lazy_layers == tuple(want["lazy_layers"]) and (plan.sink, plan.window) == (S, W)
+    assert plan.lazy_layers == tuple(want["lazy_layers"]) and (plan.sink, plan.window) == (SINK, W)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -301,7 +301,7 @@ def test_restricting_an_all_full_cache_equals_the_fixed_plan_prefill(deep):
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, 300, n).astype(np.int32) for n in (64, 41)]
     _, full_cache, _, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=Plan.full(LAYERS))
-    plan = Plan(LAYERS, (1, 4, 5), sink=S, window=W)
+    plan = Plan(LAYERS, (1, 4, 5), sink=SINK, window=W)
     _, want, _, _ = lighttransfer_prefill(model, prompts, 0.5, 80, plan=plan)
     got = restrict(full_cache, plan)
     for name in ("full_k", "full_v", "ring_k", "ring_v", "full_pos", "ring_pos", "length"):

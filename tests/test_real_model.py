@@ -40,6 +40,7 @@ def test_logits_on_essay_match_transformers(smol, essay_ids):
     assert err <= REAL_TOL
 
 
+@pytest.mark.slow
 def test_greedy_64_tokens_equal_transformers(smol, essay_ids):
     """Plan `full`: our cached generation (prefill + compiled decode loop) against transformers' generate."""
     ours, ref = smol
@@ -62,6 +63,7 @@ def test_ppl_cli_on_essay_matches_transformers(assets, smol, essay_ids, capsys):
     assert got["tokens"] == 599 and abs(got["nll"] - want) <= 1e-4
 
 
+@pytest.mark.slow
 def test_lazy_ratios_on_essay_are_reproducible_and_tell_layers_apart(smol, essay_ids):
     """SmolLM2 on 1536 essay tokens (S + W = 1024): one ratio per layer in (0, 1], the same twice, spread across
     layers; the queue's lighttransfer choice is the top half of them."""
@@ -113,6 +115,7 @@ def test_demo_json(assets, capsys):
     assert got["kv_cache_bytes"] < got["kv_cache_bytes_all_full"]
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run_as_pasted(assets, tmp_path):
     """Every ```python block of the README, joined in order, runs in the repository root on the real model."""
     import re
@@ -127,6 +130,7 @@ def test_readme_python_blocks_run_as_pasted(assets, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_retrieval_probe_on_a_real_needle_equals_transformers_attention(smol, essay_ids):
     """The needle's digit tokens are found in a real prompt; the replayed answer's hits per head equal those
     counted from transformers' eager attention probabilities (top-1 key on a needle token equal to the one

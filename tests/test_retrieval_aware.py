@@ -16,7 +16,7 @@ from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling
 from lt_jax.lazy import lazy_set, top_lazy
 from lt_jax.plan import Plan, make_plan
-from test_lazy import LAYERS, S, W, W_LAST, deep, lighttransfer_prefill, prefill_peak  # noqa: F401 (a fixture)
+from test_lazy import LAYERS, SINK, W, W_LAST, deep, lighttransfer_prefill, prefill_peak  # noqa: F401 (a fixture)
 
 SPAN = 40  # the forced head attends DELTA = SPAN - 1 tokens back: the induction target of a SPAN-token block
 FORCED = (1, 0)  # (layer, query head)
@@ -119,7 +119,7 @@ def test_protected_layers_are_never_lazy_and_the_count_is_exact(deep):
     chosen = np.flatnonzero(np.asarray(layers.is_lazy))
     mean = np.asarray(ratios).mean(axis=(1, 2))
     for protect in [tuple(chosen[:2]), tuple(chosen), (0,)]:
-        plan = Plan(LAYERS, select_lazy=3, sink=S, window=W, w_last=W_LAST, protect=protect).validate(cfg)
+        plan = Plan(LAYERS, select_lazy=3, sink=SINK, window=W, w_last=W_LAST, protect=protect).validate(cfg)
         _, _, got, got_ratios = lighttransfer_prefill(model, prompts, 0.5, 100, plan=plan)
         lazy = np.flatnonzero(np.asarray(got.is_lazy))
         assert len(lazy) == 3 and not set(lazy) & set(protect)
@@ -140,8 +140,8 @@ def test_protection_keeps_the_p_plus_one_bound_and_compiles_once(deep):
 
     peak = partial(prefill_peak, model, batch=B, length=T, max_len=M)
 
-    lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=S, window=W)
-    ra = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, protect=2,
+    lt = make_plan("lighttransfer", cfg, lazy_fraction=0.5, sink=SINK, window=W)
+    ra = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=SINK, window=W, protect=2,
                    calibration=fake_calibration([0, 0.5, 0, 0.9, 0, 0]))
     assert ra.protect == (1, 3) and ra.shape == lt.shape
     layer_bytes = 2 * B * cfg.num_kv_heads * M * cfg.head_dim * 4
@@ -149,7 +149,7 @@ def test_protection_keeps_the_p_plus_one_bound_and_compiles_once(deep):
 
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, 300, 50 + i).astype(np.int32) for i in range(3)]
-    other = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, protect=2,
+    other = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=SINK, window=W, protect=2,
                       calibration=fake_calibration([0.9, 0, 0, 0, 0, 0.7]))
     model.generate([prompts[0]], plan=ra, max_new_tokens=4, stop_ids=[])
     counter = CompileCounter()
@@ -163,7 +163,7 @@ def test_protection_keeps_the_p_plus_one_bound_and_compiles_once(deep):
 def test_eval_offline_choice_equals_the_prefill(deep):
     _, model = deep
     cfg = model.config
-    plan = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, w_last=W_LAST, protect=2,
+    plan = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=SINK, window=W, w_last=W_LAST, protect=2,
                      calibration=fake_calibration([0.3, 0, 0.8, 0, 0, 0.1]))
     prompt = np.random.default_rng(3).integers(0, 300, 80).astype(np.int32)
     done = model.prefill([prompt], plan)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import lt_jax
+from helpers import compile_count
 from lt_jax.cache import insert_rows
 from lt_jax.cli import main
 from lt_jax.inference import decode_chunk, prefill
@@ -96,10 +97,10 @@ def test_compile_count_does_not_grow_with_prompts(model):
                                               **PLANS[spec]))
             assert len(rows) == n
     run(2, 12)
-    before = [f._cache_size() for f in fns]
+    before = [compile_count(f) for f in fns]
     assert all(before)
     run(3, 30)
-    assert [f._cache_size() for f in fns] == before
+    assert [compile_count(f) for f in fns] == before
 
 
 # ---- lt-jax generate --input / --output --------------------------------------------------------------------

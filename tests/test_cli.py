@@ -223,6 +223,7 @@ FOREIGN_CASES = {
     ("eval", "--out"): ["eval", MISSING, "--task", "niah", "--out", "{out}"],
     ("eval", "--plot"): ["eval", MISSING, "--task", "niah", "--out", "{new}", "--plot", "{out}"],
     ("eval", "--ratio-plot"): ["eval", MISSING, "--task", "niah", "--out", "{new}", "--ratio-plot", "{out}"],
+    ("lm-eval", "--output"): ["lm-eval", MISSING, "--tasks", "x", "--output", "{out}"],
 }
 
 

@@ -140,3 +140,23 @@ def test_local_completions_against_lt_jax_serve_equal_native(tiny_chat, tasks):
     for doc in a:
         for x, y in zip(a[doc], b[doc], strict=True):
             assert abs(float(x[0]) - float(y[0])) < 1e-4 and x[1] == y[1]
+
+
+@pytest.mark.slow
+def test_cli_writes_the_results_of_the_model_class(tiny_chat, tasks, tmp_path, capsys):
+    """`lt-jax lm-eval` on local tasks: lm-eval's results JSON, the same metrics as the class evaluated directly;
+    an unknown task is one sentence before any work."""
+    from lt_jax.cli.main import main
+    out = tmp_path / "results.json"
+    argv = ["lm-eval", str(tiny_chat), "--tasks", "lt_mc", "--include-path", str(tasks), "--plan", "first",
+            "--batch-size", "4"]
+    assert main(argv + ["--output", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    direct = evaluate(LtJaxLM(model=lt_jax.load(tiny_chat), plan="first", batch_size=4), None, ["lt_mc"], tasks)
+    assert written["results"]["lt_mc"]["acc,none"] == printed["results"]["lt_mc"]["acc,none"] \
+        == direct["results"]["lt_mc"]["acc,none"]
+    capsys.readouterr()
+    assert main(["lm-eval", str(tiny_chat), "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_task" in err, err

@@ -51,7 +51,7 @@ COMBOS = [(topology, mesh, spec) for topology in ("v5e:2x2", "v6e:2x2") for mesh
           for spec in PLANS]
 # the default suite: the single-kind plans (whose decode aborted the TPU compiler) and the others, each once
 FAST = [("v5e:2x2", "data=2,model=2", "full"), ("v6e:2x2", "data=1,model=4", "streaming"),
-        ("v5e:2x2", "data=1,model=4", "last"), ("v6e:2x2", "data=2,model=2", "lighttransfer")]
+        ("v6e:2x2", "data=2,model=2", "lighttransfer")]  # a mixed decode too; `last` and the rest: slow
 
 
 @pytest.mark.parametrize("topology,mesh,spec", FAST)
@@ -119,10 +119,10 @@ def test_cli_compile_reads_a_config_and_prints_rows(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cli_compile.add_arguments(parser)
     args = parser.parse_args([str(tmp_path), "--target", "v5e:2x2", "--mesh", "data=2,model=2", "--context", "128",
-                              "--batch", "2", "--plans", "last", "--no-train", "--json"])
+                              "--batch", "2", "--plans", "full", "--no-train", "--json"])
     assert cli_compile.run(args) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["program"] for r in rows] == ["prefill exact", "prefill hybrid", "generate_loop", "decode_chunk",
-                                            "insert_rows", "token_nll"]
+    assert [r["program"] for r in rows] == ["prefill exact", "generate_loop", "decode_chunk", "insert_rows",
+                                            "token_nll"]
     assert all(r["compiled_not_run"] and r["flops"] > 0 for r in rows)
     assert cli_compile.run(parser.parse_args([str(tmp_path / "nothing")])) == 2

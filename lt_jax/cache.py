@@ -194,8 +194,14 @@ def write_layer_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
 
 def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     """Write every layer's one new token, k [L, B, K, H, 1] and v [L, B, K, 1, H], into its slot: each slot takes
-    the token of the layer it belongs to (data), one scatter per slot per step."""
+    the token of the layer it belongs to (data), one scatter per slot per step.
+
+    The owner table is data even when the plan is known while tracing (decode's single-kind shortcut passes numpy
+    `is_lazy`/`index`): each slot's token is then a dynamic slice of the stacked tokens, one form for CPU and TPU.
+    With a constant owner XLA fuses the layer's projection into the scatter, and the TPU compiler (libtpu 0.0.42)
+    aborts on that fusion (`scatter_emitter.cc: operand_indices.size() == 1`)."""
     k, v = jax.vmap(_as_tokens)(k, v)  # [L, B, 1, K, H]
+    is_lazy, index = jax.lax.optimization_barrier((jnp.asarray(is_lazy), jnp.asarray(index)))
 
     def owners(n, mine):  # the layer whose token each of a kind's n slots takes
         return jnp.zeros((n,), jnp.int32).at[jnp.where(mine, index, n)].set(jnp.arange(len(mine)), mode="drop")

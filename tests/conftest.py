@@ -2,8 +2,13 @@
 functions are built once per session and shared."""
 from __future__ import annotations
 
-import json
 import os
+
+# The test extra brings libtpu (TPU ahead-of-time compilation, tests/test_tpu_aot.py): keep jax, here and in every
+# subprocess a test starts, on the CPU (without this jax probes for a TPU at start and prints libtpu's errors).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
 import subprocess
 import sys
 from pathlib import Path

@@ -10,13 +10,15 @@ import signal
 import sys
 import threading
 
-from lt_jax.cli import bench, calibrate, convert, demo, export, fetch, generate, identify, ppl, serve, train
+from lt_jax.cli import bench, calibrate, compile, convert, demo, export, fetch, generate, identify, ppl, serve, train
 from lt_jax.cli import eval as eval_
 from lt_jax.cli import lm_eval
 from lt_jax.errors import LtJaxError
 
-COMMANDS = [convert, export, train, ppl, generate, demo, identify, calibrate, eval_, bench, lm_eval, serve, fetch]
-QUIET = {"demo", "generate", "eval", "bench", "identify", "ppl", "train", "calibrate", "serve", "lm-eval"}  # print their own summary
+COMMANDS = [convert, export, train, ppl, generate, demo, identify, calibrate, eval_, bench, lm_eval, serve, compile,
+            fetch]
+# these print their own summary
+QUIET = {"demo", "generate", "eval", "bench", "identify", "ppl", "train", "calibrate", "serve", "lm-eval", "compile"}
 NO_PERSISTENT_CACHE = {"convert", "bench"}  # bench reports compile times
 
 

@@ -1,0 +1,298 @@
+"""Ahead-of-time compilation for a TPU slice on a host without a TPU (issue 22): every jitted program a user runs,
+compiled through libtpu (jax's `tpu` extra) for a named topology with abstract weights, and its per-chip plan.
+
+`jax.experimental.topologies` gives the slice's abstract devices; a `Mesh` over them and `ShapeDtypeStruct`s
+carrying the shardings of `lt_jax.sharding` (weights: `param_shardings`, cache: `cache_shardings`, batches:
+`rows_sharding`) are lowered and compiled; nothing is allocated and nothing runs, so a 70B model needs neither a
+download nor RAM. Every number is compiled-not-run: memory from `memory_analysis()`, FLOPs and bytes from
+`cost_analysis()`, step time a roofline lower bound from the chip table below.
+
+Cost accounting: XLA's cost analysis counts a loop body once. Decode programs unroll the layers, and their
+`while_loop` body is one decode step, so their cost is per step as compiled. Programs that scan over the layers
+(prefill, token_nll, the training step) are recompiled as a cost variant with the layers unrolled at 1 and 2
+layers; per step = c1 + (L - 1) * (c2 - c1) (1 and 3 layers when L = 2, whose scanned trace jit would
+reuse) (tests/test_tpu_aot.py checks it against a hand count).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lt_jax import model as model_lib
+from lt_jax import sharding
+from lt_jax.cache import init_cache, insert_rows
+from lt_jax.config import Config
+from lt_jax.errors import LtJaxError
+from lt_jax.inference import DecodeState, Sampling, decode_chunk, generate_loop, prefill
+from lt_jax.params import abstract_params
+from lt_jax.plan import Plan, override
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    bf16_flops: float  # peak dense bf16 FLOP/s per chip
+    hbm_bytes_per_s: float
+    hbm_bytes: int
+
+
+# Per chip, from Google Cloud's public TPU documentation pages "TPU v4", "TPU v5e", "TPU v5p" and "TPU v6e"
+# (cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e: "peak compute per chip (bf16)", "HBM bandwidth",
+# "HBM capacity"). One chip = one JAX device for all four (v4 and v5p run as megacore).
+CHIPS = {
+    "v4": Chip("v4", 275e12, 1200e9, 32 * GiB),
+    "v5e": Chip("v5e", 197e12, 819e9, 16 * GiB),
+    "v5p": Chip("v5p", 459e12, 2765e9, 95 * GiB),
+    "v6e": Chip("v6e", 918e12, 1640e9, 32 * GiB),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    topology: str
+    chip: Chip
+    mesh: jax.sharding.Mesh
+
+
+def target(topology: str, mesh: str | None = None) -> Target:
+    """A TPU slice by topology name ("v5e:2x4", "v5p:2x2x4") and a mesh over its chips ("data=1,model=8"; default:
+    every chip on `model`). Needs libtpu (`pip install "jax[tpu]"`), not a TPU."""
+    chip = CHIPS.get(topology.partition(":")[0])
+    if chip is None:
+        raise LtJaxError(f"target {topology!r}: the chip must be one of {', '.join(CHIPS)} (e.g. v5e:2x4).")
+    from jax.experimental import topologies
+    if jax.default_backend() != "tpu":  # compiling only: no TPU to guard, so no exclusive libtpu lock either
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as e:  # noqa: BLE001 (libtpu absent or the name unknown: one sentence either way)
+        raise LtJaxError(f"target {topology!r}: no TPU topology description ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); TPU targets need libtpu: pip install \"jax[tpu]\".") from None
+    return Target(topology, chip, sharding.make_mesh(mesh or f"model={len(devices)}", devices))
+
+
+# ---- abstract arguments ---------------------------------------------------------------------------------------
+
+def _placed(shapes, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_weights(cfg: Config, mesh, rules=sharding.RULES, split: bool = True) -> dict:
+    """The weights as ShapeDtypeStructs in their shardings: per-layer buffers (a loaded Model's storage) or, with
+    split=False, stacked layers (training)."""
+    stacked = abstract_params(cfg)
+    shard = sharding.param_shardings(cfg, mesh, rules, split=split)
+    if not split:
+        return _placed(stacked, shard)
+    out = {k: _placed(v, shard[k]) for k, v in stacked.items() if k != "layers"}
+    out["layers"] = tuple({k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=shard["layers"][i][k])
+                           for k, v in stacked["layers"].items()} for i in range(cfg.num_layers))
+    return out
+
+
+def abstract_cache(cfg: Config, plan: Plan, batch: int, max_len: int, mesh, rules=sharding.RULES):
+    shape = jax.eval_shape(partial(init_cache, cfg, plan, batch, max_len))
+    return _placed(shape, sharding.cache_shardings(shape, mesh, rules))
+
+
+def rows(mesh, shape, dtype, rules=sharding.RULES):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.rows_sharding(mesh, shape, rules))
+
+
+def chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of placed ShapeDtypeStructs (its shard of each leaf)."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+               for a in jax.tree.leaves(tree))
+
+
+# ---- programs ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One jitted program with abstract arguments: `lower(cfg, mesh)` lowers it for a config (the cost variants
+    use smaller ones); `kv` the per-chip KV cache it carries; `scans_layers` whether its layers are a loop."""
+    name: str
+    plan: str
+    batch: int
+    context: int
+    lower: object
+    scans_layers: bool
+    takes_weights: bool = True
+
+
+def _fixed(plan: Plan) -> Plan:
+    """A selecting plan's decode: its shape is what compiles (which layers are lazy is data), so any choice."""
+    return plan.resolve(range(plan.select_lazy)) if plan.select_lazy is not None else plan
+
+
+def prefill_program(plan: Plan, batch: int, context: int, spec: str, mode: str | None = None) -> Program:
+    """Prefill of `batch` prompts of `context` tokens; mode: the plan's own, or "exact"/"hybrid"."""
+    plan = override(plan, prefill=mode) if mode and plan.select_lazy is None else plan
+
+    def lower(cfg, mesh):
+        tokens = rows(mesh, (batch, context), jnp.int32)
+        return prefill.lower(abstract_weights(cfg, mesh), tokens, tokens,
+                             abstract_cache(cfg, plan, batch, context, mesh), plan.prefill_layers(cfg), cfg=cfg,
+                             shape=plan.shape)
+    kind = "select" if plan.select_lazy is not None else plan.prefill
+    return Program(f"prefill {kind}", spec, batch, context, lower, True)
+
+
+def decode_programs(plan: Plan, batch: int, context: int, spec: str, steps: int = 16) -> list[Program]:
+    """generate_loop, the continuous-batching chunk and insert_rows, at `batch` rows of a `context` cache."""
+    plan = _fixed(plan)
+
+    def loop(cfg, mesh):
+        sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
+        return generate_loop.lower(abstract_weights(cfg, mesh), rows(mesh, (batch, cfg.vocab_size), jnp.float32),
+                                   abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg), sampling,
+                                   cfg=cfg, shape=plan.shape.decoding)
+
+    def chunk(cfg, mesh):
+        sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
+        state = DecodeState(rows(mesh, (batch,), jnp.int32), rows(mesh, (batch,), bool),
+                            rows(mesh, (batch, 2), jnp.uint32))
+        return decode_chunk.lower(abstract_weights(cfg, mesh), rows(mesh, (batch, cfg.vocab_size), jnp.float32),
+                                  abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg), state,
+                                  sampling, cfg=cfg, shape=plan.shape.decoding, steps=steps)
+
+    def insert(cfg, mesh):
+        return insert_rows.lower(abstract_cache(cfg, plan, batch, context, mesh),
+                                 abstract_cache(cfg, plan, 1, context, mesh), jnp.int32(0))
+    return [Program("generate_loop", spec, batch, context, loop, False),
+            Program("decode_chunk", spec, batch, context, chunk, False),
+            Program("insert_rows", spec, batch, context, insert, False, takes_weights=False)]
+
+
+def nll_program(plan: Plan, context: int, spec: str) -> Program:
+    from lt_jax.api import token_nll
+    plan = _fixed(plan)
+
+    def lower(cfg, mesh):
+        return token_nll.lower(abstract_weights(cfg, mesh), rows(mesh, (1, context), jnp.int32), plan.layers(cfg),
+                               cfg=cfg)
+    return Program("token_nll", spec, 1, context, lower, True)
+
+
+def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) -> Program:
+    """One optimizer step (float32 master weights and AdamW state sharded like the weights, bf16 compute)."""
+    from lt_jax.train.step import TrainSettings, init_state, train_step
+    plan = _fixed(plan)
+    settings = TrainSettings(compute_dtype="bfloat16", remat=remat, num_lazy=plan.lazy_count, sink=plan.sink,
+                             window=plan.window)
+
+    def lower(cfg, mesh):
+        weights = abstract_weights(cfg, mesh, split=False)
+        by_shape = {a.shape: a.sharding for a in jax.tree.leaves(weights)}
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state = jax.eval_shape(lambda p: init_state(p, settings), weights)
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=by_shape.get(
+            a.shape, replicated)), state)
+        batch_ = {k: jax.ShapeDtypeStruct((1, batch, context), jnp.int32, sharding=jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, *sharding.rows_sharding(mesh, (batch, context)).spec)))
+            for k in ("tokens", "labels")}
+        return train_step.lower(state, batch_, plan.layers(cfg), cfg=cfg, settings=settings)
+    return Program(f"train_step remat={'on' if remat else 'off'}", spec, batch, context, lower, True)
+
+
+# ---- compile and report -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _layers_unrolled():
+    """Every module's `scan_layers` unrolled while a cost variant traces (cost analysis counts a loop body once)."""
+    original = model_lib.scan_layers
+    patched = partial(original, unroll=True)
+    holders = [m for m in list(sys.modules.values()) if getattr(m, "scan_layers", None) is original]
+    for m in holders:
+        m.scan_layers = patched
+    try:
+        yield
+    finally:
+        for m in holders:
+            m.scan_layers = original
+
+
+def _cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def step_cost(program: Program, cfg: Config, mesh, compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) per chip of one step of the whole model (module docstring)."""
+    if not program.scans_layers:
+        return _cost(compiled)
+    L = cfg.num_layers
+    counts = (1, 2) if L != 2 else (1, 3)  # never L itself: jit would reuse the scanned trace of the real program
+    variants = []
+    for n in counts:
+        with _layers_unrolled():
+            variants.append(_cost(program.lower(cfg.replace(num_layers=n), mesh).compile()))
+    (f1, b1), (f2, b2) = variants
+    per_layer = (f2 - f1) / (counts[1] - 1), (b2 - b1) / (counts[1] - 1)
+    return f1 + (L - 1) * per_layer[0], b1 + (L - 1) * per_layer[1]
+
+
+def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -> dict:
+    """Compile one program for the target; its per-chip plan as a dict (bytes, seconds, FLOPs)."""
+    t0 = time.perf_counter()
+    compiled = program.lower(cfg, tgt.mesh).compile()
+    seconds = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+             + m.generated_code_size_in_bytes)
+    plan_name = program.plan
+    row = {"program": program.name, "plan": plan_name, "batch": program.batch, "context": program.context,
+           "target": tgt.topology, "mesh": dict(tgt.mesh.shape), "compile_s": round(seconds, 2),
+           "weights": chip_bytes(abstract_weights(cfg, tgt.mesh)) if program.takes_weights else 0,
+           "arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+           "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "total": total,
+           "hbm": tgt.chip.hbm_bytes, "fits": total <= tgt.chip.hbm_bytes, "compiled_not_run": True}
+    if cost:
+        flops, accessed = step_cost(program, cfg, tgt.mesh, compiled)
+        row.update(flops=flops, bytes_accessed=accessed,
+                   roofline_s=max(flops / tgt.chip.bf16_flops, accessed / tgt.chip.hbm_bytes_per_s))
+    return row
+
+
+def kv_cache_bytes(cfg: Config, plan: Plan, batch: int, context: int, mesh) -> int:
+    """Per-chip bytes of the K/V buffers."""
+    return chip_bytes(abstract_cache(cfg, _fixed(plan), batch, context, mesh).kv)
+
+
+def programs(plan: Plan, spec: str, batch: int, context: int, train: bool = True) -> list[Program]:
+    """Every program a user runs under `plan`: prefill (exact and hybrid, or selecting), generate_loop, the
+    continuous-batching chunk and insert_rows, token_nll, and the training step with remat off and on."""
+    if plan.select_lazy is not None:
+        out = [prefill_program(plan, 1, context, spec)]
+    else:
+        out = [prefill_program(plan, 1, context, spec, "exact")]
+        if plan.lazy_count:
+            out.append(prefill_program(plan, 1, context, spec, "hybrid"))
+    out += decode_programs(plan, batch, context, spec)
+    out.append(nll_program(plan, context, spec))
+    if train:
+        out += [train_program(plan, 1, context, spec, remat) for remat in (False, True)]
+    return out
+
+
+def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upper: int = 4096) -> int:
+    """The largest decode batch whose generate_loop plan fits one chip's HBM (compiles a few batches: the
+    secant-then-bisection search of `lt-jax bench --throughput`)."""
+    from lt_jax.eval.bench import search_max_batch
+    footprint = lambda b: compile_row(decode_programs(plan, b, context, spec)[0], cfg, tgt, cost=False)["total"]  # noqa
+    per_row = kv_cache_bytes(cfg, plan, 1, context, tgt.mesh)
+    data = tgt.mesh.shape.get("data", 1)  # rows split over `data`: batches that it divides
+    best, _ = search_max_batch(lambda b: footprint(b * data), tgt.chip.hbm_bytes, per_row, upper // data)
+    return best * data

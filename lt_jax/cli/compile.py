@@ -1,0 +1,83 @@
+"""`lt-jax compile`: compile every program for a TPU slice ahead of time on this host (lt_jax.aot) and print each
+one's per-chip plan. Needs libtpu (jax's `tpu` extra), not a TPU; every number is compiled-not-run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NAME = "compile"
+HELP = "compile every program for a TPU slice ahead of time (no TPU needed) and report its per-chip memory and cost"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="an HF config.json, or a directory holding one (e.g. configs/Llama-3.1-8B-Instruct)")
+    parser.add_argument("--target", default="v5e:2x4", help="TPU topology, e.g. v5e:2x4, v6e:2x2, v5p:2x2x4 "
+                        "(chips: v4, v5e, v5p, v6e; default v5e:2x4)")
+    parser.add_argument("--mesh", default=None, help="mesh over the slice's chips, e.g. data=1,model=8 "
+                        "(default: every chip on model)")
+    parser.add_argument("--context", type=int, default=8192, help="tokens of context (prompt + generation)")
+    parser.add_argument("--batch", type=int, default=8, help="decode batch (rows)")
+    parser.add_argument("--plans", default="full,lighttransfer", help="comma list of plans (full, streaming, first, "
+                        "last, lighttransfer, ...)")
+    parser.add_argument("--lazy-fraction", type=float, default=0.5)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights and KV cache")
+    parser.add_argument("--no-train", action="store_true", help="skip the training step")
+    parser.add_argument("--max-batch", action="store_true", help="also the largest decode batch per plan that fits")
+
+
+def read_config(path: str, dtype: str):
+    from lt_jax.config import Config
+    from lt_jax.errors import LtJaxError
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise LtJaxError(f"{path}: no config.json there (give an HF config.json or a directory holding one).")
+    try:
+        hf = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise LtJaxError(f"{p}: not a readable JSON file ({e}).") from None
+    try:
+        return Config.from_hf(hf, source=str(p), dtype=dtype)
+    except KeyError as e:
+        raise LtJaxError(f"{p}: an HF config.json needs the field {e}.") from None
+
+
+def _gib(b) -> str:
+    return f"{b / 2 ** 30:.2f}"
+
+
+def run(args) -> dict:
+    """Prints the table as programs compile (unless --json); returns every row (and the max batches)."""
+    from lt_jax import aot
+    from lt_jax.errors import LtJaxError
+    from lt_jax.plan import make_plan
+    cfg = read_config(args.model, args.dtype)
+    if args.context < 2 or args.batch < 1:
+        raise LtJaxError(f"--context {args.context} must be >= 2 and --batch {args.batch} >= 1.")
+    plans = [(spec, make_plan(spec, cfg, args.lazy_fraction)) for spec in args.plans.split(",")]
+    tgt = aot.target(args.target, args.mesh)
+    rows, best_batch = [], {}
+    if not args.json:
+        print(f"{cfg.source} on {tgt.topology} (mesh {dict(tgt.mesh.shape)}, {tgt.chip.name}: "
+              f"{_gib(tgt.chip.hbm_bytes)} GiB HBM per chip); per chip, GiB; compiled, not run")
+        print(f"{'program':24} {'plan':14} {'B':>4} {'T':>7} {'weights':>8} {'kv':>7} {'temp':>7} {'out':>7} "
+              f"{'total':>7} fits {'compile s':>9} {'GFLOP':>10} {'GB':>8} {'roofline ms':>11}")
+    for spec, plan in plans:
+        kv = aot.kv_cache_bytes(cfg, plan, args.batch, args.context, tgt.mesh)
+        for program in aot.programs(plan, spec, args.batch, args.context, train=not args.no_train):
+            row = aot.compile_row(program, cfg, tgt)
+            row["kv_cache"] = kv if program.name in ("generate_loop", "decode_chunk", "insert_rows") else None
+            rows.append(row)
+            if args.json:
+                continue
+            print(f"{row['program']:24} {spec:14} {row['batch']:>4} {row['context']:>7} {_gib(row['weights']):>8} "
+                  f"{_gib(row['kv_cache']) if row['kv_cache'] is not None else '-':>7} "
+                  f"{_gib(row['temporaries']):>7} {_gib(row['outputs']):>7} {_gib(row['total']):>7} "
+                  f"{'yes ' if row['fits'] else 'NO  '} {row['compile_s']:>9.1f} {row['flops'] / 1e9:>10.1f} "
+                  f"{row['bytes_accessed'] / 1e9:>8.2f} {row['roofline_s'] * 1e3:>11.3f}", flush=True)
+        if args.max_batch:
+            best_batch[spec] = aot.max_batch(plan, spec, cfg, tgt, args.context)
+            if not args.json:
+                print(f"{spec}: largest decode batch that fits at context {args.context}: {best_batch[spec]}",
+                      flush=True)
+    return {"rows": rows, "max_batch": best_batch} if args.max_batch else {"rows": rows}

@@ -212,7 +212,9 @@ def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) 
 def _layers_unrolled():
     """Every module's `scan_layers` unrolled while a cost variant traces (cost analysis counts a loop body once)."""
     original = model_lib.scan_layers
-    patched = partial(original, unroll=True)
+
+    def patched(step, carry, layers, xs, unroll=False, remat=False):
+        return original(step, carry, layers, xs, True, remat)
     holders = [m for m in list(sys.modules.values()) if getattr(m, "scan_layers", None) is original]
     for m in holders:
         m.scan_layers = patched

@@ -11,7 +11,7 @@ Cost accounting: XLA's cost analysis counts a loop body once. Decode programs un
 `while_loop` body is one decode step, so their cost is per step as compiled. Programs that scan over the layers
 (prefill, token_nll, the training step) are recompiled as a cost variant with the layers unrolled at 1 and 2
 layers; per step = c1 + (L - 1) * (c2 - c1) (1 and 3 layers when L = 2, whose scanned trace jit would
-reuse) (tests/test_tpu_aot.py checks it against a hand count).
+reuse) (tests/integration/test_tpu_aot.py checks it against a hand count).
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def queue_score(ratio, protected):
 def lazy_set(ratios, num_lazy: int, protected=None) -> np.ndarray:
     """The selection rule: the layers a selecting prefill's queue makes lazy for a prompt whose (row-averaged)
     ratios are `ratios` [L], with the layers of bool [L] `protected` kept full -> sorted layer indices. The queue
-    reaches this global choice layer by layer (tests/test_lazy.py, tests/test_retrieval_aware.py)."""
+    reaches this global choice layer by layer (tests/integration/test_lazy.py, tests/integration/test_retrieval_aware.py)."""
     ratios = np.asarray(ratios)
     return top_lazy(ratios if protected is None else queue_score(ratios, np.asarray(protected)), num_lazy)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# The test extra brings libtpu (TPU ahead-of-time compilation, tests/test_tpu_aot.py): keep jax, here and in every
+# The test extra brings libtpu (TPU ahead-of-time compilation, tests/integration/test_tpu_aot.py): keep jax, here and in every
 # subprocess a test starts, on the CPU (without this jax probes for a TPU at start and prints libtpu's errors).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-import helpers  # noqa: F401 (its compile counter listens from before the first test compiles)
+import helpers  # noqa: E402 (its compile counter listens from before the first test compiles)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN = 320  # >= 300 tokens, and longer than the Mistral window below
@@ -183,3 +183,17 @@ def sigkill_when(proc, ready, timeout: float = 300) -> bool:
 def last_json(stdout: str) -> dict:
     """The last JSON object line of a process's stdout (gloo, JAX's CPU collectives, prints its own lines there)."""
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture(scope="session")
+def deep(tmp_path_factory):
+    """(transformers model, lt_jax model): a tiny llama with 6 layers, GQA 4/2, every weight perturbed; shared by
+    test_lazy and test_retrieval_aware (one load, one set of compilations)."""
+    import lt_jax
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": helpers.LAYERS})).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return hf, lt_jax.load(save_hf(hf, tmp_path_factory.mktemp("deep") / "hf", "safetensors"))

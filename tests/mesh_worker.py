@@ -1,4 +1,4 @@
-"""Runs in a subprocess with 8 simulated CPU devices (tests/test_sharding.py): every family on every mesh against
+"""Runs in a subprocess with 8 simulated CPU devices (tests/integration/test_sharding.py): every family on every mesh against
 one device, printed as one JSON object. Kept out of the pytest process so the rest of the suite keeps one device.
 
 Usage: python tests/mesh_worker.py WORKDIR [FAMILY:MESH ...] [--train] [--cli]

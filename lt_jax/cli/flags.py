@@ -58,7 +58,7 @@ def model_argument(s):
 
 def output(s, *names, kind: str, **kwargs):
     """An argument naming something the command writes (`kind`: file, image or folder). Every one goes through
-    `lt_jax.files`' guard; tests/test_cli.py walks them all with a file of the user's."""
+    `lt_jax.files`' guard; tests/integration/test_cli.py walks them all with a file of the user's."""
     action = s.add_argument(*names, **kwargs)
     action.output = kind
     return action

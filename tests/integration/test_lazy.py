@@ -17,22 +17,8 @@ from lt_jax.inference import decode_step, prefill
 from lt_jax.lazy import init_queue, push, top_lazy
 from lt_jax.plan import Plan, make_plan
 
-SINK, W, W_LAST = 3, 20, 8
-LAYERS = 6
+from helpers import LAYERS, SINK, W, W_LAST, lighttransfer_prefill, prefill_peak
 
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """(transformers model, lt_jax model): a tiny llama with 6 layers, GQA 4/2, every weight perturbed."""
-    import lt_jax
-    from conftest import TINY, save_hf
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(3)
-    hf = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": LAYERS})).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return hf, lt_jax.load(save_hf(hf, tmp_path_factory.mktemp("deep") / "hf", "safetensors"))
 
 
 def reference_ratios(hf, ids, sink, window, w_last):
@@ -96,17 +82,6 @@ def test_queue_reaches_the_global_top_k(data, num_layers):
     assert sorted(np.delete(index, lazy)) == list(range(num_layers - num_lazy))
 
 
-def lighttransfer_prefill(model, prompts, fraction, max_len, plan=None):
-    """(logits [B, T, V], cache, LayerPlan, ratios [L, B, N]) of one prefill under `plan` (default: selecting)."""
-    from lt_jax.batching import left_pad
-    plan = plan or make_plan("lighttransfer", model.config, lazy_fraction=fraction, sink=SINK, window=W,
-                             w_last=W_LAST)
-    tokens, positions = left_pad(prompts, max(map(len, prompts)))
-    cache = init_cache(model.config, plan, len(prompts), max_len)
-    return prefill(model.params, tokens, positions, cache, plan.prefill_layers(model.config), model.config,
-                   plan.shape, all_logits=True)
-
-
 @pytest.mark.parametrize("fraction", [0.5, 0.34])
 def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
     """A left-padded batch: the chosen set is the global top-k of the row-averaged ratios; every layer's cache
@@ -148,16 +123,6 @@ def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
     for b, s in enumerate(seqs):
         ref = model.logits(s, plan=fixed, prefix=len(s) - 6)[0]
         assert np.abs(np.stack(step_logits)[:, b] - ref[-6:]).max() <= 1e-5
-
-
-def prefill_peak(model, plan, batch, length, max_len) -> int:
-    """XLA's buffer plan of the prefill: arguments + outputs + temporaries - donated aliases."""
-    cfg = model.config
-    cache = jax.eval_shape(lambda: init_cache(cfg, plan, batch, max_len))
-    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    s = prefill.lower(model.params, tokens, tokens, cache, plan.prefill_layers(cfg), cfg,
-                      plan.shape).compile().memory_analysis()
-    return s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes - s.alias_size_in_bytes
 
 
 def test_selecting_prefill_holds_at_most_p_plus_one_full_caches(deep):

@@ -4,7 +4,7 @@ and `checkpoints_conv` sits on the bottom of lt_jax only."""
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Layers, bottom first: a module may import its own layer's modules (without a cycle) and those of layers below.
 LAYERS = [
@@ -41,7 +41,7 @@ def _matches(name: str, patterns) -> bool:
 
 def _layer(name: str) -> int:
     found = [i for i, (_, names) in enumerate(LAYERS) if _matches(name, names)]
-    assert len(found) == 1, f"{name} must sit in exactly one layer of LAYERS (tests/test_imports.py)"
+    assert len(found) == 1, f"{name} must sit in exactly one layer of LAYERS (tests/unit/test_imports.py)"
     return found[0]
 
 

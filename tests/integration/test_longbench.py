@@ -12,7 +12,7 @@ import pytest
 from lt_jax.eval import longbench as lb
 from lt_jax.errors import LtJaxError
 
-DATA = Path(__file__).parent / "data" / "longbench"
+DATA = Path(__file__).parents[1] / "data" / "longbench"
 
 
 # ------------------------------------------------------------------------------------------------------- qa_f1

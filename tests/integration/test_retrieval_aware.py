@@ -16,7 +16,8 @@ from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling
 from lt_jax.lazy import lazy_set, top_lazy
 from lt_jax.plan import Plan, make_plan
-from test_lazy import LAYERS, SINK, W, W_LAST, deep, lighttransfer_prefill, prefill_peak  # noqa: F401 (a fixture)
+
+from helpers import LAYERS, SINK, W, W_LAST, lighttransfer_prefill, prefill_peak
 
 SPAN = 40  # the forced head attends DELTA = SPAN - 1 tokens back: the induction target of a SPAN-token block
 FORCED = (1, 0)  # (layer, query head)

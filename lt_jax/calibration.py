@@ -1,6 +1,6 @@
 """A model's calibration: per-head probe scores (`lt_jax.probes`), each layer's score (the max over its heads), and
 where they came from; one JSON file per probe, next to the checkpoint by default (`calibration-<probe>.json`).
-`retrieval-aware` plans read it to protect the layers that copy (docs/design.md §14)."""
+`retrieval-aware` plans read it to protect the layers that copy (docs/design.md §11)."""
 from __future__ import annotations
 
 import dataclasses

@@ -105,7 +105,7 @@ class Sampling:
     """How generation samples, as one argument. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters;
     a row stops after any of `stop_ids` (None: the model's EOS ids) or after `max_new_tokens`. Every field but
     `steps` is data inside the compiled loop, so changing them does not recompile; `steps` (static) is the loop's
-    output buffer, `max_new_tokens` rounded up to a power of two (`prepared`)."""
+    output buffer, `max_new_tokens` bucketed (`batching.bucket`: a power of two, at least 64; `prepared`)."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0

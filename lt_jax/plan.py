@@ -41,7 +41,7 @@ class Plan:
     # (lazy_layers is then empty until `resolve`); None = the lazy layers are fixed.
     select_lazy: int | None = None
     w_last: int = DEFAULT_W_LAST
-    # retrieval-aware: layers the per-prompt selection never makes lazy (from a calibration, docs/design.md §14);
+    # retrieval-aware: layers the per-prompt selection never makes lazy (from a calibration, docs/design.md §11);
     # data to the prefill, so another calibration of the same count does not recompile
     protect: tuple[int, ...] = ()
 

@@ -1,4 +1,4 @@
-"""Calibration probes: how much each attention head copies from far back in the prompt (docs/design.md §14).
+"""Calibration probes: how much each attention head copies from far back in the prompt (docs/design.md §11).
 
 Both probes run one exact forward (every layer full) per sample and read, for a few query columns, each query
 head's attention over the whole prompt (`attention_on`): whether its top-1 key is one of the query's targets, and

@@ -1,4 +1,4 @@
-"""Device meshes and where every array lives on one (docs/design.md §13).
+"""Device meshes and where every array lives on one (docs/design.md §12).
 
 One mesh description everywhere: a `jax.sharding.Mesh`, or a string "data=2,model=4" (axis=size pairs whose
 product is the device count; one size may be -1, "the rest"). Every array that gets a sharding names its axes

@@ -45,14 +45,14 @@ def run(args) -> dict:
     """Offline lazy-layer identification over many samples -> a plan file (and a plot)."""
     import numpy as np
     from lt_jax.lazy import calibrate
-    from lt_jax.plan import Plan, num_lazy
+    from lt_jax.plan import DEFAULT_SINK, DEFAULT_WINDOW, Plan, num_lazy
     from lt_jax.progress import progress_bar
     out = output_file(args.out, "--out", "a plan file", is_plan_file)
     plot = output_image(args.plot, "--plot")
     texts = read_samples(args.files, args.field)
     model = load_model(args)
-    sink = 4 if args.sink is None else args.sink
-    window = 1020 if args.window is None else args.window
+    sink = DEFAULT_SINK if args.sink is None else args.sink
+    window = DEFAULT_WINDOW if args.window is None else args.window
     context = min(args.context, model.config.max_position_embeddings)
     if context <= sink + window:
         raise LtJaxError(f"samples of --context {context} tokens are no longer than S + W = {sink + window}, so every "

@@ -1,4 +1,4 @@
-"""Training data (docs/design.md §12): files -> labelled token sequences -> the batch of a given step.
+"""Training data (docs/design.md §13): files -> labelled token sequences -> the batch of a given step.
 
 Formats, told apart per file and per JSONL line:
 - a plain text file (not .jsonl): tokenized whole, split into `seq_len` windows, every token labelled;

@@ -1,4 +1,4 @@
-"""`lt-jax train`'s loop around `train_step` (docs/design.md §12): checks every input before creating anything,
+"""`lt-jax train`'s loop around `train_step` (docs/design.md §13): checks every input before creating anything,
 saves with orbax's CheckpointManager (atomic saves, the last K kept), resumes bit-exactly (params, optimizer
 state and step restored; the data order is a function of the step), logs every step to train_log.jsonl and
 finishes the output directory as an lt-jax checkpoint whose default plan is the training plan.

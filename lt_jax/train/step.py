@@ -1,4 +1,4 @@
-"""LightTransfer-Train's step (docs/design.md §12): the causal-LM loss of the hybrid, whose streaming layers see
+"""LightTransfer-Train's step (docs/design.md §13): the causal-LM loss of the hybrid, whose streaming layers see
 only their S sinks and last W keys in training as in inference, and one AdamW update through optax.
 
 - `loss_fn(params, batch, cfg, plan)`: the mean next-token NLL over the labelled tokens, transformers' convention

@@ -19,7 +19,7 @@ COMMANDS = [convert, export, train, ppl, generate, demo, identify, calibrate, ev
             fetch]
 # these print their own summary
 QUIET = {"demo", "generate", "eval", "bench", "identify", "ppl", "train", "calibrate", "serve", "lm-eval", "compile"}
-NO_PERSISTENT_CACHE = {"convert", "bench"}  # bench reports compile times
+NO_PERSISTENT_CACHE = {"convert", "bench", "compile"}  # bench and compile report compile times
 
 
 class _UsageError(Exception):

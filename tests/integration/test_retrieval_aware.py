@@ -179,13 +179,13 @@ def test_generate_from_a_measuring_prefill_keeps_the_protection(deep):
     _, model = deep
     cfg = model.config
     prompt = np.random.default_rng(5).integers(0, 300, 80).astype(np.int32)
-    measure = Plan(LAYERS, sink=S, window=W, w_last=W_LAST, select_lazy=0).validate(cfg)
+    measure = Plan(LAYERS, sink=SINK, window=W, w_last=W_LAST, select_lazy=0).validate(cfg)
     shared = model.prefill([prompt], measure, 128)
     ratios = shared.ratios[0]
     top = top_lazy(ratios, 2)
     scores = np.zeros(LAYERS)
     scores[top] = 1.0
-    plan = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=S, window=W, w_last=W_LAST, protect=2,
+    plan = make_plan("retrieval-aware", cfg, lazy_fraction=0.5, sink=SINK, window=W, w_last=W_LAST, protect=2,
                      calibration=fake_calibration(scores))
     assert plan.protect == tuple(top)
     own = model.prefill([prompt], plan, 128).plan.lazy_layers

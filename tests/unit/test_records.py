@@ -65,7 +65,7 @@ def test_a_file_made_with_other_settings_is_refused_naming_what_differs(tmp_path
     out = tmp_path / "out.jsonl"
     write(out, [{"id": "a"}], meta={"model": "tiny", "plan": "lighttransfer"})
     before = out.read_bytes()
-    with pytest.raises(LtJaxError, match=r"other settings \(plan differ\)"):
+    with pytest.raises(LtJaxError, match=r"other settings \(plan: the file has 'lighttransfer', this run 'full'\)"):
         Records(out, META, key)
     assert out.read_bytes() == before
 

@@ -98,6 +98,7 @@ def test_search_max_batch_equals_brute_force(shape, budget):
         assert len(probes) <= 4, probes  # the secant lands at once
 
 
+@pytest.mark.slow  # the max-batch search on a real compile (~45 s)
 def test_max_batch_fits_and_one_more_does_not(model, exe, plans, throughput):
     """On XLA's buffer plans: the batch found fits the budget and one more does not, for full and a 50 % plan
     (the plan's batch >= full's); few compilations."""

@@ -295,7 +295,7 @@ def _rows(path: Path, n: int):
     return lambda _err: path.exists() and len(path.read_text().splitlines()) >= 1 + n
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("command", ["generate", pytest.param("eval", marks=pytest.mark.slow)])
 def test_ctrl_c_ends_in_one_line(command, tiny_ckpt, tiny_chat, tmp_path):
     """A real SIGINT mid-run: exit 130, one line saying how far it got and how to continue (no traceback), and the
     result file consistent (every line whole JSON; the rerun resumes it: test_serving, test_eval)."""

@@ -123,6 +123,7 @@ def _eval_cmd(model_dir, out, extra=()):
             "--json", *TINY_ARGS, *extra]
 
 
+@pytest.mark.slow  # SIGKILL resume stays in test_serving; the repair rules in tests/unit/test_records.py
 def test_resume_after_a_killed_run(tiny_chat, tmp_path):
     """Kill the process mid-run (SIGKILL), leave a half-written row behind, rerun: no row lost or doubled, and the
     summary equals that of an uninterrupted run."""
@@ -209,6 +210,7 @@ def test_unknown_task_and_foreign_results_file(tiny_chat, tmp_path, capsys):
         capsys.readouterr()
 
 
+@pytest.mark.slow  # LongBench's metrics stay in test_longbench.py
 def test_longbench_end_to_end(tiny_chat, tmp_path, capsys):
     """LongBench's fixtures: chat template only where LongBench applies one, middle truncation to --max-length,
     every row scored by the official metric, one table column per dataset."""

@@ -142,6 +142,7 @@ def on_mesh(tmp_path_factory):
                                                            "qwen2:data=4,model=2", "--train", "--cli"])
 
 
+@pytest.mark.slow  # one 8-device worker (~2 min); specs: tests/unit/test_sharding.py, a mesh run: test_serving's two-process test
 def test_meshes_match_one_device(on_mesh, smollm2_config):
     """Llama (GQA) on all four meshes, Mistral and Qwen2 on one each: logits, greedy ids, lighttransfer's choice,
     compile counts, cache donation, cache bytes and weight fractions per device."""
@@ -163,6 +164,7 @@ def test_smollm2_on_meshes_its_heads_do_not_divide(tmp_path, smollm2_config):
     assert _check_mesh_results(result, smollm2_config) == 3
 
 
+@pytest.mark.slow  # one 8-device worker (~2 min); specs: tests/unit/test_sharding.py, a mesh run: test_serving's two-process test
 def test_train_on_a_mesh(on_mesh):
     """`lt-jax train`'s loop on data=4,model=2: the logged losses of 3 steps equal one device's, and the donated
     state keeps one compilation of the step (its counters are put on the mesh, its specs in jit's form)."""
@@ -174,6 +176,7 @@ def test_train_on_a_mesh(on_mesh):
     assert mesh["step_compilations"] == one["step_compilations"] == 1
 
 
+@pytest.mark.slow  # one 8-device worker (~2 min); specs: tests/unit/test_sharding.py, a mesh run: test_serving's two-process test
 def test_every_model_command_takes_a_mesh(on_mesh):
     """ppl, generate, identify, bench and train with --mesh data=2,model=4 exit 0 and give one device's results."""
     cli = on_mesh["cli"]
@@ -213,6 +216,7 @@ def _rows(path):
             for r in map(json.loads, path.read_text().splitlines()[1:])}
 
 
+@pytest.mark.slow  # two processes; test_serving's two-process CLI test stays in the default suite
 def test_eval_on_two_processes(tiny_chat, tmp_path, capsys):
     """Two jax.distributed processes of 4 CPU devices each: the same rows and summary as one process; a process
     killed mid-run, both rerun: nothing lost, nothing doubled, no part file left."""

@@ -78,7 +78,8 @@ def target(topology: str, mesh: str | None = None) -> Target:
         devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as e:  # noqa: BLE001 (libtpu absent or the name unknown: one sentence either way)
         raise LtJaxError(f"target {topology!r}: no TPU topology description ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); TPU targets need libtpu: pip install \"jax[tpu]\".") from None
+                         f"{str(e).splitlines()[0][:200]}); TPU targets need libtpu: "
+                         f"pip install \"jax[tpu]\".") from None
     return Target(topology, chip, sharding.make_mesh(mesh or f"model={len(devices)}", devices))
 
 

@@ -10,7 +10,8 @@ HELP = "compile every program for a TPU slice ahead of time (no TPU needed) and 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="an HF config.json, or a directory holding one (e.g. configs/Llama-3.1-8B-Instruct)")
+    parser.add_argument("model",
+                        help="an HF config.json, or a directory holding one (e.g. configs/Llama-3.1-8B-Instruct)")
     parser.add_argument("--target", default="v5e:2x4", help="TPU topology, e.g. v5e:2x4, v6e:2x2, v5p:2x2x4 "
                         "(chips: v4, v5e, v5p, v6e; default v5e:2x4)")
     parser.add_argument("--mesh", default=None, help="mesh over the slice's chips, e.g. data=1,model=8 "

@@ -160,3 +160,17 @@ def atomic_dir(out: str | Path, flag: str = "output directory"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def differences(old: dict, new: dict, old_as: str = "the file has", new_as: str = "this run",
+                prefix: str = "") -> list[str]:
+    """'sampling.temperature: the file has 0.0, this run 0.7' for each setting that differs between what an
+    output was made with and what this run would make (nested dicts opened): why a resume is refused."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, old_as, new_as, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {old_as} {a!r}, {new_as} {b!r}")
+    return out

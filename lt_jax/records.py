@@ -24,6 +24,7 @@ from typing import Callable
 
 from lt_jax import distributed
 from lt_jax.errors import LtJaxError
+from lt_jax.files import differences
 
 
 class Records:
@@ -63,7 +64,7 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
         raise LtJaxError(f"{path} is not a results file of {what} (its first line is not the settings line); give "
                          f"another output file.")
     if meta is not None and lines[0]["meta"] != meta:
-        diff = "; ".join(_differences(lines[0]["meta"] or {}, meta))
+        diff = "; ".join(differences(lines[0]["meta"] or {}, meta))
         raise LtJaxError(f"{path} holds results made with other settings ({diff}); give another output file or "
                          f"delete it.")
     if partial and repair:  # ours, with a killed run's half-written row: drop it
@@ -78,17 +79,6 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
             raise LtJaxError(f"{path} line {number} is not a result row of {what}.") from None
     return rows
 
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'sampling.temperature: the file has 0.0, this run 0.7' per setting that differs (nested dicts opened)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: the file has {a!r}, this run {b!r}")
-    return out
 
 
 def _parse(path: Path, number: int, line: str, what: str) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 
 from lt_jax import sharding
 from lt_jax.errors import LtJaxError
-from lt_jax.files import write_atomic
+from lt_jax.files import differences, write_atomic
 from lt_jax.plan import Plan
 from lt_jax.train.data import Sequences, eval_batches, make_batch, read_sequences, step_rows
 from lt_jax.train.step import (TrainSettings, TrainState, eval_terms, host_metrics, init_state, model_weights,
@@ -55,16 +55,6 @@ def defining(model, plan: Plan, settings: TrainSettings, options: RunOptions, da
             "seq_len": options.seq_len, "batch_size": options.batch_size, "grad_accum": options.grad_accum,
             "seed": options.seed, "data": data.fingerprint(), "sequences": len(data)}
 
-
-def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key} (saved {a!r}, now {b!r})")
-    return out
 
 
 def check_out(out: Path, resume: bool):
@@ -141,7 +131,7 @@ def train(model, plan: Plan, data_paths, out, settings: TrainSettings, options: 
     run = defining(model, plan, settings, options, data)
     if resume:
         saved = json.loads((out / RUN_FILE).read_text())
-        diff = _differences(saved, run)
+        diff = differences(saved, run, "saved", "now")
         if diff:
             raise LtJaxError(f"--resume: {out} was trained with other settings: {'; '.join(diff)}.")
         if (out / "lt_config.json").exists():

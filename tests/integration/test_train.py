@@ -370,7 +370,7 @@ def test_bad_input_one_sentence_and_nothing_written(tiny_ckpt, tmp_path):
     ids = np.arange(40)[None]
     assert np.abs(lt_jax.load(out).logits(ids) - lt_jax.load(tiny_ckpt).logits(ids)).max() > 1e-4
     run = _cli("train", *base, "--out", out, "--resume", "--lr", "2e-3", "--lora-rank", 2, check=False)
-    assert run.returncode == 2 and "settings.lr (saved 0.001, now 0.002)" in run.stderr
+    assert run.returncode == 2 and "settings.lr: saved 0.001, now 0.002" in run.stderr
     run = _cli("train", *base, "--out", out, check=False)
     assert run.returncode == 2 and "already exists; pass --resume" in run.stderr
     # a non-finite loss stops the run, names the step and keeps the last good checkpoint

@@ -16,12 +16,14 @@ def add_arguments(parser) -> None:
                         "(chips: v4, v5e, v5p, v6e; default v5e:2x4)")
     parser.add_argument("--mesh", default=None, help="mesh over the slice's chips, e.g. data=1,model=8 "
                         "(default: every chip on model)")
-    parser.add_argument("--context", type=int, default=8192, help="tokens of context (prompt + generation)")
-    parser.add_argument("--batch", type=int, default=8, help="decode batch (rows)")
+    parser.add_argument("--context", type=int, default=8192,
+                        help="tokens of context (prompt + generation; default 8192)")
+    parser.add_argument("--batch", type=int, default=8, help="decode batch (rows; default 8)")
     parser.add_argument("--plans", default="full,lighttransfer", help="comma list of plans (full, streaming, first, "
-                        "last, lighttransfer, ...)")
-    parser.add_argument("--lazy-fraction", type=float, default=0.5)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="weights and KV cache")
+                        "last, lighttransfer, ...; default full,lighttransfer)")
+    parser.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="weights and KV cache (default bfloat16)")
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
     parser.add_argument("--max-batch", action="store_true", help="also the largest decode batch per plan that fits")
 

@@ -32,7 +32,8 @@ def model(tiny_ckpt):
     return lt_jax.load(tiny_ckpt)
 
 
-@pytest.mark.parametrize("spec", list(PLANS))
+# all-full: the same engine without lazy layers (the slow tier; the server tests compare full with generate too)
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.slow) if s == "full" else s for s in PLANS])
 def test_stream_rows_equal_lone_generate(model, spec):
     """40 prompts of 5..192 tokens, budgets 1..24 and stop ids, 4 rows at a time: each row's greedy ids, plan and
     ratios equal `generate` of that prompt alone; rows finish out of input order, by stop id and by budget."""

@@ -290,6 +290,7 @@ TRAIN_ARGS = ["--plan", "last", "--lazy-fraction", "0.34", "--sink", "2", "--win
               "--batch-size", "2", "--lr", "1e-3", "--warmup", "3"]
 
 
+@pytest.mark.slow  # a subprocess killed mid-run (~30 s); resume's refusals and the settings check stay by default
 def test_resume_after_sigkill_is_bit_exact_and_exports_to_transformers(tiny_ckpt, tmp_path):
     """A run killed with SIGKILL between checkpoints and resumed ends with the parameters of an uninterrupted
     run, bit for bit, with every step logged once; the trained model loads with its plan as the default, and its

@@ -61,7 +61,7 @@ def run(args) -> dict:
     tgt = aot.target(args.target, args.mesh)
     rows, best_batch = [], {}
     if not args.json:
-        print(f"{cfg.source} on {tgt.topology} (mesh {dict(tgt.mesh.shape)}, {tgt.chip.name}: "
+        print(f"{args.model} on {tgt.topology} (mesh {dict(tgt.mesh.shape)}, {tgt.chip.name}: "
               f"{_gib(tgt.chip.hbm_bytes)} GiB HBM per chip); per chip, GiB; compiled, not run")
         print(f"{'program':24} {'plan':14} {'B':>4} {'T':>7} {'weights':>8} {'kv':>7} {'temp':>7} {'out':>7} "
               f"{'total':>7} fits {'compile s':>9} {'GFLOP':>10} {'GB':>8} {'roofline ms':>11}")

@@ -120,6 +120,10 @@ def test_cli_compile_reads_a_config_and_prints_rows(tmp_path, capsys):
     assert [r["program"] for r in rows] == ["prefill exact", "generate_loop", "decode_chunk", "insert_rows",
                                             "token_nll"]
     assert all(r["compiled_not_run"] and r["flops"] > 0 for r in rows)
+    assert main(["compile", str(tmp_path), "--target", "v5e:2x2", "--context", "128", "--batch", "2", "--plans",
+                 "full", "--no-train"]) == 0  # the table a user reads
+    table = capsys.readouterr().out.splitlines()
+    assert str(tmp_path) in table[0] and len(table) == 2 + len(rows) and table[2].startswith("prefill exact")
     assert main(["compile", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no config.json" in err, err

@@ -2,8 +2,9 @@
 
 Ctrl-C (SIGINT) raises KeyboardInterrupt at once, as Python's default handler does, and also sets a flag that
 every progress bar checks when it advances: an interrupt that lands where an exception is swallowed (a callback
-run by the garbage collector, say) is raised again at the next work item instead of being lost. The command line
-ends the run with one line saying how far it got (`where`) and exit status 130.
+run by the garbage collector, say) is raised again at the next work item instead of being lost, and Python's
+"Exception ignored in ..." report of the swallowed one is silenced. The command line ends the run with one line
+saying how far it got (`where`) and exit status 130.
 """
 from __future__ import annotations
 
@@ -43,10 +44,18 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _quiet_swallowed_interrupt(unraisable):
+    # A KeyboardInterrupt raised inside a finalizer cannot propagate; check_interrupt raises it again later.
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _state["interrupted"]:
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def catch_interrupts():
     """Install the handler (main thread only: the command line's entry point)."""
     _state.update(interrupted=False, where=None)
     signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = _quiet_swallowed_interrupt
 
 
 def check_interrupt():

@@ -9,7 +9,7 @@ from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument,
                               plan_flag_values, plan_flags,
                               run_flags)
 from lt_jax.errors import LtJaxError
-from lt_jax.files import output_file, output_image, read_text
+from lt_jax.files import output_image, read_text
 
 NAME = "eval"
 HELP = ("run evaluation methods side by side on one task (niah, passkey, ppl, longbench); per-example rows go to a "
@@ -105,8 +105,7 @@ def run(args) -> dict:
     if len(set(methods)) != len(methods):
         raise LtJaxError(f"--methods names a method twice: {args.methods}.")
     options = {m: method_options(m) for m in methods}  # before the load
-    out = output_file(args.out or f"eval-{args.task}.jsonl", "--out", f"a results file of {WHAT}",
-                      lambda p: records.read_rows(p, None, evaluate.row_key, WHAT))
+    out = records.output(args.out or f"eval-{args.task}.jsonl", "--out", WHAT, evaluate.row_key)
     plot = output_image(args.plot, "--plot")
     ratio_plot = output_image(args.ratio_plot, "--ratio-plot")
     flags = plan_flag_values(args)

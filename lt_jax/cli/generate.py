@@ -7,8 +7,8 @@ with continuous batching (`lt_jax.serving`), resumable.
 output row. Every line is checked, and every prompt tokenized and measured against the context, before the model
 runs: a bad line is one sentence naming the file and line, and nothing is written.
 
---output (`lt_jax.records`): a first line {"meta": the settings}, then one row per prompt in the order rows
-finish, each appended, flushed and fsync'd: the carried fields, `index` (the prompt's place among the input's
+--output (`lt_jax.records`): one row per prompt in the order rows finish, each appended, flushed and fsync'd (the
+settings in the sidecar OUT.meta.json): the carried fields, `index` (the prompt's place among the input's
 records), `text`, `ids`, `plan`, `lazy_ratios` (selecting plans), `prompt_tokens`, `new_tokens`, `finish_reason`. A
 rerun with the same settings skips the rows already there (a killed run's half-written last line is dropped); other
 settings are refused. The batch size is not a setting: a row's result does not depend on its batch. Several
@@ -25,7 +25,7 @@ from lt_jax.cli.flags import (POSITIVE, check_plans, load_model, model_argument,
                               parse_ids, plan_flag_values, plan_flags, plan_from_args, plan_json, run_flags, sampling,
                               sampling_flags, say)
 from lt_jax.errors import LtJaxError
-from lt_jax.files import numbered_jsonl, output_file, read_text
+from lt_jax.files import numbered_jsonl, read_text
 
 NAME = "generate"
 HELP = "generate a continuation with a full, streaming or hybrid layer plan"
@@ -174,8 +174,7 @@ def generate_file(args) -> dict:
     if args.input is None or args.output is None:
         raise LtJaxError("--input and --output go together (a JSONL of prompts in, a JSONL of results out).")
     src = Path(args.input)
-    out = output_file(args.output, "--output", f"a results file of {WHAT}",
-                      lambda p: records.read_rows(p, None, row_key, WHAT))
+    out = records.output(args.output, "--output", WHAT, row_key)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise LtJaxError(f"--output {out} is the --input file.")
     records_in, digest = read_requests(src)

@@ -7,8 +7,8 @@ takes the top-k of the measured ratios (tested equal to the priority queue's cho
 which layers are lazy, and a prompt is prefilled once however many methods run. Perplexity examples are scored by
 one masked forward per method (`Model.token_nll`: the plan is data, so per-prompt lazy sets never recompile).
 
-Rows are appended and flushed one at a time (`lt_jax.records`); the first line records what the file was made
-with. A rerun skips the (example, method) pairs already written, drops a row a killed run left half-written, and
+Rows are appended and flushed one at a time (`lt_jax.records`); the sidecar OUT.meta.json records what they were
+made with. A rerun skips the (example, method) pairs already written, drops a row a killed run left half-written, and
 refuses a file made with other settings, so an interrupted run loses at most one row and never counts one twice.
 Several processes (`lt_jax.distributed`) split the examples by position, each writing its own part file, which
 process 0 merges once all are done; the rows and the summary are those of one process on the same examples.

@@ -99,7 +99,7 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
                              f"give another output file or delete both.")
         settings = old_settings
     if settings is None:
-        if rows:
+        if raw.strip():  # even a lone unfinished line: ours are never written before their sidecar
             raise LtJaxError(f"{path} is not a results file of {what}: it has no settings file {sidecar(path).name} "
                              f"next to it and no settings line; give another output file.")
         return []

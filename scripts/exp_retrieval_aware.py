@@ -58,7 +58,7 @@ def load_rows(tag: str) -> dict:
         task = f.name.split("-")[0]
         if task == "query":  # scripts/exp_query_sets.py's rows
             continue
-        out.setdefault(task, []).extend(json.loads(line) for line in f.read_text().splitlines()[1:])
+        out.setdefault(task, []).extend(json.loads(line) for line in f.read_text().splitlines())
     return out
 
 

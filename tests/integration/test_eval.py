@@ -132,28 +132,28 @@ def test_resume_after_a_killed_run(tiny_chat, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(_eval_cmd(tiny_chat, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
-    killed = sigkill_when(proc, lambda: out.exists() and len(out.read_text().splitlines()) >= 1 + 5)
+    killed = sigkill_when(proc, lambda: out.exists() and len(out.read_text().splitlines()) >= 5)
     written = out.read_text().splitlines()
-    assert killed and 1 + 5 <= len(written) < 1 + total, "not killed mid-run"
+    assert killed and 5 <= len(written) < total, "not killed mid-run"
     with open(out, "a") as f:
         f.write('{"example": "300/0.2/0", "method": "fu')  # what a kill during a write leaves
     resumed = subprocess.run(_eval_cmd(tiny_chat, out), capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "dropping an incomplete last row" in resumed.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
-    assert rows[:len(written) - 1] == [json.loads(line) for line in written[1:]]  # kept as they were
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every line a row (the settings: a sidecar)
+    assert rows[:len(written)] == [json.loads(line) for line in written]  # kept as they were
     assert len(rows) == total and len({(r["example"], r["method"]) for r in rows}) == total
     again = tmp_path / "again.jsonl"
     fresh = subprocess.run(_eval_cmd(tiny_chat, again), capture_output=True, text=True, env=env)
     assert fresh.returncode == 0, fresh.stderr
     assert json.loads(resumed.stdout)["summary"] == json.loads(fresh.stdout)["summary"]
     by_key = lambda path: {(r["example"], r["method"]): (r["answer"], r["score"], r["lazy_layers"])  # noqa: E731
-                           for r in map(json.loads, path.read_text().splitlines()[1:])}
+                           for r in map(json.loads, path.read_text().splitlines())}
     fresh_rows = by_key(again)
     assert by_key(out) == fresh_rows  # row by row, not only the summary
     assert len({answer for answer, _, _ in fresh_rows.values()}) > 1  # answers differ across methods/examples
     rerun = subprocess.run(_eval_cmd(tiny_chat, out), capture_output=True, text=True, env=env)  # nothing left
-    assert rerun.returncode == 0 and len(out.read_text().splitlines()) == 1 + total
+    assert rerun.returncode == 0 and len(out.read_text().splitlines()) == total
     assert "already complete (32 rows)" in rerun.stderr and "0run" not in rerun.stderr
 
 
@@ -234,7 +234,7 @@ def test_longbench_end_to_end(tiny_chat, tmp_path, capsys):
                  "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["summary"]["columns"] == sorted(examples)
-    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 * sum(min(2, len(longbench.load(f)[1])) for f in data.glob("*.jsonl"))
     by_id = {f"{ds.name}/{r.get('_id', i)}": (ds, r) for f in data.glob("*.jsonl")
              for ds, records in [longbench.load(f)] for i, r in enumerate(records)}

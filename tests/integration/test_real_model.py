@@ -117,13 +117,17 @@ def test_demo_json(assets, capsys):
 
 @pytest.mark.slow
 def test_readme_python_blocks_run_as_pasted(assets, tmp_path):
-    """Every ```python block of the README, joined in order, runs in the repository root on the real model."""
+    """Every ```python block of the README, then of docs/cli.md (which continue the README's), joined in order,
+    runs in the repository root on the real model; but the OpenAI client's, which needs the server the shell block
+    above it starts (tests/integration/test_server.py runs that client)."""
     import re
     import subprocess
     import sys
     from conftest import REPO
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    assert len(blocks) >= 3
+    blocks = [block for doc in ("README.md", "docs/cli.md")
+              for block in re.findall(r"```python\n(.*?)```", (REPO / doc).read_text(), re.S)
+              if "base_url=" not in block]
+    assert len(blocks) >= 5
     script = tmp_path / "readme.py"
     script.write_text("\n".join(blocks))
     run = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=900)

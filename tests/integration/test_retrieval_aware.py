@@ -242,7 +242,7 @@ def test_calibrate_and_eval_from_the_cli(tiny_chat, tmp_path, capsys):
     assert main(["eval", str(tiny_chat), "--task", "passkey", "--lengths", "300", "--depths", "0.5", "--samples",
                  "2", "--sink", "4", "--window", "64", "--max-new-tokens", "3", "--out", str(out), "--json",
                  "--methods", methods]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8
     model = lt_jax.load(tiny_chat)
     from lt_jax.eval.evaluate import Retrieval

@@ -4,6 +4,7 @@ input before the model runs. One tiny converted checkpoint and its compiled func
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,9 +125,8 @@ def generate(ckpt, src, out, *extra):
 
 
 def rows_of(path):
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert "meta" in lines[0]
-    return {r["index"]: r for r in lines[1:]}
+    assert json.loads(Path(f"{path}.meta.json").read_text())["written_by"] == "lt-jax generate"
+    return {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}  # every line a row
 
 
 @pytest.fixture(scope="module")
@@ -151,17 +151,21 @@ def test_cli_writes_one_row_per_prompt(model, requests, clean):
 
 
 def test_cli_resumes_a_killed_run(tiny_ckpt, requests, clean, tmp_path, capsys):
-    """A run killed after 5 rows and in the middle of the 6th: the rerun drops the half line and writes exactly
-    the 7 missing rows; the file then equals a clean run's rows."""
+    """A run of an earlier version (the settings as a first line {"meta": ...}) killed after 5 rows and in the
+    middle of the 6th: the rerun converts it to rows and sidecar, drops the half line and writes exactly the 7
+    missing rows; the file then equals a clean run's rows."""
     src, _, _ = requests
     out = tmp_path / "out.jsonl"
     lines = clean.read_text().splitlines(keepends=True)
-    out.write_text("".join(lines[:6]) + lines[6][:len(lines[6]) // 2])
+    settings = json.loads(Path(f"{clean}.meta.json").read_text())["settings"]
+    out.write_text(json.dumps({"meta": settings}) + "\n" + "".join(lines[:5]) + lines[5][:len(lines[5]) // 2])
     capsys.readouterr()
     assert generate(tiny_ckpt, src, out) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert (summary["rows"], summary["skipped"]) == (7, 5)
-    assert len(out.read_text().splitlines()) == 13  # meta + 12, no duplicate
+    assert "moving its settings line to out.jsonl.meta.json and dropping an incomplete last row" in captured.err
+    assert len(out.read_text().splitlines()) == 12  # no settings line, no duplicate
     assert rows_of(out) == rows_of(clean)
     assert generate(tiny_ckpt, src, out) == 0  # complete: nothing to do
     assert json.loads(capsys.readouterr().out)["rows"] == 0
@@ -220,7 +224,7 @@ def test_cli_on_two_processes_with_a_mesh(tiny_ckpt, requests, clean, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert [last_json(o)["rows"] for o, _ in outputs] == [6, 6]
     lines = out.read_text().splitlines()
-    assert len(lines) == 1 + 12 and [json.loads(line)["index"] for line in lines[1:]] == list(range(12))
+    assert [json.loads(line)["index"] for line in lines] == list(range(12))
     assert rows_of(out) == rows_of(clean)
     assert not list(tmp_path.glob("out.jsonl.part-*"))
 
@@ -241,12 +245,12 @@ def test_cli_resumes_after_sigkill(tiny_ckpt, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([*cmd, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
-    killed = sigkill_when(proc, lambda: out.exists() and len(out.read_text().splitlines()) >= 1 + 3)
-    kept = len(out.read_text().splitlines()) - 1
+    killed = sigkill_when(proc, lambda: out.exists() and len(out.read_text().splitlines()) >= 3)
+    kept = len(out.read_text().splitlines())
     assert killed and 3 <= kept < 30, "not killed mid-run"
     assert main(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(out), *flags]) == 0
     assert main(["generate", str(tiny_ckpt), "--input", str(src), "--output", str(clean), *flags]) == 0
-    indices = [json.loads(line)["index"] for line in out.read_text().splitlines()[1:]]
+    indices = [json.loads(line)["index"] for line in out.read_text().splitlines()]
     assert sorted(indices) == list(range(30))  # none missing, none twice
     assert rows_of(out) == rows_of(clean)
 

@@ -213,7 +213,7 @@ def _start_processes(model, out, port, mesh="data=8,model=1"):
 
 def _rows(path):
     return {(r["example"], r["method"]): (r["answer"], r["score"], r["lazy_layers"])
-            for r in map(json.loads, path.read_text().splitlines()[1:])}
+            for r in map(json.loads, path.read_text().splitlines())}
 
 
 @pytest.mark.slow  # two processes; test_serving's two-process CLI test stays in the default suite
@@ -233,27 +233,27 @@ def test_eval_on_two_processes(tiny_chat, tmp_path, capsys):
     summaries = [last_json(o)["summary"] for o, _ in outputs]
     assert summaries == [reference["summary"]] * 2
     lines = out.read_text().splitlines()
-    assert len(lines) == 1 + total and _rows(out) == _rows(single)
-    assert [json.loads(line)["example"] for line in lines[1:]] == [
-        json.loads(line)["example"] for line in single.read_text().splitlines()[1:]]  # one process's order
-    assert not list(tmp_path.glob("two.jsonl.part-*"))
+    assert len(lines) == total and _rows(out) == _rows(single)
+    assert [json.loads(line)["example"] for line in lines] == [
+        json.loads(line)["example"] for line in single.read_text().splitlines()]  # one process's order
+    assert not list(tmp_path.glob("two.jsonl.part-*")) and (tmp_path / "two.jsonl.meta.json").exists()
 
     killed = tmp_path / "killed.jsonl"
     procs = _start_processes(tiny_chat, killed, _free_port())
     part = tmp_path / "killed.jsonl.part-1-of-2"
-    assert sigkill_when(procs[1], lambda: part.exists() and len(part.read_text().splitlines()) >= 1 + 3), \
+    assert sigkill_when(procs[1], lambda: part.exists() and len(part.read_text().splitlines()) >= 3), \
         "process 1 was not killed mid-run"
     procs[0].kill()  # its peer is gone: the job is over (it would wait at the barrier)
     procs[0].wait()
-    assert not killed.exists() or len(killed.read_text().splitlines()) == 1
-    kept = len(part.read_text().splitlines()) - 1
+    assert not killed.exists() or not killed.read_text()
+    kept = len(part.read_text().splitlines())
     assert 3 <= kept < total // 2
     procs = _start_processes(tiny_chat, killed, _free_port())
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert last_json(outputs[0][0])["summary"] == reference["summary"]
     lines = killed.read_text().splitlines()
-    assert len(lines) == 1 + total and _rows(killed) == _rows(single)
+    assert len(lines) == total and _rows(killed) == _rows(single)
     assert not list(tmp_path.glob("killed.jsonl.part-*"))
 
 

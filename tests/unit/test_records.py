@@ -211,7 +211,11 @@ def test_rows_without_settings_and_a_foreign_sidecar_are_refused_naming_the_file
     with pytest.raises(LtJaxError) as e:
         Records(out, META, key)
     assert str(e.value) == message and out.read_text() == '{"id": "a"}\n'
-    assert not Path(f"{out}.meta.json").exists()
+    out.write_text('{"id": "a"')  # not even one whole line
+    with pytest.raises(LtJaxError, match="it has no settings file"):
+        Records(out, META, key)
+    assert out.read_text() == '{"id": "a"' and not Path(f"{out}.meta.json").exists()
+    out.write_text('{"id": "a"}\n')
     with pytest.raises(LtJaxError, match=f"--out {out} exists and is not a results file of lt-jax eval"):
         records.output(out, "--out", WHAT, key)  # the guard, before any work
     out.unlink()

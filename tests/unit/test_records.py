@@ -45,17 +45,20 @@ def test_a_result_loads_in_pandas_and_datasets_one_row_per_result(tmp_path, monk
     datasets = pytest.importorskip("datasets")
     out = tmp_path / "out.jsonl"
     result = Records(out, META, key)
-    rows = [{"id": f"e{i}", "method": m, "score": i / 4, "answer": "12345", "lazy_layers": [1, 3]}
-            for i in range(3) for m in ("full", "streaming")]
+    # as rows are: a field only some methods have (ratios), a null (a prompt given as ids has no text)
+    rows = [{"id": f"e{i}", "method": m, "score": i / 4, "text": None if i == 1 else "12345", "lazy_layers": [1, 3],
+             **({"ratios": [0.5, 0.25]} if m == "lighttransfer" else {})}
+            for i in range(3) for m in ("full", "lighttransfer")]
     for row in rows:
         result.add(row)
+    columns = ["id", "method", "score", "text", "lazy_layers", "ratios"]
     frame = pd.read_json(out, lines=True)
-    assert len(frame) == 6 and list(frame.columns) == ["id", "method", "score", "answer", "lazy_layers"]
+    assert len(frame) == 6 and list(frame.columns) == columns
     assert frame["score"].tolist() == [r["score"] for r in rows]
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ds = datasets.load_dataset("json", data_files=str(out), split="train", cache_dir=str(tmp_path / "cache"))
-    assert ds.num_rows == 6 and ds.column_names == ["id", "method", "score", "answer", "lazy_layers"]
-    assert ds[5] == rows[5]
+    assert ds.num_rows == 6 and ds.column_names == columns
+    assert [ds[i] for i in range(6)] == [{"ratios": None, **r} for r in rows]
     assert settings(out) == {"written_by": WHAT, "settings": META}
 
 

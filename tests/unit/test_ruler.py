@@ -91,7 +91,7 @@ def test_niah_needles_answers_and_depths(sources, task):
     asked = re.search(rf"What (?:is|are all) the special magic {noun} for (.*) mentioned in the provided text\?$",
                       p.user).group(1)
     asked = asked.replace(", and ", ", ").split(", ") if spec.queries > 1 else [asked]
-    assert len(asked) == spec.queries and set(asked) <= {k for k, _ in needles}
+    assert len(set(asked)) == len(asked) == spec.queries and set(asked) <= {k for k, _ in needles}
     query = ", ".join(asked[:-1]) + ", and " + asked[-1] if len(asked) > 1 else asked[0]
     verb = "is" if singular else "are"
     assert p.prefix == f" The special magic {noun} for {query} mentioned in the provided text {verb}"

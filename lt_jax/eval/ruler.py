@@ -139,7 +139,6 @@ class Sample:
     prompt: Prompt
     ids: list[int]
     max_new_tokens: int
-    units: int                 # haystack size chosen: sentences (niah, vt) or words (cwe, fwe)
 
 
 # `render(user, prefix) -> prompt ids` as the model sees them; `count(text) -> tokens` of plain text
@@ -150,10 +149,14 @@ Count = Callable[[str], int]
 def model_renderer(model) -> tuple[Render, Count]:
     """How the prompt reaches `model`: its chat template around the task text, then the answer prefix (RULER's
     prepare.py:87, model template + answer prefix); a model without a chat template gets the plain text."""
-    tokens = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    def tokens(text):
+        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count(text):
+        return len(tokens(text))
     if getattr(model.tokenizer, "chat_template", None):
-        return (lambda user, prefix: model.chat_ids(user) + tokens(prefix)), lambda text: len(tokens(text))
-    return (lambda user, prefix: model.encode(user + prefix)), lambda text: len(tokens(text))
+        return (lambda user, prefix: model.chat_ids(user) + tokens(prefix)), count
+    return (lambda user, prefix: model.encode(user + prefix)), count
 
 
 def generate(task: str, length: int, seed, render: Render, count: Count, sources: Sources,
@@ -190,7 +193,7 @@ def generate(task: str, length: int, seed, render: Render, count: Count, sources
                          f"tokens; use a longer length.")
     if n == cap:
         raise ValueError(f"{task}: the essays' vocabulary ({cap} words) is too small to fill {length} tokens.")
-    return Sample(found[0], found[1], new, n)
+    return Sample(*found, new)
 
 
 def _largest(fits, lo: int, cap: int | None):

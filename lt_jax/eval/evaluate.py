@@ -318,9 +318,9 @@ def _round(ratios):
 # ---- summary ---------------------------------------------------------------------------------------------
 
 def summarize(task, rows: list[dict], methods: list[str]) -> dict:
-    """{"columns": [...], "methods": {method: {column: value, "average": value, "examples": n}}}. Retrieval and
-    LongBench: mean score x 100 per column, the average over columns (LongBench's macro average); perplexity:
-    exp(total NLL / tokens)."""
+    """{"columns": [...], "methods": {method: {column: value, "average": value, "examples": n}}}. Retrieval,
+    LongBench and RULER: mean score x 100 per column, the average over columns (LongBench's macro average, RULER's
+    average over tasks); perplexity: exp(total NLL / tokens)."""
     columns = sorted({task.column(r) for r in rows}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else c))
     value = getattr(task, "aggregate", None) or (lambda rs: 100 * float(np.mean([r["score"] for r in rs])))
     table = {}

@@ -186,12 +186,14 @@ class Ruler:
         order = list(ruler.TASKS)  # a task's seed is its place in the suite, not in --task's list
         for length in self.lengths:
             for task in self.tasks:
+                units = None  # the previous sample's haystack size: the next search starts there
                 for s in range(self.samples):
                     try:
                         sample = ruler.generate(task, length, [self.seed, order.index(task), length, s], render,
-                                                count, sources, self.max_new_tokens)
+                                                count, sources, self.max_new_tokens, units)
                     except ValueError as e:
                         raise LtJaxError(f"ruler {e}") from None
+                    units = sample.units
                     yield Example(f"{task}/{length}/{s}", {"task": task, "length": length}, sample.ids,
                                   sample.max_new_tokens, target=sample.prompt.answers)
 

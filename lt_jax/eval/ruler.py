@@ -139,6 +139,7 @@ class Sample:
     prompt: Prompt
     ids: list[int]
     max_new_tokens: int
+    units: int                 # haystack size chosen: sentences (niah, vt) or words (cwe, fwe)
 
 
 # `render(user, prefix) -> prompt ids` as the model sees them; `count(text) -> tokens` of plain text
@@ -160,10 +161,11 @@ def model_renderer(model) -> tuple[Render, Count]:
 
 
 def generate(task: str, length: int, seed, render: Render, count: Count, sources: Sources,
-             max_new_tokens: int | None = None) -> Sample:
+             max_new_tokens: int | None = None, start: int | None = None) -> Sample:
     """One example of `task` whose prompt plus its answer budget (RULER's tokens_to_generate unless
     `max_new_tokens`) fits `length` tokens, with the largest haystack that does. `seed`: anything
-    `np.random.default_rng` takes; the same seed gives the same example."""
+    `np.random.default_rng` takes; the same seed (and `start`) gives the same example. `start`: where the search
+    for the haystack's size begins (another sample's `units`: a few renders instead of ~25)."""
     spec = TASKS[task]
     new = spec.tokens_to_generate if max_new_tokens is None else max_new_tokens
     budget = length - new
@@ -187,31 +189,43 @@ def generate(task: str, length: int, seed, render: Render, count: Count, sources
         ids = render(prompt.user, prompt.prefix)
         return (prompt, ids) if len(ids) <= budget else None
 
-    n, found = _largest(fits, lo, cap)
+    n, found = _largest(fits, lo, cap, start)
     if found is None:
         raise ValueError(f"{task}: even the smallest haystack does not fit {length} tokens with {new} answer "
                          f"tokens; use a longer length.")
     if n == cap:
         raise ValueError(f"{task}: the essays' vocabulary ({cap} words) is too small to fill {length} tokens.")
-    return Sample(*found, new)
+    return Sample(*found, new, n)
 
 
-def _largest(fits, lo: int, cap: int | None):
-    """(largest n in [lo, cap] with fits(n), its result), assuming fits is about monotone: bracket by doubling,
-    then bisect; (lo, None) when lo does not fit."""
-    best = fits(lo)
-    if best is None:
-        return lo, None
-    good, bad = lo, None
-    while bad is None and good != cap:
-        n = good * 2 if cap is None else min(good * 2, cap)
+def _largest(fits, lo: int, cap: int | None, start: int | None = None):
+    """(largest n in [lo, cap] with fits(n) not None, that result), assuming fits is about monotone: gallop from
+    `start` (default lo) up or down in doubling steps, then bisect; (lo, None) when lo does not fit. A good
+    `start` (the previous sample's size) costs a few calls instead of ~2 log2(n)."""
+    good = lo if start is None else max(lo, start if cap is None else min(start, cap))
+    best, bad, step = fits(good), None, 1
+    while best is None:  # down until something fits
+        if good == lo:
+            return lo, None
+        bad, good = good, max(lo, good - step)
+        best, step = fits(good), step * 2
+    while bad is None and good != cap:  # up until something does not
+        n = good + step if cap is None else min(good + step, cap)
         got = fits(n)
         if got is None:
             bad = n
         else:
-            good, best = n, got
+            good, best, step = n, got, step * 2
     if bad is None:  # the cap fits
         return good, best
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        got = fits(mid)
+        if got is None:
+            bad = mid
+        else:
+            good, best = mid, got
+    return good, best
     while bad - good > 1:
         mid = (good + bad) // 2
         got = fits(mid)

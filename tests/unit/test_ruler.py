@@ -208,3 +208,20 @@ def test_ruler_task_refuses_bad_settings():
     one, two = evaluate.Ruler(["vt"], [4096], 1), evaluate.Ruler(["vt"], [2048, 4096], 1)
     row = {"cell": {"task": "vt", "length": 4096}}
     assert one.column(row) == "vt" and two.column(row) == "vt@4096"
+
+
+@pytest.mark.parametrize("task", ["niah_single_2", "niah_multikey_2", "vt", "cwe", "fwe"])
+def test_a_search_started_elsewhere_finds_the_same_size(sources, task):
+    """Where the token count grows with the haystack (as here), the gallop from another sample's size, above or
+    below, lands on the same largest size as the search from the smallest; the renders it saves are counted."""
+    calls = []
+    def counting(user, prefix):
+        calls.append(1)
+        return render(user, prefix)
+    seed = [0, list(ruler.TASKS).index(task), LENGTH, 1]
+    cold = ruler.generate(task, LENGTH, seed, counting, count, sources)
+    cold_calls, calls[:] = len(calls), []
+    for start in (cold.units - 7, cold.units + 7, 3 * cold.units):
+        warm = ruler.generate(task, LENGTH, seed, counting, count, sources, start=start)
+        assert warm == cold, start
+    assert len(calls) / 3 < cold_calls

@@ -20,8 +20,8 @@ What differs from RULER, and why:
   run's fixed seed (`random.Random(args.random_seed).shuffle`); we draw those from the example's generator too.
 - Fitting the length: the largest haystack (sentences, words) whose prompt, rendered as the model sees it (chat
   template where the model has one, then the answer prefix, as RULER's `prepare.py` appends it after the model
-  template), plus the answer budget fits the length, found by bisection per example (RULER bisects once per
-  task, then shrinks per example). With a chat template the few-shot examples of vt and cwe sit inside the user
+  template), plus the answer budget fits the length, searched per example from the previous example's size
+  (RULER bisects once per task, then shrinks per example). With a chat template the few-shot examples of vt and cwe sit inside the user
   turn, before the task (RULER pastes them, template and all, into the prompt text).
 """
 from __future__ import annotations

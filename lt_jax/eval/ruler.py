@@ -15,14 +15,16 @@ What differs from RULER, and why:
   draws from a list large enough that a clash is rare; ours is smaller, so a clash would make a prompt ambiguous).
 - Sentences are split by a regular expression (after . ! ? and whitespace) instead of nltk's `sent_tokenize`
   (its punkt data needs the network).
-- Randomness comes from one numpy generator per (seed, task, length, sample), so each example is reproducible on
-  its own and a subset of tasks gets the same examples as the whole suite. RULER reseeds a few shuffles with the
+- Randomness comes from one numpy generator per (seed, task, length, sample), so examples are reproducible and a
+  subset of tasks gets the same examples as the whole suite. RULER reseeds a few shuffles with the
   run's fixed seed (`random.Random(args.random_seed).shuffle`); we draw those from the example's generator too.
 - Fitting the length: the largest haystack (sentences, words) whose prompt, rendered as the model sees it (chat
   template where the model has one, then the answer prefix, as RULER's `prepare.py` appends it after the model
   template), plus the answer budget fits the length, searched per example from the previous example's size
-  (RULER bisects once per task, then shrinks per example). With a chat template the few-shot examples of vt and cwe sit inside the user
-  turn, before the task (RULER pastes them, template and all, into the prompt text).
+  (RULER bisects once per task, then shrinks per example). With a chat template the few-shot examples of vt and
+  cwe sit inside the user turn, before the task (RULER pastes them, template and all, into the prompt text).
+- cwe draws its distinct words from the essays' vocabulary (~4,200 words with the shipped essays, enough for 32K
+  tokens with Qwen2.5's tokenizer); a length they cannot fill is refused with a clear error.
 """
 from __future__ import annotations
 

@@ -12,10 +12,19 @@ from lt_jax.errors import LtJaxError
 from lt_jax.files import output_image, read_text
 
 NAME = "eval"
-HELP = ("run evaluation methods side by side on one task (niah, passkey, ppl, longbench); per-example rows go to a "
-        "resumable JSONL, then a summary table and plots")
+HELP = ("run evaluation methods side by side on one task (niah, passkey, ppl, longbench, ruler); per-example rows go "
+        "to a resumable JSONL, then a summary table and plots")
 INTERRUPTED = "the rows written are kept; rerun the same command to continue"
 WHAT = "lt-jax eval"
+
+TASKS = ("niah", "passkey", "ppl", "longbench", "ruler")
+
+
+class _Tasks(tuple):
+    """--task's choices: TASKS, or `ruler:TASK,...` (its names are checked by `evaluate.Ruler`)."""
+    def __contains__(self, value):
+        return tuple.__contains__(self, value) or str(value).startswith("ruler:")
+
 
 # per-method options (`METHOD@OPTION=VALUE`) and the plan kinds that use each
 METHOD_OPTIONS = {"lazy_fraction": float, "w_last": int, "protect": int}
@@ -26,8 +35,10 @@ OPTION_USERS = {"lazy_fraction": ("lighttransfer", "retrieval-aware", "first", "
 def add_arguments(s):
     run_flags(s, processes=True)
     model_argument(s)
-    s.add_argument("--task", required=True, choices=["niah", "passkey", "ppl", "longbench"],
-                   help="niah: needles in the essays (RULER); passkey; ppl: decode-mode perplexity; longbench")
+    s.add_argument("--task", required=True, choices=_Tasks(TASKS), metavar="TASK",
+                   help="niah: needles in the essays (RULER's format); passkey; ppl: decode-mode perplexity; "
+                        "longbench; ruler: RULER's 11 synthetic tasks, or ruler:TASK,... a subset (e.g. "
+                        "ruler:niah_single_1,vt)")
     s.add_argument("--methods", default="full,lighttransfer,streaming",
                    help="comma-separated plans: full, lighttransfer, retrieval-aware[:PROBE], streaming, "
                         "random[:SEED], first, last, PLAN.json, each with optional @OPTION=VALUE overrides "
@@ -37,15 +48,19 @@ def add_arguments(s):
     output(s, "--plot", kind="image", default=None, help="PNG: depth x length heat maps (niah, passkey) or bars")
     output(s, "--ratio-plot", kind="image", default=None,
            help="PNG: per-layer lazy ratios over the prompts (lighttransfer)")
-    s.add_argument("--lengths", default="2048,4096", help="niah/passkey prompt lengths in tokens (default 2048,4096)")
+    s.add_argument("--lengths", default="2048,4096",
+                   help="niah/passkey/ruler prompt lengths in tokens (default 2048,4096)")
     s.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="niah/passkey needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     s.add_argument("--samples", type=POSITIVE, default=None,
-                   help="niah/passkey: prompts per (length, depth) (default 2); ppl: windows (default 3)")
+                   help="niah/passkey: prompts per (length, depth) (default 2); ppl: windows (default 3); ruler: "
+                        "prompts per (task, length) (default 5)")
+    s.add_argument("--seed", type=int, default=0, help="niah/passkey/ruler: seed of the prompts drawn (default 0)")
     s.add_argument("--keys", type=POSITIVE, default=1,
                    help="niah: needles per prompt (1 = single-key; >1 = multi-key) (default 1)")
-    s.add_argument("--max-new-tokens", type=POSITIVE, default=None, help="niah/passkey answer tokens (default 16)")
-    s.add_argument("--haystack", nargs="+", default=None, help="niah/ppl text files (default: the essays)")
+    s.add_argument("--max-new-tokens", type=POSITIVE, default=None,
+                   help="niah/passkey answer tokens (default 16); ruler: every task's (default: RULER's per task)")
+    s.add_argument("--haystack", nargs="+", default=None, help="niah/ppl/ruler text files (default: the essays)")
     s.add_argument("--prefix", type=POSITIVE, default=2048, help="ppl: tokens of exact prefill (default 2048)")
     s.add_argument("--score-tokens", type=POSITIVE, default=512, help="ppl: tokens scored after it (default 512)")
     s.add_argument("--data", nargs="+", default=None, help="longbench: LongBench JSONL files or folders of them")
@@ -83,7 +98,12 @@ def _task(args, model):
         return evaluate.Retrieval(args.task, lengths, parse_list(args.depths, float, "--depths"),
                                   2 if args.samples is None else args.samples, keys=args.keys,
                                   max_new_tokens=16 if args.max_new_tokens is None else args.max_new_tokens,
-                                  haystack=None if args.task == "passkey" else text())
+                                  seed=args.seed, haystack=None if args.task == "passkey" else text())
+    if args.task.split(":")[0] == "ruler":
+        from lt_jax.eval import ruler
+        names = list(ruler.TASKS) if args.task == "ruler" else parse_list(args.task[6:], str, "--task ruler:")
+        return evaluate.Ruler(names, parse_list(args.lengths, int, "--lengths"),
+                              5 if args.samples is None else args.samples, args.seed, args.max_new_tokens, text())
     if args.task == "ppl":
         return evaluate.Perplexity(args.prefix, args.score_tokens, 3 if args.samples is None else args.samples,
                                    text())
@@ -105,7 +125,7 @@ def run(args) -> dict:
     if len(set(methods)) != len(methods):
         raise LtJaxError(f"--methods names a method twice: {args.methods}.")
     options = {m: method_options(m) for m in methods}  # before the load
-    out = records.output(args.out or f"eval-{args.task}.jsonl", "--out", WHAT, evaluate.row_key)
+    out = records.output(args.out or f"eval-{args.task.split(':')[0]}.jsonl", "--out", WHAT, evaluate.row_key)
     plot = output_image(args.plot, "--plot")
     ratio_plot = output_image(args.ratio_plot, "--ratio-plot")
     flags = plan_flag_values(args)
@@ -126,7 +146,8 @@ def run(args) -> dict:
         plots.plot_heat_maps(evaluate.heat_maps(rows, methods), plot, f"{title} (exact match)")
     elif plot:
         plots.plot_bars({m: c["average"] for m, c in summary["methods"].items()}, plot, title,
-                        "perplexity" if task.name == "ppl" else "score (LongBench average)")
+                        {"ppl": "perplexity", "ruler": "score (RULER average)"}.get(task.name,
+                                                                                      "score (LongBench average)"))
     per_prompt = {}  # a prompt's ratios are the same whichever selecting method measured them: one per prompt
     for r in rows:
         if r.get("ratios"):

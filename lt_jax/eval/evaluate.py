@@ -155,6 +155,57 @@ class LongBench:
         return row["cell"]["dataset"]
 
 
+class Ruler:
+    """RULER's synthetic tasks (`lt_jax.eval.ruler`; the two QA tasks need SQuAD/HotpotQA and are left out):
+    `samples` prompts per (task, length), RULER's answer budget per task unless `max_new_tokens`, scored by
+    string_match_all; summarized per task (per task and length when several lengths), the average over those."""
+    name, percent = "ruler", True
+
+    def __init__(self, tasks, lengths, samples, seed=0, max_new_tokens=None, haystack=None):
+        from lt_jax.eval import ruler
+        unknown = [t for t in tasks if t not in ruler.TASKS]
+        if unknown or not tasks or len(set(tasks)) != len(tasks):
+            raise LtJaxError(f"ruler tasks must be distinct names among {', '.join(ruler.TASKS)} (qa_1/qa_2 need "
+                             f"SQuAD/HotpotQA, not shipped); got {','.join(tasks) or 'none'}.")
+        if min(lengths) < 256 or samples < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+            raise LtJaxError(f"ruler needs --lengths >= 256 each, --samples >= 1 and --max-new-tokens >= 1; got "
+                             f"lengths={lengths}, samples={samples}, max_new_tokens={max_new_tokens}.")
+        self.tasks, self.lengths, self.samples, self.seed = list(tasks), lengths, samples, seed
+        self.max_new_tokens, self.haystack = max_new_tokens, haystack
+        self.settings = dict(tasks=self.tasks, lengths=lengths, samples=samples, seed=seed,
+                             max_new_tokens=max_new_tokens)
+
+    def examples(self, model):
+        from lt_jax.eval import ruler
+        context = model.config.max_position_embeddings
+        if max(self.lengths) > context:
+            raise LtJaxError(f"--lengths {max(self.lengths)} exceeds the model's context of {context} tokens (a "
+                             f"length counts the prompt and the answer tokens).")
+        sources = ruler.Sources.from_texts(self.haystack)
+        render, count = ruler.model_renderer(model)
+        order = list(ruler.TASKS)  # a task's seed is its place in the suite, not in --task's list
+        for length in self.lengths:
+            for task in self.tasks:
+                units = None  # the previous sample's haystack size: the next search starts there
+                for s in range(self.samples):
+                    try:
+                        sample = ruler.generate(task, length, [self.seed, order.index(task), length, s], render,
+                                                count, sources, self.max_new_tokens, units)
+                    except ValueError as e:
+                        raise LtJaxError(f"ruler {e}") from None
+                    units = sample.units
+                    yield Example(f"{task}/{length}/{s}", {"task": task, "length": length}, sample.ids,
+                                  sample.max_new_tokens, target=sample.prompt.answers)
+
+    def score(self, example, answer: str) -> float:
+        from lt_jax.eval import ruler
+        return ruler.string_match_all(ruler.postprocess(answer), example.target)
+
+    def column(self, row) -> str:
+        cell = row["cell"]
+        return cell["task"] if len(self.lengths) == 1 else f"{cell['task']}@{cell['length']}"
+
+
 # ---- running ---------------------------------------------------------------------------------------------
 
 def row_key(row: dict) -> tuple:
@@ -244,7 +295,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
             ids = generate_from(model, shared, fixed, example.max_new_tokens)
         answer = model.decode(ids)
         yield {**base, "method": name, "lazy_layers": list(fixed.lazy_layers), "answer": answer,
-               "target": example.target if isinstance(example.target, str) else None,
+               "target": example.target if isinstance(example.target, (str, list)) else None,
                "score": task.score(example, answer), "seconds": round(time.perf_counter() - t0, 3),
                **({"ratios": _round(ratios)} if ratios is not None else {})}
 
@@ -269,9 +320,9 @@ def _round(ratios):
 # ---- summary ---------------------------------------------------------------------------------------------
 
 def summarize(task, rows: list[dict], methods: list[str]) -> dict:
-    """{"columns": [...], "methods": {method: {column: value, "average": value, "examples": n}}}. Retrieval and
-    LongBench: mean score x 100 per column, the average over columns (LongBench's macro average); perplexity:
-    exp(total NLL / tokens)."""
+    """{"columns": [...], "methods": {method: {column: value, "average": value, "examples": n}}}. Retrieval,
+    LongBench and RULER: mean score x 100 per column, the average over columns (LongBench's macro average, RULER's
+    average over tasks); perplexity: exp(total NLL / tokens)."""
     columns = sorted({task.column(r) for r in rows}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else c))
     value = getattr(task, "aggregate", None) or (lambda rs: 100 * float(np.mean([r["score"] for r in rs])))
     table = {}

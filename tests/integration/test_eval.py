@@ -256,3 +256,40 @@ def test_malformed_longbench_line_names_file_and_line(tiny_chat, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{data} line 2 is not valid JSON" in err and err.count("\n") == 1
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_ruler_end_to_end_and_resume(tiny_chat, tiny_model, assets, tmp_path, capsys):
+    """`--task ruler:TASKS`: every method on the same generated prompts, each row scored by string_match_all
+    against its prompt's answers, one summary column per task; a rerun with one more method adds only its rows."""
+    from lt_jax.eval import ruler
+    out = tmp_path / "ruler.jsonl"
+    argv = ["eval", str(tiny_chat), "--task", "ruler:niah_single_1,fwe", "--lengths", "512", "--samples", "1",
+            "--max-new-tokens", "4", "--sink", "4", "--window", "64", "--out", str(out), "--json"]
+    capsys.readouterr()
+    assert main([*argv, "--methods", "full,streaming"]) == 0
+    before = out.read_text()
+    assert main([*argv, "--methods", "full,streaming,lighttransfer"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out.read_text().startswith(before)  # the first run's rows kept as they were
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * 3 and len({(r["example"], r["method"]) for r in rows}) == 6
+    texts = [p.read_text() for p in sorted(Path(assets["essays"]).glob("*.txt"))]
+    task = evaluate.Ruler(["niah_single_1", "fwe"], [512], 1, max_new_tokens=4, haystack=texts)
+    answers = {e.id: e.target for e in task.examples(tiny_model)}
+    assert sorted(answers) == sorted({r["example"] for r in rows})
+    for row in rows:
+        assert row["target"] == answers[row["example"]]
+        assert row["score"] == ruler.string_match_all(ruler.postprocess(row["answer"]), row["target"])
+    summary = got["summary"]
+    assert summary["columns"] == ["fwe", "niah_single_1"] and got["settings"]["tasks"] == ["niah_single_1", "fwe"]
+    for method, cells in summary["methods"].items():
+        mine = [r for r in rows if r["method"] == method]
+        for column in summary["columns"]:
+            want = 100 * np.mean([r["score"] for r in mine if r["cell"]["task"] == column])
+            assert cells[column] == pytest.approx(want)
+        assert cells["average"] == pytest.approx(np.mean([cells[c] for c in summary["columns"]]))
+    assert got["table"].splitlines()[0] == "| method | ruler fwe | ruler niah_single_1 | average | examples |"
+    capsys.readouterr()
+    assert main(["eval", str(tiny_chat), "--task", "ruler:niah_single_1,qa_1", "--out", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "ruler tasks must be distinct names among" in err and err.count("\n") == 1

@@ -237,15 +237,16 @@ def answer_nll(model, rows: list[tuple[list[int], int]], plans: list[Plan], prog
     all-full plan, one for the single-layer ones)."""
     T = min(bucket(max(len(ids) for ids, _ in rows)), model.config.max_position_embeddings)
     out = np.zeros((len(rows), len(plans)))
-    for r in progress_bar(len(rows), "calibrate nll", "prompt", disable=not progress).wrap(range(len(rows))):
-        ids, start = rows[r]
-        if not 1 <= start < len(ids) <= T:
-            raise LtJaxError(f"calibration row {r}: its answer must start in 1..{len(ids) - 1} and the row fit "
-                             f"the model's context of {T} tokens; got start {start}, {len(ids)} tokens.")
-        padded = np.zeros((1, T), np.int32)
-        padded[0, :len(ids)] = ids
-        for p, plan in enumerate(plans):
-            out[r, p] = model.token_nll(padded, plan)[0, start - 1:len(ids) - 1].astype(np.float64).mean()
+    with progress_bar(len(rows) * len(plans), "calibrate nll", "forward", disable=not progress) as bar:
+        for r, (ids, start) in enumerate(rows):
+            if not 1 <= start < len(ids) <= T:
+                raise LtJaxError(f"calibration row {r}: its answer must start in 1..{len(ids) - 1} and the row fit "
+                                 f"the model's context of {T} tokens; got start {start}, {len(ids)} tokens.")
+            padded = np.zeros((1, T), np.int32)
+            padded[0, :len(ids)] = ids
+            for p, plan in enumerate(plans):
+                out[r, p] = model.token_nll(padded, plan)[0, start - 1:len(ids) - 1].astype(np.float64).mean()
+                bar.update()
     return out
 
 
@@ -255,5 +256,4 @@ def nll_scores(model, rows: list[tuple[list[int], int]], sink: int, window: int,
     L = model.config.num_layers
     nll = answer_nll(model, rows, single_layer_plans(L, sink, window), progress)
     return {"head_scores": (nll[:, 1:] - nll[:, :1]).mean(axis=0)[:, None], "samples_used": len(rows),
-            "forwards": len(rows) * (L + 1), "full_answer_nll": round(float(nll[:, 0].mean()), 6),
-            "sink": sink, "window": window}
+            "forwards": len(rows) * (L + 1), "full_answer_nll": round(float(nll[:, 0].mean()), 6)}

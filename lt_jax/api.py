@@ -92,15 +92,15 @@ class Model:
 
     def plan(self, plan: Plan | str | None = None, **flags) -> Plan:
         """A Plan from a Plan, a spec (`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer`,
-        `retrieval-aware[:PROBE|:FILE]` (reads the calibration `lt-jax calibrate` saved next to the checkpoint), a
+        `retrieval-aware[:PROBE|:FILE]`, `loss-guided[:PROBE|:FILE]` (read the calibration `lt-jax calibrate` saved
+        next to the checkpoint), `periodic[:OFFSET]`, a
         .json path), or None: the model's default plan (a trained hybrid's training plan; otherwise every layer
         full); flags: lazy_fraction, sink, window, preset, prefill, w_last, protect."""
         if isinstance(plan, Plan):
             return plan.validate(self.config)
         flags = {k: v for k, v in flags.items() if v is not None}
-        name, _, source = (plan or "").partition(":")
-        if name == "retrieval-aware":
-            flags["calibration"] = calibration.find(self.path, source or calibration.DEFAULT_PROBE, self.config)[0]
+        if plan is not None and (found := calibration.for_plan(self.path, plan, self.config)) is not None:
+            flags["calibration"] = found
         if plan is None and self.default_plan is not None:
             flags.pop("lazy_fraction", None)  # the stored plan fixes its layers; S, W and the prefill may change
             flags.pop("protect", None)

@@ -236,10 +236,12 @@ def default_protect(num_layers: int, num_lazy: int) -> int:
 def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | None = None,
               window: int | None = None, preset: str | None = None, prefill: str | None = None,
               w_last: int | None = None, calibration=None, protect: int | None = None) -> Plan:
-    """`full`, `streaming`, `first`, `last`, `random[:SEED]`, `lighttransfer` (chosen per prompt),
-    `retrieval-aware[:PROBE|:FILE]` (chosen per prompt, never making the `protect` layers of highest calibration
-    score lazy; `calibration` is the `lt_jax.calibration.Calibration` it names), or a plan JSON path; flags
-    override S/W/prefill."""
+    """`full`, `streaming`, `first`, `last`, `random[:SEED]`, `periodic[:OFFSET]` (evenly spaced: with n of L
+    layers lazy, layers (k L) // n + OFFSET mod L for k < n; every other layer at half, Gemma 3's five local per
+    global at 5/6), `lighttransfer` (chosen per prompt), `retrieval-aware[:PROBE|:FILE]` (chosen per prompt, never
+    making the `protect` layers of highest calibration score lazy), `loss-guided[:PROBE|:FILE]` (fixed: the n
+    layers of lowest calibration score, an nll calibration's by default), or a plan JSON path; `calibration` is
+    the `lt_jax.calibration.Calibration` a plan names; flags override S/W/prefill."""
     if not 0.0 <= lazy_fraction <= 1.0:
         raise LtJaxError(f"lazy_fraction={lazy_fraction} is outside [0, 1].")
     if preset is not None and preset not in PRESETS:
@@ -268,6 +270,21 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
         plan = Plan(num_layers=L, select_lazy=n, protect=calibration.protected(count),
                     source=f"retrieval-aware:{calibration.probe}:{lazy_fraction:g}:protect={count}")
         return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
+    elif name == "loss-guided":
+        if calibration is None:
+            raise LtJaxError("the loss-guided plan needs a calibration; run `lt-jax calibrate MODEL --probe nll` "
+                             "first.")
+        plan = Plan(num_layers=L, lazy_layers=calibration.lowest(n),
+                    source=f"loss-guided:{calibration.probe}:{lazy_fraction:g}")
+        return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
+    elif name == "periodic":
+        try:
+            offset = int(arg or 0)
+        except ValueError:
+            offset = -1
+        if not 0 <= offset < L:
+            raise LtJaxError(f"plan {spec!r}: the offset after 'periodic:' must be a layer index in 0..{L - 1}.")
+        layers = tuple(sorted((k * L // n + offset) % L for k in range(n)))
     elif name == "random":
         try:
             seed = int(arg or 0)
@@ -278,8 +295,8 @@ def make_plan(spec: str, cfg: Config, lazy_fraction: float = 0.5, sink: int | No
         plan = Plan.from_json(spec, cfg)
         return override(plan, sink, window, preset, prefill, w_last).validate(cfg, where=f"plan file {spec}")
     else:
-        raise LtJaxError(f"unknown plan {spec!r} (full, streaming, first, last, random[:SEED], lighttransfer, "
-                         f"retrieval-aware[:PROBE], or a .json file).")
+        raise LtJaxError(f"unknown plan {spec!r} (full, streaming, first, last, random[:SEED], periodic[:OFFSET], "
+                         f"lighttransfer, retrieval-aware[:PROBE], loss-guided[:PROBE], or a .json file).")
     plan = Plan(num_layers=L, lazy_layers=layers, source=spec)
     return override(plan, sink, window, preset, prefill, w_last).validate(cfg)
 

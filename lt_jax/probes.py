@@ -1,6 +1,7 @@
-"""Calibration probes: how much each attention head copies from far back in the prompt (docs/design.md §11).
+"""Calibration probes: how much each attention head copies from far back in the prompt, or how much making a layer
+stream costs the answer (docs/design.md §11).
 
-Both probes run one exact forward (every layer full) per sample and read, for a few query columns, each query
+The two head probes run one exact forward (every layer full) per sample and read, for a few query columns, each query
 head's attention over the whole prompt (`attention_on`): whether its top-1 key is one of the query's targets, and
 the probability mass on them. They differ in the prompts and the targets:
 
@@ -13,7 +14,13 @@ the probability mass on them. They differ in the prompts and the targets:
   once; a query in the second copy targets the token after its previous occurrence, `span` positions back (beyond
   a window of W < span). A head's score is its mean attention mass there.
 
-A layer's score is the maximum over its heads: one copying head among nine is what a layer mean hides.
+A head probe's layer score is the maximum over its heads: one copying head among nine is what a layer mean hides.
+
+- `nll` (loss-guided selection, arXiv 2606.27791): scores layers, not heads. Keyed needles in essays with
+  distractors (`calibration_prompt`: 8-digit values, where the evaluation's keyed needles have 7, so no calibration
+  prompt is an evaluation prompt), the true answer appended; a layer's score is the increase of the answer tokens'
+  mean NLL when that layer alone streams (sink S, window W) over the all-full model, averaged over the prompts:
+  L + 1 forwards per prompt. Higher: the layer costs more to stream.
 """
 from __future__ import annotations
 
@@ -28,9 +35,8 @@ from lt_jax.batching import bucket, left_pad
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.model import decoder
+from lt_jax.plan import Plan
 from lt_jax.progress import progress_bar
-
-PROBES = ("retrieval", "induction")
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -174,3 +180,80 @@ def induction_scores(model, span: int = 1024, samples: int = 8, queries: int = 6
         _, m = probe_row(model, block + block, cols.tolist(), targets)
         mass += m.mean(axis=-1)
     return {"head_scores": mass / samples, "samples_used": samples}
+
+
+CALIBRATION_DIGITS = 8  # the nll probe's values; evaluate.Retrieval's keyed needles (needles.niah_prompt) have 7
+
+
+def calibration_prompt(model, haystack_ids: list[int], length: int, depth: float, rng: np.random.Generator,
+                       keys: int) -> tuple[list[int], list[int]]:
+    """A keyed needle prompt of at most `length` tokens (`needles.haystack_prompt`): `keys` needles with distinct
+    keys and CALIBRATION_DIGITS-digit values, the asked one at `depth`, the distractors at depths drawn from `rng`
+    -> (prompt ids, answer ids: the asked value after a space, as the answer prefix leaves it)."""
+    from lt_jax import needles
+    pairs = rng.choice(len(needles.ADJECTIVES) * len(needles.NOUNS), keys, replace=False)
+    names = [f"{needles.ADJECTIVES[i // len(needles.NOUNS)]}-{needles.NOUNS[i % len(needles.NOUNS)]}" for i in pairs]
+    values = [str(v) for v in rng.integers(10 ** (CALIBRATION_DIGITS - 1), 10 ** CALIBRATION_DIGITS, keys)]
+    depths = [depth] + [float(d) for d in rng.uniform(0, 1, keys - 1)]
+    prompt = needles.haystack_prompt(
+        model, haystack_ids, length, [(d, needles.KEYED_NEEDLE.format(key=k, value=v)) for d, k, v in
+                                      zip(depths, names, values)],
+        needles.KEYED_QUESTION.format(key=names[0]), needles.KEYED_ANSWER_PREFIX.format(key=names[0]))
+    return prompt, model.tokenizer(" " + values[0], add_special_tokens=False)["input_ids"]
+
+
+def calibration_rows(model, haystack_ids: list[int], lengths=(2048,), samples: int = 8, seed: int = 0,
+                     keys: int = 4) -> list[tuple[list[int], int]]:
+    """The nll probe's rows: (prompt + answer ids, where the answer starts) for `samples` prompts per length, each
+    at most `length` tokens with its answer, the asked needle's depths spread over 0.05..0.95."""
+    rows = []
+    for length in lengths:
+        if len(haystack_ids) < length:
+            raise LtJaxError(f"the haystack holds {len(haystack_ids)} tokens, too few for {length}-token prompts.")
+        for s in range(samples):
+            rng = np.random.default_rng([seed, length, s])
+            offset = int(rng.integers(0, len(haystack_ids) - length + 1))
+            hay = haystack_ids[offset:] + haystack_ids[:offset]
+            try:
+                prompt, answer = calibration_prompt(model, hay, length - CALIBRATION_DIGITS - 2,
+                                                    0.05 + 0.9 * (s + 0.5) / samples, rng, keys)
+            except ValueError:
+                raise LtJaxError(f"a {length}-token prompt is too short to hold {keys} needles, the question and "
+                                 f"the answer; give longer lengths.") from None
+            rows.append((prompt + answer, len(prompt)))
+    return rows
+
+
+def single_layer_plans(num_layers: int, sink: int, window: int) -> list[Plan]:
+    """All layers full, then each layer alone streaming: the L + 1 plans the nll probe compares."""
+    return [Plan.full(num_layers)] + [Plan(num_layers, (i,), sink, window, source=f"layer {i} streams")
+                                      for i in range(num_layers)]
+
+
+def answer_nll(model, rows: list[tuple[list[int], int]], plans: list[Plan], progress: bool = True) -> np.ndarray:
+    """float64 [rows, plans]: each row's mean NLL of its answer tokens (ids[start:] given what precedes them) under
+    each fixed plan, one forward (`Model.token_nll`) per row and plan. Rows are right padded to one bucket: tokens
+    after the answer change nothing before it (causal), and every row then shares the compilations (one for the
+    all-full plan, one for the single-layer ones)."""
+    T = min(bucket(max(len(ids) for ids, _ in rows)), model.config.max_position_embeddings)
+    out = np.zeros((len(rows), len(plans)))
+    with progress_bar(len(rows) * len(plans), "calibrate nll", "forward", disable=not progress) as bar:
+        for r, (ids, start) in enumerate(rows):
+            if not 1 <= start < len(ids) <= T:
+                raise LtJaxError(f"calibration row {r}: its answer must start in 1..{len(ids) - 1} and the row fit "
+                                 f"the model's context of {T} tokens; got start {start}, {len(ids)} tokens.")
+            padded = np.zeros((1, T), np.int32)
+            padded[0, :len(ids)] = ids
+            for p, plan in enumerate(plans):
+                out[r, p] = model.token_nll(padded, plan)[0, start - 1:len(ids) - 1].astype(np.float64).mean()
+                bar.update()
+    return out
+
+
+def nll_scores(model, rows: list[tuple[list[int], int]], sink: int, window: int, progress: bool = True) -> dict:
+    """The nll probe over `rows` (`calibration_rows`): each layer's answer-NLL increase when it alone streams,
+    averaged over the rows, as a one-column [L, 1] table (the calibration file's head_scores)."""
+    L = model.config.num_layers
+    nll = answer_nll(model, rows, single_layer_plans(L, sink, window), progress)
+    return {"head_scores": (nll[:, 1:] - nll[:, :1]).mean(axis=0)[:, None], "samples_used": len(rows),
+            "forwards": len(rows) * (L + 1), "full_answer_nll": round(float(nll[:, 0].mean()), 6)}

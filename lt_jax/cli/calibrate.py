@@ -1,18 +1,19 @@
-"""`lt-jax calibrate MODEL`: a probe's per-head scores, saved (next to the checkpoint by default) for the
-retrieval-aware plan."""
+"""`lt-jax calibrate MODEL`: a probe's per-head (or, `nll`, per-layer) scores, saved (next to the checkpoint by
+default) for the retrieval-aware and loss-guided plans."""
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 from lt_jax.cli.flags import (NON_NEGATIVE, POSITIVE, load_model, model_argument, model_config, output, parse_list,
-                              run_flags)
+                              run_flags, stream_flags)
 from lt_jax.errors import LtJaxError
 from lt_jax.files import output_file, output_image, read_text
 
 NAME = "calibrate"
-HELP = ("measure how much each layer's heads copy from far back (a once-per-model probe) and save it next to the "
-        "checkpoint for the retrieval-aware plan")
+HELP = ("measure how much each layer's heads copy from far back, or what streaming each layer costs the answer (a "
+        "once-per-model probe), and save it next to the checkpoint for the retrieval-aware and loss-guided plans")
 INTERRUPTED = "nothing was written; rerun the same command to measure again"
 
 
@@ -22,15 +23,20 @@ def add_arguments(s):
     model_argument(s)
     s.add_argument("--probe", choices=PROBES, default="retrieval",
                    help="retrieval: top-1 copy score while the model answers needles in essays (Wu et al.); "
-                        "induction: attention on the successor of a repeated random token (data-free) "
-                        "(default retrieval)")
+                        "induction: attention on the successor of a repeated random token (data-free); "
+                        "nll: each layer's increase of the answer's NLL on keyed needles when it alone streams "
+                        "with --sink/--window, L+1 forwards per prompt (default retrieval)")
     s.add_argument("--samples", type=POSITIVE, default=8,
-                   help="prompts per length (retrieval) or rows (induction) (default 8)")
-    s.add_argument("--lengths", default="2048,4096", help="retrieval: prompt lengths in tokens (default 2048,4096)")
+                   help="prompts per length (retrieval, nll) or rows (induction) (default 8)")
+    s.add_argument("--lengths", default="2048,4096",
+                   help="retrieval, nll: prompt lengths in tokens (default 2048,4096)")
+    s.add_argument("--keys", type=POSITIVE, default=4,
+                   help="nll: needles per prompt, the asked one and distractors (default 4)")
+    stream_flags(s)
     s.add_argument("--span", type=POSITIVE, default=1024, help="induction: tokens of the repeated block (default 1024)")
     s.add_argument("--queries", type=POSITIVE, default=64, help="induction: scored queries per row (default 64)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the prompts (default 0)")
-    s.add_argument("--haystack", nargs="+", default=None, help="retrieval: text files (default: the essays)")
+    s.add_argument("--haystack", nargs="+", default=None, help="retrieval, nll: text files (default: the essays)")
     output(s, "--out", kind="file", default=None,
            help="calibration JSON (default: calibration-PROBE.json in the checkpoint; an existing calibration is "
                 "replaced)")
@@ -43,21 +49,25 @@ def _calibration_out(path, flag="--out"):
 
 
 def run(args) -> dict:
-    """A probe's per-head scores for the model -> a calibration file that `retrieval-aware` plans read."""
+    """A probe's scores for the model -> a calibration file that `retrieval-aware` and `loss-guided` plans
+    read."""
     import jax
     from lt_jax import assets, probes
-    from lt_jax.calibration import Calibration, default_path
-    from lt_jax.plan import default_protect, num_lazy
+    from lt_jax.calibration import LAYER_PROBES, Calibration, default_path
+    from lt_jax.plan import DEFAULT_SINK, DEFAULT_WINDOW, PRESETS, default_protect, num_lazy
     out = _calibration_out(args.out)
     plot = output_image(args.plot, "--plot")
     lengths = parse_list(args.lengths, int, "--lengths")
     if min(lengths) < 1:
         raise LtJaxError(f"--lengths must list prompt lengths of at least 1 token; got {args.lengths!r}.")
     files = args.haystack or sorted(Path(assets.essays()).glob("*.txt"))
-    texts = [read_text(f) for f in files] if args.probe == "retrieval" else []  # a missing file: before the load
+    reads_text = args.probe in ("retrieval", "nll")
+    texts = [read_text(f) for f in files] if reads_text else []  # a missing file: before the load
+    sink, window = PRESETS[args.stream_preset] if args.stream_preset else (DEFAULT_SINK, DEFAULT_WINDOW)
+    sink, window = sink if args.sink is None else args.sink, window if args.window is None else args.window
     cfg = model_config(args)  # the lengths against the context, before the weights load
     context = None if cfg is None else cfg.max_position_embeddings
-    if context and args.probe == "retrieval" and max(lengths) > context:
+    if context and reads_text and max(lengths) > context:
         raise LtJaxError(f"--lengths {max(lengths)} exceeds the model's context of {context} tokens.")
     if context and args.probe == "induction":
         from lt_jax.probes import check_induction
@@ -72,6 +82,16 @@ def run(args) -> dict:
         haystack = model.encode("\n\n".join(texts))
         found = probes.retrieval_scores(model, haystack, lengths, args.samples, args.seed, progress=not args.json)
         settings |= {"lengths": lengths, "format": "unkeyed needle in essays (needles.needle_prompt)",
+                     "haystack": [str(f) for f in args.haystack or []]}
+    elif args.probe == "nll":
+        rows = probes.calibration_rows(model, model.encode("\n\n".join(texts)), lengths, args.samples, args.seed,
+                                       args.keys)
+        started = time.perf_counter()
+        found = probes.nll_scores(model, rows, sink, window, progress=not args.json)
+        found["minutes"] = round((time.perf_counter() - started) / 60, 2)
+        settings |= {"lengths": lengths, "keys": args.keys, "sink": sink, "window": window,
+                     "format": f"keyed needles with {probes.CALIBRATION_DIGITS}-digit values in essays "
+                               f"(probes.calibration_prompt; eval's have 7 digits)",
                      "haystack": [str(f) for f in args.haystack or []]}
     else:
         found = probes.induction_scores(model, args.span, args.samples, args.queries, args.seed,
@@ -90,8 +110,11 @@ def run(args) -> dict:
         plot_calibration(found["head_scores"], plot, f"{model.label}: {args.probe} probe; layers protected at 50 % "
                          f"lazy: {list(protect)}", protect)
     scores = [round(float(x), 4) for x in cal.layer_scores]
+    streamed = cal.lowest(num_lazy(L, 0.5))
     if not args.json:
-        print(f"{args.probe} layer scores (max over heads): {scores}")
-        print(f"protected at 50 % lazy: {list(protect)} -> {out}" + (f" (plot: {plot})" if plot else ""))
+        what = "answer-NLL increase when streaming alone" if args.probe in LAYER_PROBES else "max over heads"
+        print(f"{args.probe} layer scores ({what}): {scores}")
+        print(f"protected at 50 % lazy: {list(protect)}; loss-guided lazy layers at 50 %: {list(streamed)} -> {out}"
+              + (f" (plot: {plot})" if plot else ""))
     return {"out": str(out), "probe": args.probe, "layer_scores": scores, "protected_at_half": list(protect),
-            "provenance": provenance}
+            "lowest_at_half": list(streamed), "provenance": provenance}

@@ -64,9 +64,11 @@ def output(s, *names, kind: str, **kwargs):
     return action
 
 
-PLAN_HELP = ("full | streaming | first | last | random[:SEED] | lighttransfer (chosen per prompt from the lazy "
-             "ratios) | retrieval-aware[:PROBE|:CALIBRATION.json] (lighttransfer that never makes the calibration's "
-             "most copying layers lazy; run `lt-jax calibrate` first) | PLAN.json")
+PLAN_HELP = ("full | streaming | first | last | random[:SEED] | periodic[:OFFSET] (evenly spaced lazy layers) | "
+             "lighttransfer (chosen per prompt from the lazy ratios) | retrieval-aware[:PROBE|:CALIBRATION.json] "
+             "(lighttransfer that never makes the calibration's most copying layers lazy; run `lt-jax calibrate` "
+             "first) | loss-guided[:PROBE|:CALIBRATION.json] (fixed: the layers of lowest score stream; run `lt-jax "
+             "calibrate --probe nll` first) | PLAN.json")
 
 
 def plan_flags(s, with_plan: bool = True):
@@ -163,10 +165,8 @@ def check_plans(args, specs: dict) -> None:
         if spec is None:
             continue
         flags = {k: v for k, v in flags.items() if v is not None}
-        name, _, source = spec.partition(":")
-        if name == "retrieval-aware":
-            flags["calibration"] = calibration.find(assets.resolve_model(args.model), source or
-                                                    calibration.DEFAULT_PROBE, cfg)[0]
+        if (found := calibration.for_plan(assets.resolve_model(args.model), spec, cfg)) is not None:
+            flags["calibration"] = found
         make_plan(spec, cfg, **flags)
 
 

@@ -337,7 +337,7 @@ def test_names_and_plans_are_checked_before_the_weights_load(tiny_ckpt, tiny_cha
                                               "on data, fsdp, model"),
         (["eval", tiny_ckpt, "--task", "niah", "--methods", "full,full@protect=3", "--out", tmp_path / "e.jsonl"],
          "method 'full@protect=3': full does not use protect (only retrieval-aware do)"),
-        ([*ppl, "--plan", "retrieval-aware:bogus"], "'bogus' is neither a probe (retrieval, induction) nor a "
+        ([*ppl, "--plan", "retrieval-aware:bogus"], "'bogus' is neither a probe (retrieval, induction, nll) nor a "
                                                     "calibration file (.json)"),
         ([*ppl, "--plan", "retrieval-aware:my-notes.txt"], "'my-notes.txt' is neither a probe"),
         ([*ppl, "--plan", "retrieval-aware"], "run `lt-jax calibrate MODEL --probe retrieval` first"),

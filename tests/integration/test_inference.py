@@ -9,23 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lt_jax.attention import attention_mask
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, decode_step, prefill
 from lt_jax.params import stack_layers
 from lt_jax.plan import Plan, make_plan
-
-
-def test_lighttrans_code_preset_equals_released_training_mask():
-    """The released code's `(q>=k and q-k<=1024) or (q>=128 and k<=128)`, transcribed as written."""
-    q = np.arange(1600)[:, None]
-    k = np.arange(1600)[None, :]
-    released = ((q >= k) & (q - k <= 1024)) | ((q >= 128) & (k <= 128))
-    from lt_jax.plan import PRESETS
-    S, W = PRESETS["lighttrans-code"]  # what --stream-preset lighttrans-code sets
-    ours = np.asarray(attention_mask(np.arange(1600)[None], np.arange(1600)[None], S, W))[0]
-    np.testing.assert_array_equal(ours, released)
 
 
 def positions_after(cache, n_prompt, n_decode, sink, window):
@@ -309,15 +297,11 @@ def test_generate_bad_input(tiny_ckpt, argv, words, capsys):
 
 
 def test_plan_file_that_does_not_fit(tiny_ckpt, tmp_path, capsys):
+    """The CLI reports a plan file's refusal (every refusal: tests/unit/test_plan.py)."""
     import json
     from lt_jax.cli import main
     for plan, words in [({"num_layers": 3, "lazy_layers": [0, 7]}, "[7] outside 0..2"),
-                        ({"num_layers": 30, "lazy_layers": [0]}, "for 30 layers but the model has 3"),
-                        ({"lazy_layers": [0]}, "is not a plan: it has no 'num_layers' field"),
-                        ({"probe": "retrieval", "head_scores": [[1]]}, "has no 'num_layers' or 'lazy_layers' field"),
-                        ([3, [0]], "is not a plan: it is not a JSON object"),
-                        ({"num_layers": 3, "lazy_layers": [1.7]}, "a lazy layer must be a whole number, got 1.7"),
-                        ({"num_layers": 3, "lazy_layers": [1], "sink": "4"}, "sink must be a whole number")]:
+                        ({"probe": "retrieval", "head_scores": [[1]]}, "has no 'num_layers' or 'lazy_layers' field")]:
         f = tmp_path / "plan.json"
         f.write_text(json.dumps(plan))
         capsys.readouterr()

@@ -26,7 +26,8 @@ def test_leaves_and_shapes(tie, bias):
     for tree in (abstract_params(cfg), empty_params(cfg)):
         assert jax.tree.map(lambda a: a.shape, tree) == shapes
         assert {a.dtype for a in jax.tree.leaves(tree)} == {np.dtype("float32")}
-    assert {a.dtype for a in jax.tree.leaves(abstract_params(cfg.replace(dtype="bfloat16")))} == {np.dtype(jnp.bfloat16)}
+    bf16 = abstract_params(cfg.replace(dtype="bfloat16"))
+    assert {a.dtype for a in jax.tree.leaves(bf16)} == {np.dtype(jnp.bfloat16)}
 
 
 def test_qkv_part_picks_each_kv_heads_queries_key_and_value():

@@ -16,12 +16,19 @@ from lt_jax.params import stack_layers
 from lt_jax.plan import Plan, make_plan
 
 
+write_traced = jax.jit(write_positions)  # sink and window traced: one compilation per ring size and chunk width
+
+
 def positions_after(cache, n_prompt, n_decode, sink, window):
-    prompt = jnp.arange(n_prompt, dtype=jnp.int32)[None]
-    cache = write_positions(cache, prompt, sink, window)
+    """The prompt left padded to 40 places (padding: -1, dropped), then n_decode steps."""
+    prompt = jnp.asarray(np.r_[np.full(40 - n_prompt, -1), np.arange(n_prompt)][None], jnp.int32)
+    cache = write_traced(cache, prompt, sink, window)
     for _ in range(n_decode):
-        cache = write_positions(cache, cache.length[:, None], sink, window)
+        cache = decode_traced(cache, sink, window)
     return cache
+
+
+decode_traced = jax.jit(lambda cache, sink, window: write_positions(cache, cache.length[:, None], sink, window))
 
 
 @settings(max_examples=60, deadline=None)

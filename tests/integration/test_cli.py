@@ -107,9 +107,10 @@ def test_text_and_chat_prompts_presets_and_notes(tiny_chat, capsys):
     assert "prefill of" in err and "same numbers as all-full" in err  # a short chat prompt: S + W covers it
     import lt_jax
     model = lt_jax.load(tiny_chat)
-    texts = model.generate(["Tell me about the sea.", "Name three primes."], max_new_tokens=3)
+    same = dict(plan="last", preset="lighttrans-code", max_new_tokens=3)  # a lone prompt: the CLI's compilation
+    texts = model.generate(["Tell me about the sea.", "Name three primes."], **same)
     assert len(texts) == 2 and all(len(t["ids"]) == 3 for t in texts)
-    assert texts[0]["ids"] == model.generate("Tell me about the sea.", max_new_tokens=3)[0]["ids"]
+    assert texts[0]["ids"] == model.generate("Tell me about the sea.", **same)[0]["ids"]
 
 
 def test_eval_ppl_keys_and_plan_files_through_the_cli(tiny_chat, tmp_path, capsys):

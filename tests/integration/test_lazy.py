@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lt_jax.cache import expected_kv_bytes, init_cache
-from lt_jax.inference import decode_step, prefill
+from lt_jax.cache import expected_kv_bytes
+from lt_jax.inference import decode_step
 from lt_jax.lazy import top_lazy
 from lt_jax.plan import Plan, make_plan
 

@@ -86,8 +86,11 @@ def init_params(cfg: Config, key: jax.Array) -> dict:
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     keys = jax.random.split(key, len(leaves))
     dt = param_dtype(cfg)
+    # Drawn flat and reshaped: the same values as a draw of the leaf's shape, but XLA:CPU compiles the rank-5
+    # draw of qkv_proj ~8x slower (13 s against 1.6 s on the 2-core test machine).
     made = [jnp.ones(s.shape, dt) if s.init == "ones" else jnp.zeros(s.shape, dt) if s.init == "zeros"
-            else 0.02 * jax.random.normal(k, s.shape, dt) for s, k in zip(leaves, keys)]
+            else 0.02 * jax.random.normal(k, (int(np.prod(s.shape)),), dt).reshape(s.shape)
+            for s, k in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, made)
 
 

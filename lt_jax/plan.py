@@ -1,7 +1,10 @@
 """Which layers are lazy (streaming attention: S sinks + a W-token window) and which keep full attention, in the
 three forms code needs (docs/design.md §9, §10):
 
-- `Plan`: what a user writes and reads (the JSON of a plan file); hashable.
+- `Plan`: what a user writes and reads (the JSON of a plan file); hashable. Of one of two kinds
+  (`plan.per_prompt`): *fixed* (`lazy_layers` are the lazy layers) or *per-prompt* (LightTransfer-Test: the
+  prefill chooses `select_lazy` lazy layers for each prompt, never a `protect`ed one); `validate` checks what
+  every plan needs, then what its kind needs.
 - `PlanShape` (`plan.shape`): the part that decides a compilation: how many layers are lazy, S, W, the prefill
   mode, whether the prefill selects the lazy layers, w_last. Never *which* layers.
 - `LayerPlan` (`plan.layers(cfg)`): the per-layer data jitted code reads: is_lazy, the cache slot of the layer's
@@ -50,9 +53,15 @@ class Plan:
         return cls(num_layers=num_layers)
 
     @property
+    def per_prompt(self) -> bool:
+        """The plan's kind: its prefill chooses the lazy layers per prompt (`select_lazy` of them, `lazy_layers`
+        empty until `resolve`), rather than naming them in `lazy_layers`."""
+        return self.select_lazy is not None
+
+    @property
     def lazy_count(self) -> int:
         """How many layers stream (static: it sizes the cache), whether fixed or chosen per prompt."""
-        return len(self.lazy_layers) if self.select_lazy is None else self.select_lazy
+        return self.select_lazy if self.per_prompt else len(self.lazy_layers)
 
     def resolve(self, lazy_layers) -> "Plan":
         """The fixed plan a per-prompt selection chose."""
@@ -63,50 +72,59 @@ class Plan:
         """The fixed plan this plan decodes a prompt with, given the prompt's lazy ratios [L] (measured with this
         plan's sink, window and w_last): itself if its layers are fixed, else the layers its prefill's queue
         picks (`lazy.lazy_set`: the highest ratios, protected layers kept full)."""
-        if self.select_lazy is None:
+        if not self.per_prompt:
             return self
         protected = np.isin(np.arange(self.num_layers), self.protect)
         return self.resolve(lazy_set(ratios, self.select_lazy, protected))
 
     def validate(self, cfg: Config, where: str = "plan") -> "Plan":
+        """The plan itself, if it fits `cfg`; else LtJaxError naming `where` and the value: the checks every plan
+        passes, then its kind's."""
+        self._check_common(cfg, where)
+        (self._check_per_prompt if self.per_prompt else self._check_fixed)(cfg, where)
+        return self
+
+    def _check_common(self, cfg: Config, where: str):
         if self.num_layers != cfg.num_layers:
             raise LtJaxError(f"{where} is for {self.num_layers} layers but the model has {cfg.num_layers}.")
-        bad = [i for i in self.lazy_layers if not 0 <= i < cfg.num_layers]
-        if bad:
-            raise LtJaxError(f"{where} names lazy layer(s) {bad} outside 0..{cfg.num_layers - 1}.")
         if self.sink < 0 or self.window < 1:
             raise LtJaxError(f"{where} has sink={self.sink}, window={self.window}; need sink >= 0 and window >= 1.")
         if self.prefill not in PREFILL_MODES:
             raise LtJaxError(f"{where} has prefill={self.prefill!r}; expected one of {', '.join(PREFILL_MODES)}.")
+
+    def _check_fixed(self, cfg: Config, where: str):
+        bad = [i for i in self.lazy_layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise LtJaxError(f"{where} names lazy layer(s) {bad} outside 0..{cfg.num_layers - 1}.")
         if len(set(self.lazy_layers)) != len(self.lazy_layers):
             raise LtJaxError(f"{where} lists a lazy layer twice: {list(self.lazy_layers)}.")
-        if self.select_lazy is not None:
-            if self.lazy_layers or not 0 <= self.select_lazy <= cfg.num_layers:
-                raise LtJaxError(f"{where} selects {self.select_lazy} lazy layers per prompt; need 0..{cfg.num_layers} "
-                                 f"and no fixed lazy_layers.")
-            if self.prefill != "exact":
-                raise LtJaxError(f"{where} chooses its lazy layers during prefill, which must then be exact "
-                                 f"(got prefill={self.prefill!r}).")
-            if self.w_last < 1:
-                raise LtJaxError(f"{where} has w_last={self.w_last}; need at least 1 query.")
         if self.protect:
-            bad = [i for i in self.protect if not 0 <= i < cfg.num_layers]
-            if self.select_lazy is None or bad or len(set(self.protect)) != len(self.protect):
-                raise LtJaxError(f"{where} protects layers {list(self.protect)}; protection needs a per-prompt "
-                                 f"selection and distinct layers in 0..{cfg.num_layers - 1}.")
-            if len(self.protect) > cfg.num_layers - self.select_lazy:
-                raise LtJaxError(f"{where} protects {len(self.protect)} layers but keeps only "
-                                 f"{cfg.num_layers - self.select_lazy} full; protect fewer or make fewer lazy.")
-        return self
+            raise LtJaxError(f"{where} protects layers {list(self.protect)}; protection needs a per-prompt "
+                             f"selection (select_lazy).")
+
+    def _check_per_prompt(self, cfg: Config, where: str):
+        L = cfg.num_layers
+        if self.lazy_layers or not 0 <= self.select_lazy <= L:
+            raise LtJaxError(f"{where} selects {self.select_lazy} lazy layers per prompt; need 0..{L} "
+                             f"and no fixed lazy_layers.")
+        if self.prefill != "exact":
+            raise LtJaxError(f"{where} chooses its lazy layers during prefill, which must then be exact "
+                             f"(got prefill={self.prefill!r}).")
+        if self.w_last < 1:
+            raise LtJaxError(f"{where} has w_last={self.w_last}; need at least 1 query.")
+        if any(not 0 <= i < L for i in self.protect) or len(set(self.protect)) != len(self.protect):
+            raise LtJaxError(f"{where} protects layers {list(self.protect)}; need distinct layers in 0..{L - 1}.")
+        if len(self.protect) > L - self.select_lazy:
+            raise LtJaxError(f"{where} protects {len(self.protect)} layers but keeps only "
+                             f"{L - self.select_lazy} full; protect fewer or make fewer lazy.")
 
     @property
     def shape(self) -> "PlanShape":
-        return PlanShape(self.lazy_count, self.sink, self.window, self.prefill, self.select_lazy is not None,
-                         self.w_last)
+        return PlanShape(self.lazy_count, self.sink, self.window, self.prefill, self.per_prompt, self.w_last)
 
     def layers(self, cfg: Config) -> "LayerPlan":
         """The fixed plan as per-layer data."""
-        if self.select_lazy is not None:
+        if self.per_prompt:
             raise LtJaxError("a lighttransfer plan chooses its lazy layers per prompt; resolve it on the prompt first.")
         is_lazy = np.zeros(self.num_layers, bool)
         is_lazy[list(self.lazy_layers)] = True
@@ -114,7 +132,7 @@ class Plan:
 
     def prefill_layers(self, cfg: Config) -> "LayerPlan | Selection":
         """What `inference.prefill` takes as the plan's data: the fixed plan, or what a selection reads."""
-        if self.select_lazy is None:
+        if not self.per_prompt:
             return self.layers(cfg)
         protected = np.zeros(self.num_layers, bool)
         protected[list(self.protect)] = True

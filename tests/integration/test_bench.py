@@ -117,6 +117,9 @@ def test_max_batch_fits_and_one_more_does_not(model, exe, plans, throughput):
     assert all(r["compilations"] <= 5 for r in result["records"]), result["records"]
 
 
+@pytest.mark.slow  # the `throughput` fixture's search and runs (~50-110 s), shared with the test above in the slow
+# tier; in the default suite the --throughput path through `run` is test_no_batch_fits, the search
+# test_search_max_batch_equals_brute_force, --prefill-every-row's insertion test_insert_rows_equals_batched_prefill
 def test_throughput_result_schema(throughput, capsys):
     budget, result = throughput
     assert result["mode"] == "throughput" and result["budget_bytes"] == budget
@@ -135,6 +138,7 @@ def test_throughput_result_schema(throughput, capsys):
     assert len(table.splitlines()) == 3 + 1 + 2
 
 
+@pytest.mark.slow  # the `throughput` fixture: see above
 def test_kv_bytes_per_seq_equal_formula(model, throughput):
     cfg = model.config
     per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, fp32

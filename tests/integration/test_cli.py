@@ -7,7 +7,6 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lt_jax.cli import build_parser, main
@@ -108,9 +107,10 @@ def test_text_and_chat_prompts_presets_and_notes(tiny_chat, capsys):
     assert "prefill of" in err and "same numbers as all-full" in err  # a short chat prompt: S + W covers it
     import lt_jax
     model = lt_jax.load(tiny_chat)
-    texts = model.generate(["Tell me about the sea.", "Name three primes."], max_new_tokens=3)
+    same = dict(plan="last", preset="lighttrans-code", max_new_tokens=3)  # a lone prompt: the CLI's compilation
+    texts = model.generate(["Tell me about the sea.", "Name three primes."], **same)
     assert len(texts) == 2 and all(len(t["ids"]) == 3 for t in texts)
-    assert texts[0]["ids"] == model.generate("Tell me about the sea.", max_new_tokens=3)[0]["ids"]
+    assert texts[0]["ids"] == model.generate("Tell me about the sea.", **same)[0]["ids"]
 
 
 def test_eval_ppl_keys_and_plan_files_through_the_cli(tiny_chat, tmp_path, capsys):
@@ -166,30 +166,6 @@ def test_output_directories_follow_the_umask(tiny_models, prompt_ids, tmp_path, 
     assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
     code, _, err = run(capsys, "convert", tmp_path / "nowhere", tmp_path / "x")
     assert code == 2 and "nowhere does not exist" in err and "config.json" not in err
-
-
-def test_sampling_filters_keep_to_their_candidates(tiny_lt):
-    """top_k = 3 and top_p = 0.5 on a real distribution: every sampled token lies in the set the filter allows
-    at its step (checked against the no-cache forward over the generated sequence), and sampling does vary."""
-    model = tiny_lt("qwen2")
-    prompt = list(range(3, 30))
-    for flags in (dict(top_k=3), dict(top_p=0.5)):
-        seen = set()
-        for seed in range(4):
-            ids = model.generate([prompt], max_new_tokens=12, temperature=1.0, seed=seed, stop_ids=[],
-                                 **flags)[0]["ids"]
-            logits = model.logits(prompt + ids)[0, len(prompt) - 1:-1]
-            for step, token in enumerate(ids):
-                order = np.argsort(-logits[step])
-                if "top_k" in flags:
-                    allowed = order[:3]
-                else:  # the candidates whose likelier ones hold less than top_p of the mass
-                    p = np.exp(logits[step] - logits[step].max())
-                    p = p[order] / p.sum()
-                    allowed = order[np.cumsum(p) - p < 0.5]
-                assert token in allowed, (flags, step)
-            seen.add(tuple(ids))
-        assert len(seen) > 1, flags
 
 
 def test_bad_input_found_by_a_second_probe(tiny_ckpt, tiny_chat, tmp_path, capsys):

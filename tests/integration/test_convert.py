@@ -210,6 +210,7 @@ def test_interrupted_conversion_leaves_nothing(qwen_hf, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a process start (~16 s); a real process's non-zero exit: test_cli's test_ctrl_c_ends_in_one_line
 def test_real_command_exits_nonzero(tmp_path):
     run = subprocess.run([sys.executable, "-m", "lt_jax.cli", "convert", str(tmp_path / "nope"), str(tmp_path / "o")],
                          capture_output=True, text=True)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lt_jax.attention import attention_mask
 from lt_jax.cache import KVCache, expected_kv_bytes, init_cache, write_positions
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, decode_step, prefill
@@ -17,23 +16,19 @@ from lt_jax.params import stack_layers
 from lt_jax.plan import Plan, make_plan
 
 
-def test_lighttrans_code_preset_equals_released_training_mask():
-    """The released code's `(q>=k and q-k<=1024) or (q>=128 and k<=128)`, transcribed as written."""
-    q = np.arange(1600)[:, None]
-    k = np.arange(1600)[None, :]
-    released = ((q >= k) & (q - k <= 1024)) | ((q >= 128) & (k <= 128))
-    from lt_jax.plan import PRESETS
-    S, W = PRESETS["lighttrans-code"]  # what --stream-preset lighttrans-code sets
-    ours = np.asarray(attention_mask(np.arange(1600)[None], np.arange(1600)[None], S, W))[0]
-    np.testing.assert_array_equal(ours, released)
+write_traced = jax.jit(write_positions)  # sink and window traced: one compilation per ring size and chunk width
 
 
 def positions_after(cache, n_prompt, n_decode, sink, window):
-    prompt = jnp.arange(n_prompt, dtype=jnp.int32)[None]
-    cache = write_positions(cache, prompt, sink, window)
+    """The prompt left padded to 40 places (padding: -1, dropped), then n_decode steps."""
+    prompt = jnp.asarray(np.r_[np.full(40 - n_prompt, -1), np.arange(n_prompt)][None], jnp.int32)
+    cache = write_traced(cache, prompt, sink, window)
     for _ in range(n_decode):
-        cache = write_positions(cache, cache.length[:, None], sink, window)
+        cache = decode_traced(cache, sink, window)
     return cache
+
+
+decode_traced = jax.jit(lambda cache, sink, window: write_positions(cache, cache.length[:, None], sink, window))
 
 
 @settings(max_examples=60, deadline=None)
@@ -242,6 +237,7 @@ def test_second_generate_of_same_bucket_compiles_nothing(tiny_lt):
 
 
 def test_sampling_filters(tiny_lt):
+    """Generate passes the settings through (the filters themselves: tests/unit/test_sampling.py)."""
     model = tiny_lt("qwen2")
     prompt = [list(range(3, 30))]
     greedy = model.generate(prompt, max_new_tokens=16, stop_ids=[])[0]["ids"]
@@ -252,8 +248,6 @@ def test_sampling_filters(tiny_lt):
     assert a != model.generate(prompt, max_new_tokens=16, temperature=2.0, seed=2, stop_ids=[])[0]["ids"]
     settings = Sampling(max_new_tokens=16, temperature=2.0, seed=1, stop_ids=())  # the same, as one argument
     assert model.generate(prompt, sampling=settings)[0]["ids"] == a
-    with pytest.raises(LtJaxError, match="top_p=0"):
-        model.generate(prompt, sampling=Sampling(top_p=0))
 
 
 def test_batch_generation_equals_one_by_one(tiny_lt):
@@ -309,15 +303,11 @@ def test_generate_bad_input(tiny_ckpt, argv, words, capsys):
 
 
 def test_plan_file_that_does_not_fit(tiny_ckpt, tmp_path, capsys):
+    """The CLI reports a plan file's refusal (every refusal: tests/unit/test_plan.py)."""
     import json
     from lt_jax.cli import main
     for plan, words in [({"num_layers": 3, "lazy_layers": [0, 7]}, "[7] outside 0..2"),
-                        ({"num_layers": 30, "lazy_layers": [0]}, "for 30 layers but the model has 3"),
-                        ({"lazy_layers": [0]}, "is not a plan: it has no 'num_layers' field"),
-                        ({"probe": "retrieval", "head_scores": [[1]]}, "has no 'num_layers' or 'lazy_layers' field"),
-                        ([3, [0]], "is not a plan: it is not a JSON object"),
-                        ({"num_layers": 3, "lazy_layers": [1.7]}, "a lazy layer must be a whole number, got 1.7"),
-                        ({"num_layers": 3, "lazy_layers": [1], "sink": "4"}, "sink must be a whole number")]:
+                        ({"probe": "retrieval", "head_scores": [[1]]}, "has no 'num_layers' or 'lazy_layers' field")]:
         f = tmp_path / "plan.json"
         f.write_text(json.dumps(plan))
         capsys.readouterr()

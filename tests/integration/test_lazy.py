@@ -1,7 +1,6 @@
-"""LightTransfer-Test: lazy ratios against transformers' attention probabilities, the priority queue against the
-global top-k, the selecting prefill against the fixed plan it chose (caches, logits, decode), its memory as
-XLA plans the buffers, compile counts, and `lt-jax identify`."""
-import dataclasses
+"""LightTransfer-Test: lazy ratios against transformers' attention probabilities, the selecting prefill against
+the fixed plan it chose (caches, logits, decode), its memory as XLA plans the buffers, compile counts, and
+`lt-jax identify` (the selection rule, the queue and the plan's refusals: tests/unit/test_lazy.py, test_plan.py)."""
 import json
 from functools import partial
 
@@ -10,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 
-from lt_jax.cache import expected_kv_bytes, init_cache
-from lt_jax.inference import decode_step, prefill
-from lt_jax.lazy import init_queue, push, top_lazy
+from lt_jax.cache import expected_kv_bytes
+from lt_jax.inference import decode_step
+from lt_jax.lazy import top_lazy
 from lt_jax.plan import Plan, make_plan
 
 from helpers import LAYERS, SINK, W, W_LAST, lighttransfer_prefill, prefill_peak
@@ -62,24 +60,6 @@ def test_ratios_under_mistral_native_window(tiny_models, prompt_ids, tiny_lt):
     assert np.abs(got - reference_ratios(hf, ids, SINK, 30, 32)).max() <= 1e-5
     no_sink = model.lazy_ratios(ids, sink=0, window=30, w_last=32, per_head=True)
     assert (got - no_sink).min() > 1e-4  # every head puts some mass on the sinks it can see
-
-
-@settings(max_examples=50, deadline=None)
-@given(data=st.data(), num_layers=st.integers(1, 12))
-def test_queue_reaches_the_global_top_k(data, num_layers):
-    """Ratios drawn from a few values (many ties): the queue's lazy set is the global top-k with ties to the
-    higher index, and its plan-as-data is a valid placement (full slots 0..P-1, rings 0..L-P-1, each once)."""
-    num_lazy = data.draw(st.integers(0, num_layers))
-    ratios = np.asarray(data.draw(st.lists(st.sampled_from([0.1, 0.5, 0.5, 0.9]), min_size=num_layers,
-                                           max_size=num_layers)), np.float32)
-    queue = init_queue(num_layers, num_layers - num_lazy)
-    for layer in range(num_layers):
-        queue, *_ = push(queue, jnp.int32(layer), jnp.float32(ratios[layer]))
-    lazy = np.flatnonzero(np.asarray(queue.is_lazy))
-    np.testing.assert_array_equal(lazy, top_lazy(ratios, num_lazy))
-    index = np.asarray(queue.slot)
-    assert sorted(index[lazy]) == list(range(num_lazy))
-    assert sorted(np.delete(index, lazy)) == list(range(num_layers - num_lazy))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.34])
@@ -181,19 +161,6 @@ def test_lighttransfer_logits_and_ppl_choose_on_the_prefix(deep):
     assert ppl["plan"] == chosen and ppl["tokens"] == 20
 
 
-def test_lighttransfer_plan_validation(deep):
-    from lt_jax.errors import LtJaxError
-    _, model = deep
-    with pytest.raises(LtJaxError, match="must then be exact"):
-        make_plan("lighttransfer", model.config, prefill="hybrid")
-    with pytest.raises(LtJaxError, match="w_last=0"):
-        make_plan("lighttransfer", model.config, w_last=0)
-    with pytest.raises(LtJaxError, match="resolve it on the prompt"):
-        make_plan("lighttransfer", model.config).layers(model.config)
-    assert dataclasses.replace(make_plan("lighttransfer", model.config), select_lazy=None).lazy_count == 0
-    assert json.loads(make_plan("lighttransfer", model.config).to_json())["select_lazy"] == 3
-
-
 @pytest.fixture(scope="module")
 def deep_ckpt(deep, tmp_path_factory):
     from lt_jax.cli import main
@@ -229,15 +196,6 @@ def test_identify_writes_the_calibrated_plan_and_a_plot(deep, deep_ckpt, tmp_pat
     plan = make_plan(str(plan_file), model.config)
     assert plan.lazy_layers == tuple(want["lazy_layers"]) and (plan.sink, plan.window) == (SINK, W)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_calibrate_counts_how_often_a_layer_is_lazy():
-    from lt_jax.lazy import calibrate
-    ratios = np.array([[0.9, 0.1, 0.5, 0.2], [0.8, 0.7, 0.1, 0.3], [0.1, 0.6, 0.9, 0.3]])
-    got = calibrate(ratios, 2)  # per-sample sets {0, 2}, {0, 1}, {1, 2}: each layer twice -> the mean decides
-    assert got["frequency"] == pytest.approx([2 / 3, 2 / 3, 2 / 3, 0])
-    assert got["lazy_layers"] == [0, 2] and got["mean_ratio_ranking"] == [0, 2, 1, 3]
-    assert got["mean_ratio_lazy"] == [0, 2] and got["ratio_max"] == [0.9, 0.7, 0.9, 0.3]
 
 
 @pytest.mark.parametrize("content,words", [

@@ -51,6 +51,8 @@ def test_greedy_64_tokens_equal_transformers(smol, essay_ids):
     assert got == out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow  # ~30 s; by default: the real model's numbers test_logits_on_essay_match_transformers, the ppl
+# command's against torch's cross-entropy test_convert's test_ppl_json_from_ids_file
 def test_ppl_cli_on_essay_matches_transformers(assets, smol, essay_ids, capsys):
     from pathlib import Path
     essay = Path(assets["essays"]) / ESSAY

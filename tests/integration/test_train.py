@@ -274,6 +274,17 @@ def _cli(*args, check=True):
     return run
 
 
+def _in_process(capsys, *args, check=True):
+    """`lt-jax ARGS` run by `main` in this process, as `_cli` returns it."""
+    from lt_jax.cli import main
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    run = subprocess.CompletedProcess(args, code, *capsys.readouterr())
+    if check and code:
+        raise AssertionError(run.stderr[-3000:])
+    return run
+
+
 def _ids_data(path: Path, n=24, seed=0):
     rng = np.random.default_rng(seed)
     path.write_text("".join(json.dumps({"ids": rng.integers(0, 300, int(rng.integers(40, 120))).tolist()}) + "\n"
@@ -343,7 +354,9 @@ def test_resume_after_sigkill_is_bit_exact_and_exports_to_transformers(tiny_ckpt
     assert np.abs(base.logits(ids) - ref).max() > 1e-3  # training moved the weights
 
 
-def test_bad_input_one_sentence_and_nothing_written(tiny_ckpt, tmp_path):
+def test_bad_input_one_sentence_and_nothing_written(tiny_ckpt, tmp_path, capsys):
+    """Run by `main` in this process (a subprocess each cost ~3 s of start; the CLI as its own process: the
+    SIGKILL resume test)."""
     data = _ids_data(tmp_path / "d.jsonl", n=4)
     base = [tiny_ckpt, "--data", data, *TRAIN_ARGS, "--steps", 4]
     cases = {
@@ -356,28 +369,29 @@ def test_bad_input_one_sentence_and_nothing_written(tiny_ckpt, tmp_path):
     for name, (extra, message) in cases.items():
         out = tmp_path / f"out-{name}"
         args = base + extra + ([] if "--out" in extra else ["--out", out])
-        run = _cli("train", *args, check=False)
+        run = _in_process(capsys, "train", *args, check=False)
         assert run.returncode == 2, name
         lines = run.stderr.strip().splitlines()
         assert message in lines[-1] and lines[-1].startswith("lt-jax train: error:"), (name, run.stderr[-500:])
         assert not out.exists(), name
     out = tmp_path / "run"  # a LoRA run through the CLI: its output holds the merged weights
-    _cli("train", *base, "--out", out, "--save-every", 2, "--lora-rank", 2, "--eval-data", data, "--eval-every", 2,
-         "--no-keep-optimizer")
+    _in_process(capsys, "train", *base, "--out", out, "--save-every", 2, "--lora-rank", 2, "--eval-data", data,
+                "--eval-every", 2, "--no-keep-optimizer")
     assert not (out / "checkpoints").exists() and (out / "lt_config.json").exists()  # only the final weights kept
     logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "eval_loss" in r] == [2, 4]
     import lt_jax
     ids = np.arange(40)[None]
     assert np.abs(lt_jax.load(out).logits(ids) - lt_jax.load(tiny_ckpt).logits(ids)).max() > 1e-4
-    run = _cli("train", *base, "--out", out, "--resume", "--lr", "2e-3", "--lora-rank", 2, check=False)
+    run = _in_process(capsys, "train", *base, "--out", out, "--resume", "--lr", "2e-3", "--lora-rank", 2,
+                      check=False)
     assert run.returncode == 2 and "settings.lr: saved 0.001, now 0.002" in run.stderr
-    run = _cli("train", *base, "--out", out, check=False)
+    run = _in_process(capsys, "train", *base, "--out", out, check=False)
     assert run.returncode == 2 and "already exists; pass --resume" in run.stderr
     # a non-finite loss stops the run, names the step and keeps the last good checkpoint
     blown = tmp_path / "blown"
-    run = _cli("train", tiny_ckpt, "--data", data, *TRAIN_ARGS, "--steps", 8, "--lr", "1e30", "--warmup", "0",
-               "--clip", "0", "--save-every", 1, "--out", blown, check=False)
+    run = _in_process(capsys, "train", tiny_ckpt, "--data", data, *TRAIN_ARGS, "--steps", 8, "--lr", "1e30",
+                      "--warmup", "0", "--clip", "0", "--save-every", 1, "--out", blown, check=False)
     assert run.returncode == 2 and "the loss became nan" in run.stderr.lower(), run.stderr[-500:]
     assert "last good checkpoint is step" in run.stderr and not (blown / "lt_config.json").exists()
 

@@ -1,6 +1,6 @@
 """bf16 serving on a tiny model: weights and KV cache in bfloat16, while the softmax, the lazy ratios and the logits
-stay float32; the bf16 model against the same weights in float32 (perplexity and per-token NLL, lazy ratios); bytes halved
-where bench and the TPU report count them; `--dtype` on every model command."""
+stay float32; the bf16 model against the same weights in float32 (perplexity and per-token NLL, lazy ratios);
+bytes halved where bench and the TPU report count them; `--dtype` on every model command."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -14,7 +14,7 @@ import numpy as np
 from lt_jax import calibration, sharding
 from lt_jax.batching import as_batch, bucket, left_pad
 from lt_jax.cache import KVCache, init_cache, restrict
-from lt_jax.config import Config
+from lt_jax.config import DTYPES, Config
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, generate_loop, prefill
 from lt_jax.model import default_positions, forward, forward_masked, streaming_shape
@@ -311,7 +311,11 @@ def load(path: str | Path, dtype: str | None = None, mesh=None, rules=None) -> M
     """A converted lt-jax checkpoint, an HF model directory (converted in memory), or an asset name
     (`smollm2`, `qwen2.5-coder`: fetched and converted on first use). `mesh`: a `jax.sharding.Mesh` or
     "data=2,model=4" (lt_jax.sharding); a checkpoint is then restored straight into its shards. `rules`: the
-    logical-to-mesh rules (default `lt_jax.sharding.RULES`)."""
+    logical-to-mesh rules (default `lt_jax.sharding.RULES`). `dtype`: "float32" or "bfloat16", the dtype of the
+    weights and of the KV cache (softmax, lazy ratios and logits stay float32); default: the checkpoint's own, or
+    float32 for an HF directory."""
+    if dtype is not None and dtype not in DTYPES:
+        raise LtJaxError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     from checkpoints_conv import default_plan_json, is_checkpoint, load_checkpoint, read_hf_config, read_hf_params
     from lt_jax import assets
 

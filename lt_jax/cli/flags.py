@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from lt_jax.config import DTYPES
 from lt_jax.errors import LtJaxError
 
 MODEL_HELP = "checkpoint dir, HF dir, or an asset name (smollm2, qwen2.5-coder)"
@@ -52,8 +53,13 @@ def parse_ids(text: str, flag: str) -> list[int]:
 
 # ---- flag groups ------------------------------------------------------------------------------------------------
 
-def model_argument(s):
+def model_argument(s, dtype: bool = True):
+    """MODEL, and (unless the command has a --dtype of its own: train's compute dtype) the dtype it serves in."""
     s.add_argument("model", help=MODEL_HELP)
+    if dtype:
+        s.add_argument("--dtype", dest="weights_dtype", choices=DTYPES, default=None,
+                       help="weights and KV cache in float32 or bfloat16 (softmax, lazy ratios and logits stay "
+                            "float32; default: the checkpoint's own dtype, float32 for an HF directory)")
 
 
 def output(s, *names, kind: str, **kwargs):
@@ -132,9 +138,9 @@ def sampling(args, stop=None):
 # ---- steps every model command takes -----------------------------------------------------------------------------
 
 def load_model(args):
-    """The model, on the mesh of --mesh (the part this process addresses) when one is given."""
+    """The model in --dtype, on the mesh of --mesh (the part this process addresses) when one is given."""
     import lt_jax
-    return lt_jax.load(args.model, mesh=args.mesh)
+    return lt_jax.load(args.model, dtype=getattr(args, "weights_dtype", None), mesh=args.mesh)
 
 
 def model_config(args):

@@ -17,7 +17,7 @@ INTERRUPTED = "the checkpoints saved so far are kept; rerun the same command wit
 
 def add_arguments(s):
     run_flags(s)
-    model_argument(s)
+    model_argument(s, dtype=False)  # its --dtype is the compute dtype; weights load in float32
     s.add_argument("--data", nargs="+", required=True,
                    help="text files (split into --seq-len windows) or JSONL with text, prompt+completion, chat "
                         "messages, or ids (+ labels) per line")

@@ -396,9 +396,9 @@ def run(model, plans: dict[str, Plan], contexts: list[int], batches: list[int] =
                         (r["context"], r["batch"]))
             r["decode_vs_full"] = round(r["decode_tokens_per_s"] / full["decode_tokens_per_s"], 3)
             r["kv_vs_full"] = round(r["kv_bytes"] / full["kv_bytes"], 4)
-    result = {"mode": "throughput" if throughput else "speed", "model": model.label, "new_tokens": N,
-              "weights_bytes": weights, "compilations": exe.count, "compile_s": round(sum(exe.seconds.values()), 1),
-              "records": records}
+    result = {"mode": "throughput" if throughput else "speed", "model": model.label, "dtype": cfg.dtype,
+              "new_tokens": N, "weights_bytes": weights, "compilations": exe.count,
+              "compile_s": round(sum(exe.seconds.values()), 1), "records": records}
     if throughput:
         result.update(budget_bytes=budget, prefill="every row" if prefill_every_row else "one prompt per batch",
                       note="tokens_per_s = batch x new tokens / seconds of the compiled generation loop (prefill "

@@ -124,7 +124,7 @@ class Model:
         picks during an exact prefill of these prompts (one set per batch, from the row-averaged ratios) and
         those ratios [L]."""
         plan = self.plan(plan, **flags)
-        if plan.select_lazy is None:
+        if not plan.per_prompt:
             return plan, None
         rows = self.prompt_rows(ids)
         done = self.prefill(rows, plan, bucket(max(len(r) for r in rows)))
@@ -152,7 +152,7 @@ class Model:
         rows = self.prompt_rows(prompts)
         longest = max(len(r) for r in rows)
         logits, cache, layers, ratios = self._prefill(rows, plan, max_len or bucket(longest))
-        if plan.select_lazy is None:
+        if not plan.per_prompt:
             return Prefilled(logits, cache, plan, layers, None)
         return Prefilled(logits, cache, plan.resolve(layers.lazy_layers), layers, np.asarray(ratios).mean(axis=-1).T)
 
@@ -194,7 +194,7 @@ class Model:
             if base.lazy_layers or base.prefill != "exact" or plan.prefill != "exact":
                 raise LtJaxError("generate_from under another plan needs an all-full exact prefill and a plan with "
                                  "an exact prefill.")
-            if plan.select_lazy is not None:
+            if plan.per_prompt:
                 if prefilled.ratios is None:
                     raise LtJaxError("a lighttransfer plan needs a prefill that measured the lazy ratios "
                                      "(Plan(num_layers, select_lazy=0)).")

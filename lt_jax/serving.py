@@ -218,7 +218,7 @@ def _serve(model, plan: Plan, request_groups: list[list[Request]], sampling: Sam
 
 def _prefill_one(model, plan: Plan, request: Request, max_len: int) -> _Prefilled:
     done = model.prefill([request.ids], plan, max_len)
-    if plan.select_lazy is None:
+    if not plan.per_prompt:
         return _Prefilled(request, done.plan, done.cache, done.logits, None)
     layers = done.layers
     cache = in_layer_order(done.cache, np.asarray(layers.is_lazy), np.asarray(layers.slot))

@@ -68,7 +68,7 @@ def _fixed(plan: Plan) -> Plan:
     """A plan whose lazy layers are fixed: lighttransfer's per-prompt choice becomes the last layers, same count
     and S/W. The choice never changes the cache's bytes nor the decode's speed (both compile from the count and
     S/W only: `PlanShape.decoding`), so throughput and memory are those of any fixed plan with that count."""
-    if plan.select_lazy is None:
+    if not plan.per_prompt:
         return plan
     return plan.resolve(range(plan.num_layers - plan.select_lazy, plan.num_layers))
 

@@ -255,7 +255,7 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
 def run_example(model, example: Example, methods: dict[str, Plan], task):
     """Yields one row per method, as soon as it is done."""
     cfg = model.config
-    selecting = [p for p in methods.values() if p.select_lazy is not None]
+    selecting = [p for p in methods.values() if p.per_prompt]
     measure = Plan(cfg.num_layers, select_lazy=0, source="measure",
                    **({k: getattr(selecting[0], k) for k in ("sink", "window", "w_last")} if selecting else {}))
     base = {"example": example.id, "cell": example.cell}
@@ -271,7 +271,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
         tokens = np.asarray([example.ids], np.int32)
         for name, plan in methods.items():
             t0 = time.perf_counter()
-            ratios = ratios_for(plan, example.ids[:example.prefix]) if plan.select_lazy is not None else None
+            ratios = ratios_for(plan, example.ids[:example.prefix]) if plan.per_prompt else None
             plan = plan.choose(ratios)
             prefix = None if plan.prefill == "hybrid" else example.prefix  # hybrid: the prompt streams too
             nll = model.token_nll(tokens, plan, prefix)[0, example.prefix - 1:]
@@ -290,7 +290,7 @@ def run_example(model, example: Example, methods: dict[str, Plan], task):
             if shared is None:
                 shared, first = measure_prefill(model, example, measure)
                 measured[(measure.sink, measure.window, measure.w_last)] = first
-            ratios = ratios_for(plan, example.ids) if plan.select_lazy is not None else None
+            ratios = ratios_for(plan, example.ids) if plan.per_prompt else None
             fixed = plan.choose(ratios)
             ids = generate_from(model, shared, fixed, example.max_new_tokens)
         answer = model.decode(ids)

@@ -81,7 +81,7 @@ class TrainSettings:
 
     @classmethod
     def for_plan(cls, plan: Plan, **settings) -> "TrainSettings":
-        if plan.select_lazy is not None:
+        if plan.per_prompt:
             raise LtJaxError("training needs fixed lazy layers, not a per-prompt choice: write a plan with "
                              "`lt-jax identify` (LightTransfer-Train's offline selection) and train with it.")
         return cls(num_lazy=len(plan.lazy_layers), sink=plan.sink, window=plan.window, **settings).check()

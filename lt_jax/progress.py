@@ -52,10 +52,16 @@ def _quiet_swallowed_interrupt(unraisable):
 
 
 def catch_interrupts():
-    """Install the handler (main thread only: the command line's entry point)."""
-    _state.update(interrupted=False, where=None)
+    """Install the handler (main thread only: the command line's entry point); `release_interrupts` undoes it."""
+    _state.update(interrupted=False, where=None, previous_hook=sys.unraisablehook)
     signal.signal(signal.SIGINT, _on_sigint)
     sys.unraisablehook = _quiet_swallowed_interrupt
+
+
+def release_interrupts():
+    """Python's own Ctrl-C handler and the unraisable hook found before `catch_interrupts`."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.unraisablehook = _state.pop("previous_hook", sys.unraisablehook)
 
 
 def check_interrupt():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            progress.release_interrupts()
     if args.json:
         print(json.dumps(result))
     elif args.command not in QUIET:

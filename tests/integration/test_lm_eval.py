@@ -5,6 +5,7 @@ answers equal `Model.generate` cut at the stop string."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,47 @@ def test_cli_writes_the_results_of_the_model_class(tiny_chat, tasks, tmp_path, c
     assert main(["lm-eval", str(tiny_chat), "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no_such_task" in err, err
+
+
+BUILT_TASK = """task: lt_built
+dataset_path: ""
+dataset_name: ""
+test_split: test
+custom_dataset: !function built.make
+output_type: multiple_choice
+doc_to_text: '{{question}}'
+doc_to_choice: '{{choices}}'
+doc_to_target: '{{answer}}'
+metric_list:
+  - metric: acc
+"""
+
+BUILT_DATA = """import json, os
+import datasets
+
+
+def make(**metadata):  # what a task that builds its data (RULER) is given; kept for the test to read
+    with open(os.path.join(os.path.dirname(__file__), "metadata.json"), "w") as f:
+        json.dump({k: v for k, v in metadata.items() if k in ("tokenizer", "max_seq_lengths")}, f)
+    rows = [{"question": f"{n} tokens:", "choices": ["sea", "boat"], "answer": 0} for n in metadata["max_seq_lengths"]]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+"""
+
+
+@pytest.mark.slow
+def test_cli_passes_the_tokenizer_and_metadata_to_tasks_that_build_their_data(tiny_chat, tmp_path, capsys):
+    """RULER's tasks build their prompts from the task metadata (`tokenizer`, `max_seq_lengths`): `lt-jax lm-eval`
+    passes the model's tokenizer folder and `--metadata`; a --metadata that is not a JSON object is refused."""
+    from lt_jax.cli.main import main
+    folder = tmp_path / "built"
+    folder.mkdir()
+    (folder / "lt_built.yaml").write_text(BUILT_TASK)
+    (folder / "built.py").write_text(BUILT_DATA)
+    argv = ["lm-eval", str(tiny_chat), "--tasks", "lt_built", "--include-path", str(folder), "--json"]
+    assert main(argv + ["--metadata", '{"max_seq_lengths": [512, 1024]}']) == 0
+    assert json.loads(capsys.readouterr().out)["results"]["lt_built"]["acc,none"] in (0.0, 0.5, 1.0)
+    seen = json.loads((folder / "metadata.json").read_text())
+    assert seen == {"tokenizer": str(lt_jax.load(tiny_chat).tokenizer.name_or_path), "max_seq_lengths": [512, 1024]}
+    assert Path(seen["tokenizer"]).resolve() == Path(tiny_chat).resolve()
+    assert main(argv + ["--metadata", "[4096]"]) == 2
+    assert "is not a JSON object" in capsys.readouterr().err

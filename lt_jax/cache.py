@@ -157,6 +157,37 @@ def put_tokens(buffer, k_or_v, places, keys: bool):
     return buffer.at[at].set(k_or_v, mode="drop")  # advanced indices first: the update is [B, T, K, H]
 
 
+BLOCK = 128  # places of a one-token write: a TPU tile's minor extent (see `put_step_tokens`)
+
+
+def put_step_tokens(buffer, tokens, places, keys: bool):
+    """Write one token per row, tokens [B, K, H], into one slot (keys [B, K, H, M'] or values [B, K, M', H]) at
+    places [B]; out-of-range places are dropped.
+
+    Each row rewrites the aligned block of BLOCK places that holds its place, by two block scatters (times 0 at the
+    place and 1 elsewhere, then plus the token at the place): no gather, and rows stay where `data` puts them. A
+    scatter of single places into keys, whose places are their minor dimension, makes the TPU compiler (libtpu
+    0.0.42) keep every key slot of a decode loop head_dim-minor instead: a copy of the whole cache into that layout
+    before the loop and back after it. The block writes keep the cache's own layout on TPU and CPU alike, for
+    2 * B * BLOCK places per slot and step."""
+    axis = 3 if keys else 2
+    n = min(BLOCK, buffer.shape[axis])
+    start = jnp.clip(places - places % n, 0, buffer.shape[axis] - n)
+    mine = jnp.arange(n) == (places - start)[:, None]  # [B, n]; nowhere if the place is out of range
+    if keys:
+        mine, tokens = mine[:, None, None, :], tokens[..., None]
+    else:
+        mine, tokens = mine[:, None, :, None], tokens[:, :, None]
+    at = jnp.stack([jnp.arange(buffer.shape[0]), start], axis=-1)
+    blocks = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
+                                             scatter_dims_to_operand_dims=(0, axis))
+    add = jnp.where(mine, tokens, 0).astype(buffer.dtype)  # [B, K, H, n] or [B, K, n, H]
+    options = dict(dimension_numbers=blocks, indices_are_sorted=True, unique_indices=True)
+    keep = jnp.broadcast_to(jnp.where(mine, 0, 1).astype(buffer.dtype), add.shape)
+    buffer = jax.lax.scatter_mul(buffer, at, keep, **options)  # the cache is finite: 0 * old = 0
+    return jax.lax.scatter_add(buffer, at, add, **options)
+
+
 def _as_tokens(k, v):
     """k [B, K, H, T], v [B, K, T, H] -> both [B, T, K, H], the order `put_tokens` writes."""
     return jnp.einsum("BKHT->BTKH", k), v.swapaxes(1, 2)
@@ -194,7 +225,7 @@ def write_layer_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
 
 def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     """Write every layer's one new token, k [L, B, K, H, 1] and v [L, B, K, 1, H], into its slot: each slot takes
-    the token of the layer it belongs to (data), one scatter per slot per step.
+    the token of the layer it belongs to (data), one block write per slot per step (`put_step_tokens`).
 
     The owner table is data even when the plan is known while tracing (decode's single-kind shortcut passes numpy
     `is_lazy`/`index`): each slot's token is then a dynamic slice of the stacked tokens, one form for CPU and TPU.
@@ -208,7 +239,7 @@ def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     owner = {False: owners(len(kv[0]), ~is_lazy), True: owners(len(kv[2]), is_lazy)}
 
     def write(slot, j, lazy, keys, places):
-        return put_tokens(slot, (k if keys else v)[owner[lazy][j]], places, keys)
+        return put_step_tokens(slot, (k if keys else v)[owner[lazy][j], :, 0], places[:, 0], keys)
     return _write_slots(kv, positions, sink, window, write)
 
 

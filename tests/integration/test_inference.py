@@ -135,7 +135,8 @@ def test_stacked_and_per_layer_storage_agree_and_decode_reads_weights_in_place(a
         compiled = decode_step.lower(params, jnp.zeros((2,), jnp.int32), init_cache(cfg, plan, 2, 64), layers, cfg,
                                      shape).compile()
         return compiled.memory_analysis().temp_size_in_bytes
-    assert temp_bytes(model.params) < layer_bytes / 4 < layer_bytes <= temp_bytes(stacked)
+    # per layer: no layer's weights copied (what stays is mostly the cache writes' blocks, cache.put_step_tokens)
+    assert temp_bytes(model.params) < layer_bytes <= temp_bytes(stacked)
 
 
 @pytest.mark.parametrize("spec", ["full", "random:0", "streaming"])
@@ -145,8 +146,9 @@ def test_decode_reads_and_writes_cache_slots_in_place(spec, tiny_lt):
     stacked [L, ...] cache, or writes that may run before the reads, copy at least one slot."""
     model = tiny_lt("llama")
     cfg = model.config
-    plan = make_plan(spec, cfg, sink=3, window=509)
-    cache = init_cache(cfg, plan, 2, 512)  # every slot 512 places: 128 KB, against 16 KB of one slot's scores
+    plan = make_plan(spec, cfg, sink=3, window=4093)
+    # every slot 4096 places: 1 MB, against 128 KB of one slot's scores and 32 KB per slot of the writes' blocks
+    cache = init_cache(cfg, plan, 2, 4096)
     slot_bytes = min(a.nbytes for a in jax.tree.leaves(cache.kv))
     compiled = decode_step.lower(model.params, jnp.zeros((2,), jnp.int32), cache, plan.layers(cfg), cfg,
                                  plan.shape.decoding).compile()

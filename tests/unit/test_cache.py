@@ -1,10 +1,12 @@
 """A streaming layer's buffer size as a value: `ring_size` and the shapes `init_cache` allocates (issue 27: a ring
 one slot too large changed no output and only the byte-count test saw it)."""
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import tiny_config
-from lt_jax.cache import init_cache, ring_size
+from lt_jax.cache import BLOCK, init_cache, put_step_tokens, put_tokens, ring_size
 from lt_jax.plan import Plan
 
 
@@ -28,3 +30,19 @@ def test_init_cache_slot_shapes():
     assert [a.shape for a in cache.full_k] == [(3, 2, 8, 100)]
     assert [a.shape for a in cache.full_v] == [(3, 2, 100, 8)]
     assert cache.full_pos.shape == (3, 100) and cache.length.shape == (3,)
+
+
+@pytest.mark.parametrize("M", [5, 2 * BLOCK + 3])
+@pytest.mark.parametrize("keys", [True, False])
+def test_one_token_block_write_equals_the_scatter(M, keys):
+    """Decode's block write (`put_step_tokens`) leaves what the one-place scatter leaves, bit for bit: places at a
+    block's start and end, in the last partial block, and out of range (dropped), for a slot shorter than a block
+    and one of several blocks."""
+    rng = np.random.default_rng(M)
+    B, K, H = 5, 2, 3
+    buffer = jnp.asarray(rng.normal(size=(B, K, H, M) if keys else (B, K, M, H)), jnp.float32)
+    tokens = jnp.asarray(rng.normal(size=(B, K, H)), jnp.float32)
+    at = jnp.array([0, min(BLOCK, M) - 1, M - 1, M, M + 200])
+    want = put_tokens(buffer, tokens[:, None], at[:, None], keys)
+    np.testing.assert_array_equal(put_step_tokens(buffer, tokens, at, keys), want)
+    assert not np.array_equal(want, buffer)

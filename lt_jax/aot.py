@@ -9,9 +9,10 @@ download nor RAM. Every number is compiled-not-run: memory from `memory_analysis
 
 Cost accounting: XLA's cost analysis counts a loop body once. Decode programs unroll the layers, and their
 `while_loop` body is one decode step, so their cost is per step as compiled. Programs that scan over the layers
-(prefill, token_nll, the training step) are recompiled as a cost variant with the layers unrolled at 1 and 2
-layers; per step = c1 + (L - 1) * (c2 - c1) (1 and 3 layers when L = 2, whose scanned trace jit would
-reuse) (tests/integration/test_tpu_aot.py checks it against a hand count).
+(prefill, token_nll, the training step) are recompiled as cost variants with the layers unrolled at a few layers
+of each kind: a base of one full and one lazy layer (one of the kind for a single-kind plan), plus one more full,
+plus one more lazy; per step = base + (full - 1) * (one more full - base) + (lazy - 1) * (one more lazy - base)
+(tests/integration/test_tpu_aot.py checks it against a hand count and against the whole model unrolled).
 """
 from __future__ import annotations
 
@@ -121,8 +122,9 @@ def chip_bytes(tree) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One jitted program with abstract arguments: `lower(cfg, mesh)` lowers it for a config (the cost variants
-    use smaller ones); `kv` the per-chip KV cache it carries; `scans_layers` whether its layers are a loop."""
+    """One jitted program with abstract arguments: `lower(cfg, mesh, layout)` lowers it for a config and its plan
+    (the cost variants use smaller ones; `layout` defaults to the program's own); `scans_layers` whether its layers
+    are a loop."""
     name: str
     plan: str
     batch: int
@@ -130,37 +132,38 @@ class Program:
     lower: object
     scans_layers: bool
     takes_weights: bool = True
+    layout: Plan | None = None
 
 
 def _fixed(plan: Plan) -> Plan:
     """A selecting plan's decode: its shape is what compiles (which layers are lazy is data), so any choice."""
-    return plan.resolve(range(plan.select_lazy)) if plan.select_lazy is not None else plan
+    return plan.resolve(range(plan.select_lazy)) if plan.per_prompt else plan
 
 
 def prefill_program(plan: Plan, batch: int, context: int, spec: str, mode: str | None = None) -> Program:
     """Prefill of `batch` prompts of `context` tokens; mode: the plan's own, or "exact"/"hybrid"."""
-    plan = override(plan, prefill=mode) if mode and plan.select_lazy is None else plan
+    plan = override(plan, prefill=mode) if mode and not plan.per_prompt else plan
 
-    def lower(cfg, mesh):
+    def lower(cfg, mesh, plan=plan):
         tokens = rows(mesh, (batch, context), jnp.int32)
         return prefill.lower(abstract_weights(cfg, mesh), tokens, tokens,
                              abstract_cache(cfg, plan, batch, context, mesh), plan.prefill_layers(cfg), cfg=cfg,
                              shape=plan.shape)
-    kind = "select" if plan.select_lazy is not None else plan.prefill
-    return Program(f"prefill {kind}", spec, batch, context, lower, True)
+    kind = "select" if plan.per_prompt else plan.prefill
+    return Program(f"prefill {kind}", spec, batch, context, lower, True, layout=plan)
 
 
 def decode_programs(plan: Plan, batch: int, context: int, spec: str, steps: int = 16) -> list[Program]:
     """generate_loop, the continuous-batching chunk and insert_rows, at `batch` rows of a `context` cache."""
     plan = _fixed(plan)
 
-    def loop(cfg, mesh):
+    def loop(cfg, mesh, plan=plan):
         sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
         return generate_loop.lower(abstract_weights(cfg, mesh), rows(mesh, (batch, cfg.vocab_size), jnp.float32),
                                    abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg), sampling,
                                    cfg=cfg, shape=plan.shape.decoding)
 
-    def chunk(cfg, mesh):
+    def chunk(cfg, mesh, plan=plan):
         sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
         state = DecodeState(rows(mesh, (batch,), jnp.int32), rows(mesh, (batch,), bool),
                             rows(mesh, (batch, 2), jnp.uint32))
@@ -168,7 +171,7 @@ def decode_programs(plan: Plan, batch: int, context: int, spec: str, steps: int 
                                   abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg), state,
                                   sampling, cfg=cfg, shape=plan.shape.decoding, steps=steps)
 
-    def insert(cfg, mesh):
+    def insert(cfg, mesh, plan=plan):
         return insert_rows.lower(abstract_cache(cfg, plan, batch, context, mesh),
                                  abstract_cache(cfg, plan, 1, context, mesh), jnp.int32(0))
     return [Program("generate_loop", spec, batch, context, loop, False),
@@ -180,20 +183,20 @@ def nll_program(plan: Plan, context: int, spec: str) -> Program:
     from lt_jax.api import token_nll
     plan = _fixed(plan)
 
-    def lower(cfg, mesh):
+    def lower(cfg, mesh, plan=plan):
         return token_nll.lower(abstract_weights(cfg, mesh), rows(mesh, (1, context), jnp.int32), plan.layers(cfg),
                                cfg=cfg)
-    return Program("token_nll", spec, 1, context, lower, True)
+    return Program("token_nll", spec, 1, context, lower, True, layout=plan)
 
 
 def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) -> Program:
     """One optimizer step (float32 master weights and AdamW state sharded like the weights, bf16 compute)."""
     from lt_jax.train.step import TrainSettings, init_state, train_step
     plan = _fixed(plan)
-    settings = TrainSettings(compute_dtype="bfloat16", remat=remat, num_lazy=plan.lazy_count, sink=plan.sink,
-                             window=plan.window)
 
-    def lower(cfg, mesh):
+    def lower(cfg, mesh, plan=plan):
+        settings = TrainSettings(compute_dtype="bfloat16", remat=remat, num_lazy=plan.lazy_count, sink=plan.sink,
+                                 window=plan.window)
         weights = abstract_weights(cfg, mesh, split=False)
         by_shape = {a.shape: a.sharding for a in jax.tree.leaves(weights)}
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -204,7 +207,7 @@ def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) 
             mesh, jax.sharding.PartitionSpec(None, *sharding.rows_sharding(mesh, (batch, context)).spec)))
             for k in ("tokens", "labels")}
         return train_step.lower(state, batch_, plan.layers(cfg), cfg=cfg, settings=settings)
-    return Program(f"train_step remat={'on' if remat else 'off'}", spec, batch, context, lower, True)
+    return Program(f"train_step remat={'on' if remat else 'off'}", spec, batch, context, lower, True, layout=plan)
 
 
 # ---- compile and report -----------------------------------------------------------------------------------------
@@ -232,19 +235,37 @@ def _cost(compiled) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
+def _variant(plan: Plan, full: int, lazy: int) -> Plan:
+    """The plan's kind (fixed or chosen per prompt), S, W and prefill mode on `full` + `lazy` layers."""
+    if plan.per_prompt:
+        return dataclasses.replace(plan, num_layers=full + lazy, select_lazy=lazy, protect=())
+    return dataclasses.replace(plan, num_layers=full + lazy, lazy_layers=tuple(range(full, full + lazy)))
+
+
 def step_cost(program: Program, cfg: Config, mesh, compiled) -> tuple[float, float]:
-    """(FLOPs, bytes accessed) per chip of one step of the whole model (module docstring)."""
+    """(FLOPs, bytes accessed) per chip of one step of the whole model (module docstring): a program whose layers
+    are a loop is compiled unrolled at a few layers of each kind, and its cost extrapolated linearly in the counts
+    of full and lazy layers (a lazy layer's attention costs less: the kinds are priced apart)."""
     if not program.scans_layers:
         return _cost(compiled)
-    L = cfg.num_layers
-    counts = (1, 2) if L != 2 else (1, 3)  # never L itself: jit would reuse the scanned trace of the real program
+    plan = program.layout
+    n_lazy = plan.lazy_count
+    n_full = cfg.num_layers - n_lazy
+    # (full, lazy) layer counts of the variants; the first is the base, each other adds one layer of a kind
+    if n_lazy and n_full:
+        counts, slopes = [(1, 1), (2, 1), (1, 2)], [n_full - 1, n_lazy - 1]
+    elif n_lazy:
+        counts, slopes = [(0, 1), (0, 2)], [n_lazy - 1]
+    else:
+        counts, slopes = [(1, 0), (2, 0)], [n_full - 1]
+    jax.clear_caches()  # a cached trace (the real program's, scanned) would skip the unrolling below
     variants = []
-    for n in counts:
+    for full, lazy in counts:
         with _layers_unrolled():
-            variants.append(_cost(program.lower(cfg.replace(num_layers=n), mesh).compile()))
-    (f1, b1), (f2, b2) = variants
-    per_layer = (f2 - f1) / (counts[1] - 1), (b2 - b1) / (counts[1] - 1)
-    return f1 + (L - 1) * per_layer[0], b1 + (L - 1) * per_layer[1]
+            lowered = program.lower(cfg.replace(num_layers=full + lazy), mesh, _variant(plan, full, lazy))
+            variants.append(_cost(lowered.compile()))
+    base = np.asarray(variants[0])
+    return tuple(float(v) for v in base + sum(k * (np.asarray(v) - base) for k, v in zip(slopes, variants[1:])))
 
 
 def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -> dict:
@@ -277,7 +298,7 @@ def kv_cache_bytes(cfg: Config, plan: Plan, batch: int, context: int, mesh) -> i
 def programs(plan: Plan, spec: str, batch: int, context: int, train: bool = True) -> list[Program]:
     """Every program a user runs under `plan`: prefill (exact and hybrid, or selecting), generate_loop, the
     continuous-batching chunk and insert_rows, token_nll, and the training step with remat off and on."""
-    if plan.select_lazy is not None:
+    if plan.per_prompt:
         out = [prefill_program(plan, 1, context, spec)]
     else:
         out = [prefill_program(plan, 1, context, spec, "exact")]

@@ -69,6 +69,7 @@ def test_every_committed_jsonl_is_rows_only_and_every_result_has_its_settings():
     assert len(results) >= 3  # niah, passkey, ppl at least
     for path in committed:
         assert len(pd.read_json(path, lines=True)) == len(path.read_text().splitlines()), path
+        assert set(json.loads(path.read_text().splitlines()[0])) != {"meta"}, f"{path} starts with a settings line"
     for path in results:
         held = settings(path)
         assert held["written_by"] == WHAT, path

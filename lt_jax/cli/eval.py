@@ -27,10 +27,11 @@ class _Tasks(tuple):
 
 
 # per-method options (`METHOD@OPTION=VALUE`) and the plan kinds that use each
-METHOD_OPTIONS = {"lazy_fraction": float, "w_last": int, "protect": int}
-OPTION_USERS = {"lazy_fraction": ("lighttransfer", "retrieval-aware", "first", "last", "random", "periodic",
-                                  "loss-guided"),
-                "w_last": ("lighttransfer", "retrieval-aware"), "protect": ("retrieval-aware",)}
+METHOD_OPTIONS = {"lazy_fraction": float, "w_last": int, "protect": int, "sink": int, "window": int}
+_LAZY_KINDS = ("lighttransfer", "retrieval-aware", "first", "last", "random", "periodic", "loss-guided")
+OPTION_USERS = {"lazy_fraction": _LAZY_KINDS, "w_last": ("lighttransfer", "retrieval-aware"),
+                "protect": ("retrieval-aware",), "sink": _LAZY_KINDS + ("streaming",),
+                "window": _LAZY_KINDS + ("streaming",)}
 
 
 def add_arguments(s):
@@ -43,8 +44,9 @@ def add_arguments(s):
     s.add_argument("--methods", default="full,lighttransfer,streaming",
                    help="comma-separated plans: full, lighttransfer, retrieval-aware[:PROBE], "
                         "loss-guided[:PROBE], periodic[:OFFSET], streaming, random[:SEED], first, last, PLAN.json, "
-                        "each with optional @OPTION=VALUE overrides (lazy_fraction, w_last, protect), e.g. "
-                        "lighttransfer@w_last=1 (default: full,lighttransfer,streaming)")
+                        "each with optional @OPTION=VALUE overrides (lazy_fraction, w_last, protect, sink, window), "
+                        "e.g. lighttransfer@w_last=1 or lighttransfer@sink=64@window=960 (default: "
+                        "full,lighttransfer,streaming)")
     output(s, "--out", kind="file", default=None, help="results JSONL; a rerun resumes it (default: eval-TASK.jsonl)")
     output(s, "--plot", kind="image", default=None, help="PNG: depth x length heat maps (niah, passkey) or bars")
     output(s, "--ratio-plot", kind="image", default=None,

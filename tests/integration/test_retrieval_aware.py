@@ -234,12 +234,13 @@ def test_calibrate_and_eval_from_the_cli(tiny_chat, tmp_path, capsys):
     assert record["provenance"]["settings"]["span"] == 64 and plot.read_bytes()[:4] == b"\x89PNG"
     protected = Calibration.load(cal).protected(1)
     out = tmp_path / "rows.jsonl"
-    methods = f"full,lighttransfer,retrieval-aware:{cal}@protect=1,lighttransfer@w_last=1"
+    methods = (f"full,lighttransfer,retrieval-aware:{cal}@protect=1,lighttransfer@w_last=1,"
+               "lighttransfer@sink=8@window=32")
     assert main(["eval", str(tiny_chat), "--task", "passkey", "--lengths", "300", "--depths", "0.5", "--samples",
                  "2", "--sink", "4", "--window", "64", "--max-new-tokens", "3", "--out", str(out), "--json",
                  "--methods", methods]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 8
+    assert len(rows) == 10
     model = lt_jax.load(tiny_chat)
     from lt_jax.eval.evaluate import Retrieval
     task = Retrieval("passkey", [300], [0.5], 2, max_new_tokens=3)
@@ -250,6 +251,13 @@ def test_calibrate_and_eval_from_the_cli(tiny_chat, tmp_path, capsys):
         w1 = model.lazy_ratios(example.ids, sink=4, window=64, w_last=1)
         assert mine["lighttransfer@w_last=1"]["lazy_layers"] == list(top_lazy(w1, 2))
         np.testing.assert_allclose(mine["lighttransfer@w_last=1"]["ratios"], w1, atol=1e-5)
+        # its own sink and window: its ratios measured with them, and its answer decoded with them
+        own = mine["lighttransfer@sink=8@window=32"]
+        s8 = model.lazy_ratios(example.ids, sink=8, window=32)
+        assert own["lazy_layers"] == list(top_lazy(s8, 2))
+        np.testing.assert_allclose(own["ratios"], s8, atol=1e-5)
+        fixed = model.plan("lighttransfer", sink=8, window=32).resolve(own["lazy_layers"])
+        assert own["answer"] == model.decode(model.generate([example.ids], plan=fixed, max_new_tokens=3)[0]["ids"])
 
 
 def test_calibrate_never_overwrites_a_file_that_is_not_a_calibration(tiny_chat, tmp_path, capsys):

@@ -51,6 +51,23 @@ def _enable_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _skip_absent_tpu():
+    """With libtpu installed (the test extra brings it, for `lt-jax compile`) on a host with no TPU chip, jax would
+    still start the TPU plugin, which prints worker-hostname warnings before every command: keep jax on the CPU
+    there, unless JAX_PLATFORMS says otherwise or a GPU is visible. `lt-jax compile` needs only libtpu's topology,
+    not its runtime."""
+    import importlib.util
+    import os
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    import jax
+    from jax._src import hardware_utils  # what jax itself reads to decide whether this is a TPU VM
+    if jax.config.jax_platforms or hardware_utils.num_available_tpu_chips_and_device_id()[0] \
+            or hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1):
+        return
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _interrupted(args) -> int:
     from lt_jax import progress
     note = getattr(args.command_module, "INTERRUPTED", "rerun the same command to start again")
@@ -65,6 +82,7 @@ def main(argv=None) -> int:
     except _UsageError as e:
         print(e, file=sys.stderr)
         return 2
+    _skip_absent_tpu()
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         progress.catch_interrupts()

@@ -391,3 +391,21 @@ def test_mesh_axes_against_the_rules():
     with pytest.warns(UserWarning, match="axis 'banana' is not named by the sharding rules, which place arrays on "
                                          "model: arrays are only copied over it"):
         sharding.check_axes("banana=2,model=2", rules=(("ffn", "model"),))
+
+
+def test_no_tpu_warnings_where_there_is_no_tpu(tiny_ckpt):
+    """libtpu installed (the test extra) on a host without TPU chips: a command runs on the CPU without the TPU
+    plugin's worker-hostname warnings (with JAX_PLATFORMS unset, as a user runs it)."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    pytest.importorskip("libtpu", reason="the warnings come from libtpu")
+    from jax._src import hardware_utils
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+        pytest.skip("this host has TPU chips")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    run = subprocess.run([sys.executable, "-m", "lt_jax.cli", "generate", str(tiny_ckpt), "--ids", "1 2 3",
+                          "--max-new-tokens", "2", "--json"], capture_output=True, text=True, timeout=300,
+                         env=dict(env, PYTHONPATH=str(REPO)))
+    assert run.returncode == 0 and len(json.loads(run.stdout)["ids"]) == 2, run.stderr[-2000:]
+    assert "TPU" not in run.stderr, run.stderr[-2000:]

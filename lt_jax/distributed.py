@@ -8,6 +8,8 @@ at a barrier before process 0 merges. No collective runs per example, so process
 prompt lengths; the `model` axis of a mesh stays within a host."""
 from __future__ import annotations
 
+import itertools
+
 import jax
 
 from lt_jax.errors import LtJaxError
@@ -51,8 +53,17 @@ def mine(items: list, index: int, count: int) -> list:
     return items[index::count]
 
 
+_BARRIERS = itertools.count()  # every process passes the same barriers in the same order: the same ids
+BARRIER_TIMEOUT_S = 24 * 3600
+
+
 def barrier(name: str):
-    """Wait until every process reaches the barrier of this name (a no-op for one process)."""
+    """Wait until every process reaches the barrier of this name (a no-op for one process), however long the
+    others still work. It waits on the coordination service that `jax.distributed.initialize` started (as orbax
+    does), not on a collective over devices (`multihost_utils.sync_global_devices`): that compiles and runs a
+    program, and on CPU first connects gloo peers with a 30 s timeout, which a loaded host once exceeded. A
+    process that dies fails the barrier (the service's heartbeats)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+        from jax._src import distributed as jax_distributed
+        jax_distributed.global_state.client.wait_at_barrier(f"lt-jax {next(_BARRIERS)}: {name}",
+                                                            BARRIER_TIMEOUT_S * 1000)

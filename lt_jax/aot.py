@@ -17,8 +17,9 @@ layers (prefill, token_nll, the training step, decode over stacked weights) are 
 the layers unrolled at a few layers of each kind: a base of one full and one lazy layer (one of the kind for a
 single-kind plan), plus one more full, plus one more lazy; per step = base + (full - 1) * (one more full - base)
 + (lazy - 1) * (one more lazy - base) (tests/integration/test_tpu_aot.py checks it against a hand count, against
-the whole model unrolled, and a stacked decode against the split one). Stacked layers (the training step's, a TPU
-load's) are cut into per-layer slices for the variants (`_layers_unrolled`).
+the whole model unrolled, and a stacked decode against the split one). The variants take split weights (the TPU
+compiler reads a stacked layer's weights in place, so both storages cost the same); the training step's weights,
+always stacked, are cut into per-layer slices (`_layers_unrolled`).
 """
 from __future__ import annotations
 
@@ -131,9 +132,9 @@ TPU_LAYERS = default_layers("tpu")
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One jitted program with abstract arguments: `lower(cfg, mesh, layout)` lowers it for a config and its plan
-    (the cost variants use smaller ones; `layout` defaults to the program's own); `scans_layers` whether its layers
-    are a loop; `layers` the weights' storage (`params.LAYERS`)."""
+    """One jitted program with abstract arguments: `lower(cfg, mesh, layout, layers)` lowers it for a config, its plan
+    and the weights' storage (`params.LAYERS`; the cost variants use smaller configs and split weights; `layout` and
+    `layers` default to the program's own); `scans_layers` whether its layers are a loop."""
     name: str
     plan: str
     batch: int
@@ -155,7 +156,7 @@ def prefill_program(plan: Plan, batch: int, context: int, spec: str, mode: str |
     """Prefill of `batch` prompts of `context` tokens; mode: the plan's own, or "exact"/"hybrid"."""
     plan = override(plan, prefill=mode) if mode and not plan.per_prompt else plan
 
-    def lower(cfg, mesh, plan=plan):
+    def lower(cfg, mesh, plan=plan, layers=layers):
         tokens = rows(mesh, (batch, context), jnp.int32)
         return prefill.lower(abstract_weights(cfg, mesh, split=layers == "split"), tokens, tokens,
                              abstract_cache(cfg, plan, batch, context, mesh), plan.prefill_layers(cfg), cfg=cfg,
@@ -168,27 +169,28 @@ def decode_programs(plan: Plan, batch: int, context: int, spec: str, steps: int 
                     layers: str = TPU_LAYERS) -> list[Program]:
     """generate_loop, the continuous-batching chunk and insert_rows, at `batch` rows of a `context` cache."""
     plan = _fixed(plan)
-    split = layers == "split"  # decode unrolls split layers and scans stacked ones
 
-    def loop(cfg, mesh, plan=plan):
+    def loop(cfg, mesh, plan=plan, layers=layers):
         sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
-        weights, logits = abstract_weights(cfg, mesh, split=split), rows(mesh, (batch, cfg.vocab_size), jnp.float32)
+        weights = abstract_weights(cfg, mesh, split=layers == "split")  # split: decode unrolls; stacked: scans
+        logits = rows(mesh, (batch, cfg.vocab_size), jnp.float32)
         return generate_loop.lower(weights, logits, abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg),
                                    sampling, cfg=cfg, shape=plan.shape.decoding)
 
-    def chunk(cfg, mesh, plan=plan):
+    def chunk(cfg, mesh, plan=plan, layers=layers):
         sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
         state = DecodeState(rows(mesh, (batch,), jnp.int32), rows(mesh, (batch,), bool),
                             rows(mesh, (batch, 2), jnp.uint32))
-        weights, logits = abstract_weights(cfg, mesh, split=split), rows(mesh, (batch, cfg.vocab_size), jnp.float32)
+        weights = abstract_weights(cfg, mesh, split=layers == "split")
+        logits = rows(mesh, (batch, cfg.vocab_size), jnp.float32)
         return decode_chunk.lower(weights, logits, abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg),
                                   state, sampling, cfg=cfg, shape=plan.shape.decoding, steps=steps)
 
-    def insert(cfg, mesh, plan=plan):
+    def insert(cfg, mesh, plan=plan, layers=layers):
         return insert_rows.lower(abstract_cache(cfg, plan, batch, context, mesh),
                                  abstract_cache(cfg, plan, 1, context, mesh), jnp.int32(0))
-    return [Program("generate_loop", spec, batch, context, loop, not split, layout=plan, layers=layers),
-            Program("decode_chunk", spec, batch, context, chunk, not split, layout=plan, layers=layers),
+    return [Program("generate_loop", spec, batch, context, loop, layers != "split", layout=plan, layers=layers),
+            Program("decode_chunk", spec, batch, context, chunk, layers != "split", layout=plan, layers=layers),
             Program("insert_rows", spec, batch, context, insert, False, takes_weights=False, layers=layers)]
 
 
@@ -196,7 +198,7 @@ def nll_program(plan: Plan, context: int, spec: str, layers: str = TPU_LAYERS) -
     from lt_jax.api import token_nll
     plan = _fixed(plan)
 
-    def lower(cfg, mesh, plan=plan):
+    def lower(cfg, mesh, plan=plan, layers=layers):
         weights = abstract_weights(cfg, mesh, split=layers == "split")
         return token_nll.lower(weights, rows(mesh, (1, context), jnp.int32), plan.layers(cfg), cfg=cfg)
     return Program("token_nll", spec, 1, context, lower, True, layout=plan, layers=layers)
@@ -207,7 +209,7 @@ def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) 
     from lt_jax.train.step import TrainSettings, init_state, train_step
     plan = _fixed(plan)
 
-    def lower(cfg, mesh, plan=plan):
+    def lower(cfg, mesh, plan=plan, layers="stacked"):  # always stacked: the step scans them
         settings = TrainSettings(compute_dtype="bfloat16", remat=remat, num_lazy=plan.lazy_count, sink=plan.sink,
                                  window=plan.window)
         weights = abstract_weights(cfg, mesh, split=False)
@@ -279,7 +281,7 @@ def step_cost(program: Program, cfg: Config, mesh, compiled) -> tuple[float, flo
     variants = []
     for full, lazy in counts:
         with _layers_unrolled():
-            lowered = program.lower(cfg.replace(num_layers=full + lazy), mesh, _variant(plan, full, lazy))
+            lowered = program.lower(cfg.replace(num_layers=full + lazy), mesh, _variant(plan, full, lazy), "split")
             variants.append(_cost(lowered.compile()))
     base = np.asarray(variants[0])
     return tuple(float(v) for v in base + sum(k * (np.asarray(v) - base) for k, v in zip(slopes, variants[1:])))

@@ -45,9 +45,11 @@ def run(model, spec, prompts):
     return np.stack([first, np.asarray(logits)]), np.asarray(tokens), done.plan.lazy_layers
 
 
-@pytest.mark.parametrize("spec", ["last", "lighttransfer"])
+@pytest.mark.parametrize("spec", [pytest.param("last", marks=pytest.mark.slow), "lighttransfer"])
 def test_stacked_weights_decode_what_split_weights_decode(models, spec):
-    """Bit-equal on XLA:CPU (float32): the prefill's logits, the greedy tokens and the logits after the last step."""
+    """Bit-equal on XLA:CPU (float32): the prefill's logits, the greedy tokens and the logits after the last step.
+    A selecting plan's decode is a mixed one (its lazy layers chosen per prompt); a fixed mixed plan with its hybrid
+    prefill in the slow tier."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 64, 40).tolist(), rng.integers(0, 64, 27).tolist()]
     split_logits, split_tokens, split_lazy = run(models["split"], spec, prompts)

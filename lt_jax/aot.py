@@ -7,12 +7,19 @@ carrying the shardings of `lt_jax.sharding` (weights: `param_shardings`, cache: 
 download nor RAM. Every number is compiled-not-run: memory from `memory_analysis()`, FLOPs and bytes from
 `cost_analysis()`, step time a roofline lower bound from the chip table below.
 
-Cost accounting: XLA's cost analysis counts a loop body once. Decode programs unroll the layers, and their
-`while_loop` body is one decode step, so their cost is per step as compiled. Programs that scan over the layers
-(prefill, token_nll, the training step) are recompiled as cost variants with the layers unrolled at a few layers
-of each kind: a base of one full and one lazy layer (one of the kind for a single-kind plan), plus one more full,
-plus one more lazy; per step = base + (full - 1) * (one more full - base) + (lazy - 1) * (one more lazy - base)
-(tests/integration/test_tpu_aot.py checks it against a hand count and against the whole model unrolled).
+Weights: stored as a TPU load stores them (`params.default_layers("tpu")`: stacked, so decode scans one layer
+body), or, with `layers="split"`, as on CPU (per-layer buffers; decode unrolls the layers), for comparison. Each row
+names its storage.
+
+Cost accounting: XLA's cost analysis counts a loop body once. A decode program's `while_loop` body is one decode
+step; over split weights it unrolls the layers, so its cost is per step as compiled. Programs that scan over the
+layers (prefill, token_nll, the training step, decode over stacked weights) are recompiled as cost variants with
+the layers unrolled at a few layers of each kind: a base of one full and one lazy layer (one of the kind for a
+single-kind plan), plus one more full, plus one more lazy; per step = base + (full - 1) * (one more full - base)
++ (lazy - 1) * (one more lazy - base) (tests/integration/test_tpu_aot.py checks it against a hand count, against
+the whole model unrolled, and a stacked decode against the split one). The variants take split weights (the TPU
+compiler reads a stacked layer's weights in place, so both storages cost the same); the training step's weights,
+always stacked, are cut into per-layer slices (`_layers_unrolled`).
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from lt_jax.cache import init_cache, insert_rows
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import DecodeState, Sampling, decode_chunk, generate_loop, prefill
-from lt_jax.params import abstract_params
+from lt_jax.params import abstract_params, default_layers
 from lt_jax.plan import Plan, override
 
 GiB = 2 ** 30
@@ -91,8 +98,8 @@ def _placed(shapes, shardings):
 
 
 def abstract_weights(cfg: Config, mesh, rules=sharding.RULES, split: bool = True) -> dict:
-    """The weights as ShapeDtypeStructs in their shardings: per-layer buffers (a loaded Model's storage) or, with
-    split=False, stacked layers (training)."""
+    """The weights as ShapeDtypeStructs in their shardings: per-layer buffers (a Model loaded on CPU) or, with
+    split=False, stacked layers (a Model loaded on TPU; training)."""
     stacked = abstract_params(cfg)
     shard = sharding.param_shardings(cfg, mesh, rules, split=split)
     if not split:
@@ -120,11 +127,14 @@ def chip_bytes(tree) -> int:
 
 # ---- programs ---------------------------------------------------------------------------------------------------
 
+TPU_LAYERS = default_layers("tpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One jitted program with abstract arguments: `lower(cfg, mesh, layout)` lowers it for a config and its plan
-    (the cost variants use smaller ones; `layout` defaults to the program's own); `scans_layers` whether its layers
-    are a loop."""
+    """One jitted program with abstract arguments: `lower(cfg, mesh, layout, layers)` lowers it for a config, its plan
+    and the weights' storage (`params.LAYERS`; the cost variants use smaller configs and split weights; `layout` and
+    `layers` default to the program's own); `scans_layers` whether its layers are a loop."""
     name: str
     plan: str
     batch: int
@@ -133,6 +143,7 @@ class Program:
     scans_layers: bool
     takes_weights: bool = True
     layout: Plan | None = None
+    layers: str = TPU_LAYERS
 
 
 def _fixed(plan: Plan) -> Plan:
@@ -140,53 +151,57 @@ def _fixed(plan: Plan) -> Plan:
     return plan.resolve(range(plan.select_lazy)) if plan.per_prompt else plan
 
 
-def prefill_program(plan: Plan, batch: int, context: int, spec: str, mode: str | None = None) -> Program:
+def prefill_program(plan: Plan, batch: int, context: int, spec: str, mode: str | None = None,
+                    layers: str = TPU_LAYERS) -> Program:
     """Prefill of `batch` prompts of `context` tokens; mode: the plan's own, or "exact"/"hybrid"."""
     plan = override(plan, prefill=mode) if mode and not plan.per_prompt else plan
 
-    def lower(cfg, mesh, plan=plan):
+    def lower(cfg, mesh, plan=plan, layers=layers):
         tokens = rows(mesh, (batch, context), jnp.int32)
-        return prefill.lower(abstract_weights(cfg, mesh), tokens, tokens,
+        return prefill.lower(abstract_weights(cfg, mesh, split=layers == "split"), tokens, tokens,
                              abstract_cache(cfg, plan, batch, context, mesh), plan.prefill_layers(cfg), cfg=cfg,
                              shape=plan.shape)
     kind = "select" if plan.per_prompt else plan.prefill
-    return Program(f"prefill {kind}", spec, batch, context, lower, True, layout=plan)
+    return Program(f"prefill {kind}", spec, batch, context, lower, True, layout=plan, layers=layers)
 
 
-def decode_programs(plan: Plan, batch: int, context: int, spec: str, steps: int = 16) -> list[Program]:
+def decode_programs(plan: Plan, batch: int, context: int, spec: str, steps: int = 16,
+                    layers: str = TPU_LAYERS) -> list[Program]:
     """generate_loop, the continuous-batching chunk and insert_rows, at `batch` rows of a `context` cache."""
     plan = _fixed(plan)
 
-    def loop(cfg, mesh, plan=plan):
+    def loop(cfg, mesh, plan=plan, layers=layers):
         sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
-        return generate_loop.lower(abstract_weights(cfg, mesh), rows(mesh, (batch, cfg.vocab_size), jnp.float32),
-                                   abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg), sampling,
-                                   cfg=cfg, shape=plan.shape.decoding)
+        weights = abstract_weights(cfg, mesh, split=layers == "split")  # split: decode unrolls; stacked: scans
+        logits = rows(mesh, (batch, cfg.vocab_size), jnp.float32)
+        return generate_loop.lower(weights, logits, abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg),
+                                   sampling, cfg=cfg, shape=plan.shape.decoding)
 
-    def chunk(cfg, mesh, plan=plan):
+    def chunk(cfg, mesh, plan=plan, layers=layers):
         sampling = Sampling(max_new_tokens=steps).prepared(cfg.eos_token_ids)
         state = DecodeState(rows(mesh, (batch,), jnp.int32), rows(mesh, (batch,), bool),
                             rows(mesh, (batch, 2), jnp.uint32))
-        return decode_chunk.lower(abstract_weights(cfg, mesh), rows(mesh, (batch, cfg.vocab_size), jnp.float32),
-                                  abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg), state,
-                                  sampling, cfg=cfg, shape=plan.shape.decoding, steps=steps)
+        weights = abstract_weights(cfg, mesh, split=layers == "split")
+        logits = rows(mesh, (batch, cfg.vocab_size), jnp.float32)
+        return decode_chunk.lower(weights, logits, abstract_cache(cfg, plan, batch, context, mesh), plan.layers(cfg),
+                                  state, sampling, cfg=cfg, shape=plan.shape.decoding, steps=steps)
 
-    def insert(cfg, mesh, plan=plan):
+    def insert(cfg, mesh, plan=plan, layers=layers):
         return insert_rows.lower(abstract_cache(cfg, plan, batch, context, mesh),
                                  abstract_cache(cfg, plan, 1, context, mesh), jnp.int32(0))
-    return [Program("generate_loop", spec, batch, context, loop, False),
-            Program("decode_chunk", spec, batch, context, chunk, False),
-            Program("insert_rows", spec, batch, context, insert, False, takes_weights=False)]
+    return [Program("generate_loop", spec, batch, context, loop, layers != "split", layout=plan, layers=layers),
+            Program("decode_chunk", spec, batch, context, chunk, layers != "split", layout=plan, layers=layers),
+            Program("insert_rows", spec, batch, context, insert, False, takes_weights=False, layers=layers)]
 
 
-def nll_program(plan: Plan, context: int, spec: str) -> Program:
+def nll_program(plan: Plan, context: int, spec: str, layers: str = TPU_LAYERS) -> Program:
     from lt_jax.api import token_nll
     plan = _fixed(plan)
 
-    def lower(cfg, mesh, plan=plan):
-        return token_nll.lower(abstract_weights(cfg, mesh), rows(mesh, (1, context), jnp.int32), plan.layers(cfg),
-                               cfg=cfg)
-    return Program("token_nll", spec, 1, context, lower, True, layout=plan)
+    def lower(cfg, mesh, plan=plan, layers=layers):
+        weights = abstract_weights(cfg, mesh, split=layers == "split")
+        return token_nll.lower(weights, rows(mesh, (1, context), jnp.int32), plan.layers(cfg), cfg=cfg)
+    return Program("token_nll", spec, 1, context, lower, True, layout=plan, layers=layers)
 
 
 def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) -> Program:
@@ -194,7 +209,7 @@ def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) 
     from lt_jax.train.step import TrainSettings, init_state, train_step
     plan = _fixed(plan)
 
-    def lower(cfg, mesh, plan=plan):
+    def lower(cfg, mesh, plan=plan, layers="stacked"):  # always stacked: the step scans them
         settings = TrainSettings(compute_dtype="bfloat16", remat=remat, num_lazy=plan.lazy_count, sink=plan.sink,
                                  window=plan.window)
         weights = abstract_weights(cfg, mesh, split=False)
@@ -207,17 +222,21 @@ def train_program(plan: Plan, batch: int, context: int, spec: str, remat: bool) 
             mesh, jax.sharding.PartitionSpec(None, *sharding.rows_sharding(mesh, (batch, context)).spec)))
             for k in ("tokens", "labels")}
         return train_step.lower(state, batch_, plan.layers(cfg), cfg=cfg, settings=settings)
-    return Program(f"train_step remat={'on' if remat else 'off'}", spec, batch, context, lower, True, layout=plan)
+    return Program(f"train_step remat={'on' if remat else 'off'}", spec, batch, context, lower, True, layout=plan,
+                   layers="stacked")
 
 
 # ---- compile and report -----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _layers_unrolled():
-    """Every module's `scan_layers` unrolled while a cost variant traces (cost analysis counts a loop body once)."""
+    """Every module's `scan_layers` unrolled while a cost variant traces (cost analysis counts a loop body once);
+    stacked layers are cut into per-layer slices first."""
     original = model_lib.scan_layers
 
     def patched(step, carry, layers, xs, unroll=False, remat=False):
+        if isinstance(layers, dict):
+            layers = tuple(jax.tree.map(lambda a: a[i], layers) for i in range(len(layers["attn_norm"])))
         return original(step, carry, layers, xs, True, remat)
     holders = [m for m in list(sys.modules.values()) if getattr(m, "scan_layers", None) is original]
     for m in holders:
@@ -262,7 +281,7 @@ def step_cost(program: Program, cfg: Config, mesh, compiled) -> tuple[float, flo
     variants = []
     for full, lazy in counts:
         with _layers_unrolled():
-            lowered = program.lower(cfg.replace(num_layers=full + lazy), mesh, _variant(plan, full, lazy))
+            lowered = program.lower(cfg.replace(num_layers=full + lazy), mesh, _variant(plan, full, lazy), "split")
             variants.append(_cost(lowered.compile()))
     base = np.asarray(variants[0])
     return tuple(float(v) for v in base + sum(k * (np.asarray(v) - base) for k, v in zip(slopes, variants[1:])))
@@ -277,9 +296,11 @@ def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
              + m.generated_code_size_in_bytes)
     plan_name = program.plan
-    row = {"program": program.name, "plan": plan_name, "batch": program.batch, "context": program.context,
-           "target": tgt.topology, "mesh": dict(tgt.mesh.shape), "compile_s": round(seconds, 2),
-           "weights": chip_bytes(abstract_weights(cfg, tgt.mesh)) if program.takes_weights else 0,
+    row = {"program": program.name, "plan": plan_name, "layers": program.layers, "batch": program.batch,
+           "context": program.context, "target": tgt.topology, "mesh": dict(tgt.mesh.shape),
+           "compile_s": round(seconds, 2),
+           "weights": chip_bytes(abstract_weights(cfg, tgt.mesh, split=program.layers == "split"))
+           if program.takes_weights else 0,
            "arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
            "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "total": total,
            "hbm": tgt.chip.hbm_bytes, "fits": total <= tgt.chip.hbm_bytes, "compiled_not_run": True}
@@ -295,27 +316,31 @@ def kv_cache_bytes(cfg: Config, plan: Plan, batch: int, context: int, mesh) -> i
     return chip_bytes(abstract_cache(cfg, _fixed(plan), batch, context, mesh).kv)
 
 
-def programs(plan: Plan, spec: str, batch: int, context: int, train: bool = True) -> list[Program]:
-    """Every program a user runs under `plan`: prefill (exact and hybrid, or selecting), generate_loop, the
-    continuous-batching chunk and insert_rows, token_nll, and the training step with remat off and on."""
+def programs(plan: Plan, spec: str, batch: int, context: int, train: bool = True,
+             layers: str = TPU_LAYERS) -> list[Program]:
+    """Every program a user runs under `plan` with the weights stored as `layers`: prefill (exact and hybrid, or
+    selecting), generate_loop, the continuous-batching chunk and insert_rows, token_nll, and the training step with
+    remat off and on (its weights are always stacked)."""
     if plan.per_prompt:
-        out = [prefill_program(plan, 1, context, spec)]
+        out = [prefill_program(plan, 1, context, spec, layers=layers)]
     else:
-        out = [prefill_program(plan, 1, context, spec, "exact")]
+        out = [prefill_program(plan, 1, context, spec, "exact", layers)]
         if plan.lazy_count:
-            out.append(prefill_program(plan, 1, context, spec, "hybrid"))
-    out += decode_programs(plan, batch, context, spec)
-    out.append(nll_program(plan, context, spec))
+            out.append(prefill_program(plan, 1, context, spec, "hybrid", layers))
+    out += decode_programs(plan, batch, context, spec, layers=layers)
+    out.append(nll_program(plan, context, spec, layers))
     if train:
         out += [train_program(plan, 1, context, spec, remat) for remat in (False, True)]
     return out
 
 
-def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upper: int = 4096) -> int:
+def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upper: int = 4096,
+              layers: str = TPU_LAYERS) -> int:
     """The largest decode batch whose generate_loop plan fits one chip's HBM (compiles a few batches: the
     secant-then-bisection search of `lt-jax bench --throughput`)."""
     from lt_jax.eval.bench import search_max_batch
-    footprint = lambda b: compile_row(decode_programs(plan, b, context, spec)[0], cfg, tgt, cost=False)["total"]  # noqa
+    footprint = lambda b: compile_row(decode_programs(plan, b, context, spec, layers=layers)[0], cfg, tgt,  # noqa
+                                      cost=False)["total"]
     per_row = kv_cache_bytes(cfg, plan, 1, context, tgt.mesh)
     data = tgt.mesh.shape.get("data", 1)  # rows split over `data`: batches that it divides
     best, _ = search_max_batch(lambda b: footprint(b * data), tgt.chip.hbm_bytes, per_row, upper // data)

@@ -18,7 +18,7 @@ from lt_jax.config import DTYPES, Config
 from lt_jax.errors import LtJaxError
 from lt_jax.inference import Sampling, generate_loop, prefill
 from lt_jax.model import default_positions, forward, forward_masked, streaming_shape
-from lt_jax.params import split_layers
+from lt_jax.params import LAYERS, default_layers, split_layers, stack_layers
 from lt_jax.plan import (DEFAULT_SINK, DEFAULT_W_LAST, DEFAULT_WINDOW, LayerPlan, Plan, PlanShape, make_plan,
                          override)
 
@@ -47,14 +47,18 @@ class Prefilled:
 
 class Model:
     def __init__(self, config: Config, params, tokenizer=None, path: Path | None = None,
-                 default_plan: Plan | None = None, mesh=None, rules=None):
+                 default_plan: Plan | None = None, mesh=None, rules=None, layers: str | None = None):
         self.config = config
         # Where the model runs: None (one device), or the part of a mesh this process addresses (lt_jax.sharding)
         self.mesh = None if mesh is None else sharding.local_mesh(sharding.make_mesh(mesh))
         self.rules = sharding.RULES if rules is None else tuple(rules)
-        # per-layer buffers: decode reads each weight in place
-        self.params = split_layers(params) if self.mesh is None else sharding.place_params(
-            params, config, self.mesh, self.rules)
+        # How the layers are stored, which decides how decode runs them (`params.default_layers`)
+        self.layers = _layers(layers)
+        split = self.layers == "split"
+        if self.mesh is not None:
+            self.params = sharding.place_params(params, config, self.mesh, self.rules, split=split)
+        else:
+            self.params = split_layers(params) if split else jax.device_put(stack_layers(params))
         self.tokenizer = tokenizer
         self.path = path
         # What plan=None means: a trained hybrid's training plan (stored with its checkpoint), else all full
@@ -307,13 +311,23 @@ def _is_single(prompts) -> bool:
                                             and not isinstance(prompts[0], str))
 
 
-def load(path: str | Path, dtype: str | None = None, mesh=None, rules=None) -> Model:
+def _layers(layers: str | None) -> str:
+    if layers is None:
+        return default_layers(jax.default_backend())
+    if layers not in LAYERS:
+        raise LtJaxError(f"layers {layers!r} is not one of {', '.join(LAYERS)}.")
+    return layers
+
+
+def load(path: str | Path, dtype: str | None = None, mesh=None, rules=None, layers: str | None = None) -> Model:
     """A converted lt-jax checkpoint, an HF model directory (converted in memory), or an asset name
     (`smollm2`, `qwen2.5-coder`: fetched and converted on first use). `mesh`: a `jax.sharding.Mesh` or
     "data=2,model=4" (lt_jax.sharding); a checkpoint is then restored straight into its shards. `rules`: the
     logical-to-mesh rules (default `lt_jax.sharding.RULES`). `dtype`: "float32" or "bfloat16", the dtype of the
     weights and of the KV cache (softmax, lazy ratios and logits stay float32); default: the checkpoint's own, or
-    float32 for an HF directory."""
+    float32 for an HF directory. `layers`: "split" (per-layer buffers; decode unrolls the layers) or "stacked"
+    (decode scans one layer body); default: the platform's (`lt_jax.params.default_layers`: stacked on TPU)."""
+    _layers(layers)
     if dtype is not None and dtype not in DTYPES:
         raise LtJaxError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     from checkpoints_conv import default_plan_json, is_checkpoint, load_checkpoint, read_hf_config, read_hf_params
@@ -336,8 +350,8 @@ def load(path: str | Path, dtype: str | None = None, mesh=None, rules=None) -> M
         raise LtJaxError(f"{path} is neither an lt-jax checkpoint nor a Hugging Face model directory.")
     default = None if stored_plan is None else Plan.from_text(stored_plan, cfg, f"the plan stored with {path}")
     if mesh is not None:  # nobody else holds the restored tree: each stacked leaf is freed once placed
-        params = sharding.place_params(params, cfg, mesh, rules, consume=True)
-    return Model(cfg, params, _tokenizer(path), path, default, mesh, rules)
+        params = sharding.place_params(params, cfg, mesh, rules, consume=True, split=_layers(layers) == "split")
+    return Model(cfg, params, _tokenizer(path), path, default, mesh, rules, layers)
 
 
 def _tokenizer(path: Path):

@@ -86,6 +86,7 @@ def _decode(params, tokens, cache: KVCache, layers: LayerPlan, cfg: Config, shap
         return out, None, (k, v)
 
     xs = (layers.is_lazy, layers.slot, layers.sink, layers.window)
+    # split weights (CPU, GPU) unroll the layers; stacked ones (TPU) scan one layer body (`params.default_layers`)
     x, _, (new_k, new_v) = decoder(params, tokens[:, None], positions, cfg, attention, xs, head=None, unroll=True)
     # Every slot is read before the step's write into it: the writes wait for the last hidden state.
     written = ordered_after(positions, x[:, 0, :1], -1)

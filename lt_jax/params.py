@@ -9,8 +9,9 @@ fused axes keep each KV head's group (and gate/up) apart so a mesh can shard hea
 fused piece.
 
 Two storages of the same names: layers stacked on a leading L axis (`stack_layers`: checkpoints, init, a scanned
-training step) or a tuple of per-layer dicts (`split_layers`: a loaded `Model`; decode reads each weight in place,
-where XLA:CPU would copy a stacked weight's slice before every product)."""
+training step; a loaded `Model` on TPU) or a tuple of per-layer dicts (`split_layers`: a loaded `Model` on CPU and
+GPU; decode reads each weight in place, where XLA:CPU would copy a stacked weight's slice before every product).
+`default_layers` picks a loaded model's storage by platform."""
 from __future__ import annotations
 
 import dataclasses
@@ -125,6 +126,21 @@ def stack_layers(params: dict) -> dict:
     if isinstance(params["layers"], dict):
         return params
     return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
+
+
+LAYERS = ("split", "stacked")
+
+
+def default_layers(platform: str) -> str:
+    """The storage a loaded `Model` keeps its layers in on `platform` (a `jax.default_backend()` name), which decides
+    how decode runs them (`model.scan_layers`). "stacked" on TPU: decode scans one layer body, and the TPU compiler
+    reads each layer's weights in place from the stack (no per-layer copy among its temporaries); a mixed plan's
+    decode no longer compiles a `cond` and two slot switches per layer for each of L layers, so its loop compiles
+    several times faster (results/pods/compile-time-8b.json). "split" elsewhere: decode unrolls the layers over
+    per-layer buffers, because XLA:CPU copies a stacked weight's slice before every product (a copy of the model
+    per token); XLA:GPU hands its GEMM library whole buffers too, so it keeps the same storage (not measured on a
+    GPU)."""
+    return "stacked" if platform == "tpu" else "split"
 
 
 # Checkpoints written before the one layout (lt-jax 0.1: q/k/v/o/gate/up/down stored [in..., out...], unfused).

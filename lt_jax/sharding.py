@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
-from lt_jax.params import ParamSpec, param_specs, split_layers
+from lt_jax.params import ParamSpec, param_specs, split_layers, stack_layers
 
 # logical axis -> mesh axis; the first rule whose mesh axis exists (and is not already used by the leaf) wins.
 RULES: tuple[tuple[str, str | None], ...] = (
@@ -176,8 +176,12 @@ def rows_sharding(mesh: Mesh, shape: tuple, rules=RULES) -> NamedSharding:
     return sharding_for(mesh, ("batch",) + (None,) * (len(shape) - 1), shape, rules)
 
 
-def place_params(params: dict, cfg: Config, mesh: Mesh, rules=RULES, consume: bool = False) -> dict:
-    """Stacked (or already split) params -> per-layer buffers in their shardings (`params.split_layers`)."""
+def place_params(params: dict, cfg: Config, mesh: Mesh, rules=RULES, consume: bool = False,
+                 split: bool = True) -> dict:
+    """Stacked (or already split) params -> per-layer buffers in their shardings (`params.split_layers`), or with
+    split=False stacked layers in theirs (`params.default_layers`)."""
+    if not split:
+        return jax.device_put(stack_layers(params), param_shardings(cfg, mesh, rules))
     return split_layers(params, param_shardings(cfg, mesh, rules, split=True), consume)
 
 

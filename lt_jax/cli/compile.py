@@ -24,6 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="weights and KV cache (default bfloat16)")
+    parser.add_argument("--layers", default="stacked", choices=("stacked", "split"),
+                        help="the weights' storage: stacked, as a TPU load keeps them (decode scans one layer body; "
+                        "default), or split, as on CPU (decode unrolls the layers), for comparison")
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
     parser.add_argument("--max-batch", action="store_true", help="also the largest decode batch per plan that fits")
 
@@ -63,23 +66,24 @@ def run(args) -> dict:
     if not args.json:
         print(f"{args.model} on {tgt.topology} (mesh {dict(tgt.mesh.shape)}, {tgt.chip.name}: "
               f"{_gib(tgt.chip.hbm_bytes)} GiB HBM per chip); per chip, GiB; compiled, not run")
-        print(f"{'program':24} {'plan':14} {'B':>4} {'T':>7} {'weights':>8} {'kv':>7} {'temp':>7} {'out':>7} "
-              f"{'total':>7} fits {'compile s':>9} {'GFLOP':>10} {'GB':>8} {'roofline ms':>11}")
+        print(f"{'program':24} {'plan':14} {'layers':7} {'B':>4} {'T':>7} {'weights':>8} {'kv':>7} {'temp':>7} "
+              f"{'out':>7} {'total':>7} fits {'compile s':>9} {'GFLOP':>10} {'GB':>8} {'roofline ms':>11}")
     for spec, plan in plans:
         kv = aot.kv_cache_bytes(cfg, plan, args.batch, args.context, tgt.mesh)
-        for program in aot.programs(plan, spec, args.batch, args.context, train=not args.no_train):
+        for program in aot.programs(plan, spec, args.batch, args.context, train=not args.no_train,
+                                    layers=args.layers):
             row = aot.compile_row(program, cfg, tgt)
             row["kv_cache"] = kv if program.name in ("generate_loop", "decode_chunk", "insert_rows") else None
             rows.append(row)
             if args.json:
                 continue
-            print(f"{row['program']:24} {spec:14} {row['batch']:>4} {row['context']:>7} {_gib(row['weights']):>8} "
-                  f"{_gib(row['kv_cache']) if row['kv_cache'] is not None else '-':>7} "
+            print(f"{row['program']:24} {spec:14} {row['layers']:7} {row['batch']:>4} {row['context']:>7} "
+                  f"{_gib(row['weights']):>8} {_gib(row['kv_cache']) if row['kv_cache'] is not None else '-':>7} "
                   f"{_gib(row['temporaries']):>7} {_gib(row['outputs']):>7} {_gib(row['total']):>7} "
                   f"{'yes ' if row['fits'] else 'NO  '} {row['compile_s']:>9.1f} {row['flops'] / 1e9:>10.1f} "
                   f"{row['bytes_accessed'] / 1e9:>8.2f} {row['roofline_s'] * 1e3:>11.3f}", flush=True)
         if args.max_batch:
-            best_batch[spec] = aot.max_batch(plan, spec, cfg, tgt, args.context)
+            best_batch[spec] = aot.max_batch(plan, spec, cfg, tgt, args.context, layers=args.layers)
             if not args.json:
                 print(f"{spec}: largest decode batch that fits at context {args.context}: {best_batch[spec]}",
                       flush=True)

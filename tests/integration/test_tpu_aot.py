@@ -124,7 +124,7 @@ def test_cost_of_a_hybrid_equals_the_whole_model_unrolled(spec, program):
     row = aot.compile_row(prog, CFG, target)
     jax.clear_caches()
     with aot._layers_unrolled():
-        whole = aot._cost(prog.lower(CFG, target.mesh).compile())
+        whole = aot._cost(prog.lower(CFG, target.mesh, prog.layout, "split").compile())  # the variants' storage
     assert row["flops"] == pytest.approx(whole[0], rel=0.01)
     assert row["bytes_accessed"] == pytest.approx(whole[1], rel=0.05)  # fusion differs where layers of two kinds meet
 
@@ -163,10 +163,28 @@ def test_decode_loop_reads_sharded_weights_in_place():
     """The projections contract each weight in its stored shape. Viewing gate_up_proj [2, F, D] (F split over
     `model`) as one [2F, D] matrix moved the halves of F between chips: the compiled loop all-to-all'ed every
     layer's MLP weights into temporaries (33 % of this cache; 1.9 GiB, 193 % of the per-chip cache, for
-    Llama-3.1-8B on v5e:2x4 at 8K, results/pods/temporaries-8b.json)."""
+    Llama-3.1-8B on v5e:2x4 at 8K, results/pods/temporaries-8b.json). Split weights (one buffer per layer, as
+    on CPU/GPU) show it as memory; stacked ones (a TPU load's) would pay it as traffic on every step instead."""
     target, context = tgt("v5e:2x2", "data=1,model=4"), 4096
     plan = make_plan("full", MLP_CFG)
     kv = aot.kv_cache_bytes(MLP_CFG, plan, 8, context, target.mesh)
-    row = aot.compile_row(aot.decode_programs(plan, 8, context, "full")[0], MLP_CFG, target, cost=False)
+    row = aot.compile_row(aot.decode_programs(plan, 8, context, "full", layers="split")[0], MLP_CFG, target,
+                          cost=False)
     assert row["weights"] > 0.4 * kv  # the weights' copy would show
     assert row["temporaries"] < 0.1 * kv, (row["temporaries"], kv)
+
+
+# ---- the weights' storage: stacked on TPU, so decode scans one layer body (issue 22, decode compile time) -------
+
+@pytest.mark.slow
+def test_decode_of_stacked_weights_scans_and_costs_what_the_unrolled_decode_costs():
+    """A TPU load keeps the layers stacked (`params.default_layers`), so programs compile decode as a scan over one
+    layer body by default (every plan and mesh in test_every_program_compiles_with_training; full, streaming and
+    lighttransfer in the default tier). Cost analysis counts the scanned body once: the report's per-step cost (its
+    cost variants) equals what the split weights' decode, unrolled, costs as compiled, for a mixed plan."""
+    target = tgt("v5e:2x2", "data=2,model=2")
+    stacked, split = (aot.compile_row(aot.decode_programs(plan_of("last"), B, T, "last", layers=layers)[0], CFG,
+                                      target) for layers in ("stacked", "split"))
+    assert aot.TPU_LAYERS == "stacked" and (stacked["layers"], split["layers"]) == ("stacked", "split")
+    assert stacked["flops"] == pytest.approx(split["flops"], rel=0.02)
+    assert stacked["bytes_accessed"] == pytest.approx(split["bytes_accessed"], rel=0.1)

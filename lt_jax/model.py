@@ -99,7 +99,8 @@ def scan_layers(step, carry, layers, xs, unroll: bool = False, remat: bool = Fal
     Why unroll: XLA:CPU copies a layer's slice of a stacked (or switched) weight before every matmul, which at a
     decode step is a copy of the whole model per token; unrolled over per-layer buffers, each matmul reads its
     weight in place (scripts/bench_inference.py). Prefill and training amortize that copy over many tokens and
-    keep one compiled layer body. `remat`: each layer's activations are recomputed in the backward pass
+    keep one compiled layer body. A TPU load keeps the layers stacked (`params.default_layers`): the TPU compiler
+    fuses the slice into its matmul, so even decode scans (`unroll` is then ignored) and compiles one layer body. `remat`: each layer's activations are recomputed in the backward pass
     (`jax.checkpoint`), so a training step holds one layer's, not L layers'."""
     step = jax.checkpoint(step) if remat else step
     if isinstance(layers, dict):

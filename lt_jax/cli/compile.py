@@ -20,7 +20,8 @@ def add_arguments(parser) -> None:
                         help="tokens of context (prompt + generation; default 8192)")
     parser.add_argument("--batch", type=int, default=8, help="decode batch (rows; default 8)")
     parser.add_argument("--plans", default="full,lighttransfer", help="comma list of plans (full, streaming, first, "
-                        "last, lighttransfer, ...; default full,lighttransfer)")
+                        "last, lighttransfer, retrieval-aware[:FILE], loss-guided[:FILE], ...; without a calibration "
+                        "FILE a stand-in compiles the same programs; default full,lighttransfer)")
     parser.add_argument("--lazy-fraction", type=float, default=0.5, help="fraction of lazy layers (default 0.5)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="weights and KV cache (default bfloat16)")
@@ -48,6 +49,25 @@ def read_config(path: str, dtype: str):
         raise LtJaxError(f"{p}: an HF config.json needs the field {e}.") from None
 
 
+def _plan(spec: str, cfg, lazy_fraction: float):
+    """The plan a spec names. A calibrated plan (`retrieval-aware`, `loss-guided`) reads its calibration file when
+    the spec names one (`:FILE.json`); without one (a config has no weights to calibrate) it compiles with a
+    stand-in whose scores are all equal: which layers it protects or streams is data to every program, so the
+    programs are those of any calibration at the same lazy fraction."""
+    from lt_jax import calibration
+    from lt_jax.plan import make_plan
+    name, _, source = spec.partition(":")
+    if name not in calibration.PLAN_PROBES:
+        return make_plan(spec, cfg, lazy_fraction)
+    if source.endswith(".json"):
+        found = calibration.find(None, source, cfg, name)[0]
+    else:
+        probe = source or calibration.PLAN_PROBES[name]
+        heads = 1 if probe in calibration.LAYER_PROBES else cfg.num_heads
+        found = calibration.Calibration(probe, ((0.0,) * heads,) * cfg.num_layers, {"stand-in": "lt-jax compile"})
+    return make_plan(spec, cfg, lazy_fraction, calibration=found)
+
+
 def _gib(b) -> str:
     return f"{b / 2 ** 30:.2f}"
 
@@ -56,11 +76,10 @@ def run(args) -> dict:
     """Prints the table as programs compile (unless --json); returns every row (and the max batches)."""
     from lt_jax import aot
     from lt_jax.errors import LtJaxError
-    from lt_jax.plan import make_plan
     cfg = read_config(args.model, args.dtype)
     if args.context < 2 or args.batch < 1:
         raise LtJaxError(f"--context {args.context} must be >= 2 and --batch {args.batch} >= 1.")
-    plans = [(spec, make_plan(spec, cfg, args.lazy_fraction)) for spec in args.plans.split(",")]
+    plans = [(spec, _plan(spec, cfg, args.lazy_fraction)) for spec in args.plans.split(",")]
     tgt = aot.target(args.target, args.mesh)
     rows, best_batch = [], {}
     if not args.json:

@@ -188,3 +188,22 @@ def test_decode_of_stacked_weights_scans_and_costs_what_the_unrolled_decode_cost
     assert aot.TPU_LAYERS == "stacked" and (stacked["layers"], split["layers"]) == ("stacked", "split")
     assert stacked["flops"] == pytest.approx(split["flops"], rel=0.02)
     assert stacked["bytes_accessed"] == pytest.approx(split["bytes_accessed"], rel=0.1)
+
+
+def test_calibrated_plans_compile_without_a_calibration_as_their_uncalibrated_twins():
+    """`lt-jax compile --plans retrieval-aware,loss-guided` on a bare config: a stand-in calibration, since which
+    layers a calibration protects (or streams) is data; the selecting prefill plans exactly as lighttransfer's,
+    the loss-guided decode as the fixed plan of as many lazy layers."""
+    from lt_jax.cli.compile import _plan
+    target = tgt("v5e:2x2", "data=2,model=2")
+    aware, lighttransfer = _plan("retrieval-aware", CFG, 0.5), _plan("lighttransfer", CFG, 0.5)
+    assert aware.per_prompt and len(aware.protect) == 1 and aware.select_lazy == lighttransfer.select_lazy
+    guided = _plan("loss-guided", CFG, 0.5)
+    assert not guided.per_prompt and guided.lazy_count == 2
+    keys = ("arguments", "temporaries", "outputs", "total")
+    rows = [aot.compile_row(aot.prefill_program(p, 1, T, s), CFG, target, cost=False)
+            for s, p in (("retrieval-aware", aware), ("lighttransfer", lighttransfer))]
+    assert [rows[0][k] for k in keys] == [rows[1][k] for k in keys]
+    rows = [aot.compile_row(aot.decode_programs(p, B, T, s)[0], CFG, target, cost=False)
+            for s, p in (("loss-guided", guided), ("last", _plan("last", CFG, 0.5)))]
+    assert [rows[0][k] for k in keys] == [rows[1][k] for k in keys]

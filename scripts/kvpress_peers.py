@@ -16,7 +16,7 @@ F = 0.5, S = 4, W = 1020, lt-jax's plan defaults):
 - `duo`: `DuoAttentionPress(head_compression_ratio=F, on_the_fly_scoring=True)`: the F share of (layer, KV head)
   pairs with the lowest on-the-fly scores stream, keeping S + W tokens (its own 128 + 256 replaced by lt-jax's), so
   its prompt KV equals lt-jax's exactly. kvpress scores heads on 50 BookSum chapters (`load_dataset`), which is not
-  reachable here: the essays, cut into 250-word chapters, stand in for them (same function, same sampling).
+  reachable here: the essays, cut into 100-word chapters, stand in for them (same function, same sampling).
 - `duo-native`: the same heads and scores with DuoAttention's own S = 128, W = 256; the streaming share chosen per
   prompt so its prompt KV is the nearest to lt-jax's (more heads stream, each keeping fewer tokens).
 - `simlayerkv`: `SimLayerKVPress` (n_last = 1, n_initial = S, recent = W), its lazy rule (the last query's attention
@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("full", "duo", "duo-native", "simlayerkv")
 DUO_NATIVE = (128, 256)  # DuoAttentionPress.post_init_from_model's on-the-fly sink and recent sizes
-CHAPTER_WORDS = 250
+CHAPTER_WORDS = 100
 
 
 class BadInput(Exception):
@@ -129,7 +129,7 @@ class Rows:
 
 def offline_booksum(texts: list[str]):
     """What `load_dataset("kmfoda/booksum", split="train")` gives DuoAttention's on-the-fly scoring, from `texts`:
-    a table with a `chapter` column, here 250-word pieces of the texts (short: each costs a forward on this CPU)."""
+    a table with a `chapter` column, here 100-word pieces of the texts (short: each costs a forward on this CPU)."""
     import pandas as pd
     words = " ".join(texts).split()
     chapters = [" ".join(words[i:i + CHAPTER_WORDS]) for i in range(0, len(words), CHAPTER_WORDS)]
@@ -182,7 +182,7 @@ def make_presses(texts: list[str]):
             self.seen[module.layer_idx] = (hidden_states, {"position_embeddings": kwargs["position_embeddings"]})
             return keys, values
 
-    return Capture, SizedDuoAttention, RankedSimLayerKV, duo.duo_attention_on_the_fly
+    return Capture, SizedDuoAttention, RankedSimLayerKV, duo
 
 
 def duo_native_ratio(heads: int, prompt: int, sink: int, window: int, fraction: float) -> float:
@@ -279,7 +279,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
                                                               attn_implementation="sdpa").eval()
-    Capture, SizedDuo, RankedSimLayerKV, duo_scores = make_presses(texts)
+    Capture, SizedDuo, RankedSimLayerKV, duo = make_presses(texts)
     settings = {"prompts": str(args.prompts), "prompt_settings": settings_in, "model": str(args.model),
                 "lazy_fraction": args.lazy_fraction, "sink": args.sink, "window": args.window,
                 "dtype": "float32", "versions": {"kvpress": _version("kvpress"), "torch": torch.__version__,
@@ -287,7 +287,10 @@ def run(args) -> dict:
     results = Rows(args.out, settings)
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     lazy_count = round(args.lazy_fraction * layers)
-    todo = [(p, [m for m in methods if (p["example"], m) not in results.done]) for p in prompts]
+    heads_file = duo_heads(args, model, duo)
+    # every task's first sample, then every task's second, ...: a stopped run has covered every task
+    order = sorted(prompts, key=lambda p: int(p["example"].rsplit("/", 1)[1]))
+    todo = [(p, [m for m in methods if (p["example"], m) not in results.done]) for p in order]
     todo = [(p, ms) for p, ms in todo if ms]
 
     with tqdm(total=sum(len(ms) for _, ms in todo), desc="kvpress peers", unit="row", file=sys.stderr,
@@ -314,6 +317,8 @@ def run(args) -> dict:
                     press = RankedSimLayerKV(args.sink, args.window, frozenset(lazy))
                     extra = {"lazy_layers": lazy, "ratios": [round(x, 5) for x in ranked]}
                 cache = pressed(model, full_cache, capture, press)
+                if m.startswith("duo") and not heads_file.exists():
+                    write_duo_heads(heads_file, args, model, duo)
                 fraction = kv_fraction(model, cache, n)
                 answer = model_answer(args.model, decode(model, first, cache, n, p["max_new_tokens"]))
                 for layer in model.model.layers:  # the next method must not decode through this one's masks
@@ -332,9 +337,35 @@ def run(args) -> dict:
                                   sorted({r["method"] for r in compare}))
         got["agreement"] = agreement(rows, compare)
     got["table"] = table(got)
-    if any(m.startswith("duo") for _, ms in todo for m in ms):  # computed (and cached by kvpress) in this run: free
-        got["duo_head_scores"] = [[round(float(x), 5) for x in row] for row in duo_scores(model)]
     return got
+
+
+def duo_heads(args, model, duo) -> Path:
+    """OUT.duo_heads.json: DuoAttention's on-the-fly head scores for this model, computed once (50 forwards) and
+    handed to kvpress's cache of them on later runs."""
+    path = args.out.with_name(args.out.name + ".duo_heads.json")
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if (saved["model"], saved["texts"], saved["chapter_words"]) != (str(args.model), str(args.essays),
+                                                                         CHAPTER_WORDS):
+            raise BadInput(f"{path} holds head scores of another model or texts; delete it or pass another --out.")
+        import numpy as np
+        duo.cache[duo_key(model)] = np.asarray(saved["scores"], dtype=np.float32)
+    return path
+
+
+def duo_key(model) -> tuple:
+    return model.config.name_or_path, 50, 500  # duo_attention_on_the_fly's cache key with its defaults
+
+
+def write_duo_heads(path: Path, args, model, duo):
+    scores = duo.cache[duo_key(model)]
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps({"written_by": "scripts/kvpress_peers.py", "model": str(args.model),
+                               "texts": str(args.essays), "chapter_words": CHAPTER_WORDS,
+                               "what": "kvpress duo_attention_on_the_fly(model): 50 chapters, q_len 500; [layer][kv head]",
+                               "scores": [[float(x) for x in row] for row in scores]}))
+    os.replace(tmp, path)
 
 
 _TOKENIZERS = {}

@@ -59,6 +59,7 @@ def test_peers_refuse_a_prompts_file_without_its_sidecar(tmp_path, capsys):
     assert not (tmp_path / "rows.jsonl").exists()
 
 
+@pytest.mark.slow  # ~55 s on this CPU: torch, transformers and kvpress imports in a subprocess, 50 head-scoring forwards
 @pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason=f"no kvpress venv at {KVPRESS_PYTHON} (set KVPRESS_PYTHON)")
 def test_torch_full_equals_lt_jax_and_peers_keep_lt_jax_budget(exported, tiny_chat, chat_model, assets, tmp_path):
     """torch's greedy answer without a press == lt-jax's full answer on each exported prompt; DuoAttention and

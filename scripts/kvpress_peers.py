@@ -269,6 +269,12 @@ def run(args) -> dict:
         if not texts:
             raise BadInput(f"{args.essays} holds no .txt file for DuoAttention's head scores.")
     compare = read_jsonl(args.compare, "the lt-jax rows") if args.compare else []
+    if args.report:
+        meta = args.out.with_name(args.out.name + ".meta.json")
+        if not meta.exists():
+            raise BadInput(f"{args.out} has no {meta.name}: nothing to report.")
+        return report(args.out, json.loads(meta.read_text())["settings"], read_jsonl(args.out, "the rows file"),
+                      prompts, methods, compare)
     scoring = ruler_scoring()
 
     import torch
@@ -329,9 +335,20 @@ def run(args) -> dict:
                              "seconds": round(time.perf_counter() - t0, 3), "kv_fraction": fraction, **extra})
                 bar.update()
                 t0 = time.perf_counter()
-    ids = {p["example"] for p in prompts}
-    rows = [r for r in results.rows if r["example"] in ids and r["method"] in methods]
-    got = {"out": str(args.out), "settings": settings, "summary": summarize(rows, methods)}
+    return report(args.out, settings, results.rows, prompts, methods, compare)
+
+
+def report(out: Path, settings: dict, rows: list[dict], prompts: list[dict], methods: list[str],
+           compare: list[dict]) -> dict:
+    """The summary over the prompts every method has a row for (all of them once the run is complete), lt-jax's
+    rows (`compare`) summarized on the same prompts, and full's agreement with lt-jax's."""
+    have = {}
+    for r in rows:
+        have.setdefault(r["example"], set()).add(r["method"])
+    ids = {p["example"] for p in prompts if set(methods) <= have.get(p["example"], set())}
+    rows = [r for r in rows if r["example"] in ids and r["method"] in methods]
+    got = {"out": str(out), "settings": settings, "prompts": len(ids), "of": len(prompts),
+           "summary": summarize(rows, methods)}
     if compare:
         got["lt_jax"] = summarize([r for r in compare if r["example"] in ids],
                                   sorted({r["method"] for r in compare}))
@@ -415,7 +432,7 @@ def agreement(rows: list[dict], compare: list[dict]) -> dict:
 
 def table(got: dict) -> str:
     cols = got["summary"]["columns"]
-    lines = [f"| method | {' | '.join(cols)} | average | examples | prompt KV kept |", "|---" * (len(cols) + 5) + "|"]
+    lines = [f"| method | {' | '.join(cols)} | average | examples | prompt KV kept |", "|---" * (len(cols) + 4) + "|"]
     groups = [("torch + kvpress", got["summary"]["methods"])]
     if "lt_jax" in got:
         groups.append(("lt-jax", got["lt_jax"]["methods"]))
@@ -441,6 +458,7 @@ def main(argv=None) -> int:
                    help="DuoAttention's head-scoring texts (*.txt; default $LT_JAX_ASSETS/essays)")
     p.add_argument("--compare", type=Path, default=None, help="lt-jax eval rows on the same prompts")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="summarize the rows OUT holds; run nothing")
     p.add_argument("--json", action="store_true", help="the summary as one JSON line on stdout")
     args = p.parse_args(argv)
     try:

@@ -264,10 +264,6 @@ def run(args) -> dict:
                        f"{args.sink}, {args.window}.")
     if not (args.model / "config.json").exists():
         raise BadInput(f"{args.model} is not a Hugging Face model directory (no config.json).")
-    texts = [p.read_text(encoding="utf-8") for p in sorted(args.essays.glob("*.txt"))]
-    if "duo" in methods or "duo-native" in methods:
-        if not texts:
-            raise BadInput(f"{args.essays} holds no .txt file for DuoAttention's head scores.")
     compare = read_jsonl(args.compare, "the lt-jax rows") if args.compare else []
     if args.report:
         meta = args.out.with_name(args.out.name + ".meta.json")
@@ -275,6 +271,9 @@ def run(args) -> dict:
             raise BadInput(f"{args.out} has no {meta.name}: nothing to report.")
         return report(args.out, json.loads(meta.read_text())["settings"], read_jsonl(args.out, "the rows file"),
                       prompts, methods, compare)
+    texts = [p.read_text(encoding="utf-8") for p in sorted(args.essays.glob("*.txt"))]
+    if not texts and ("duo" in methods or "duo-native" in methods):
+        raise BadInput(f"{args.essays} holds no .txt file for DuoAttention's head scores.")
     scoring = ruler_scoring()
 
     import torch

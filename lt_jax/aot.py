@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from functools import partial
@@ -288,22 +289,30 @@ def step_cost(program: Program, cfg: Config, mesh, compiled) -> tuple[float, flo
 
 
 def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -> dict:
-    """Compile one program for the target; its per-chip plan as a dict (bytes, seconds, FLOPs)."""
+    """Compile one program for the target; its per-chip plan as a dict (bytes, seconds, FLOPs). A program the TPU
+    compiler refuses for HBM (its temporaries alone exceed the chip) is a row too: `fits` False, the temporaries
+    the compiler asked for, `refused` its message, and no total or cost."""
     t0 = time.perf_counter()
-    compiled = program.lower(cfg, tgt.mesh).compile()
+    row = {"program": program.name, "plan": program.plan, "layers": program.layers, "batch": program.batch,
+           "context": program.context, "target": tgt.topology, "mesh": dict(tgt.mesh.shape),
+           "weights": chip_bytes(abstract_weights(cfg, tgt.mesh, split=program.layers == "split"))
+           if program.takes_weights else 0, "hbm": tgt.chip.hbm_bytes, "compiled_not_run": True}
+    try:
+        compiled = program.lower(cfg, tgt.mesh).compile()
+    except jax.errors.JaxRuntimeError as e:
+        asked = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not asked:
+            raise
+        return {**row, "compile_s": round(time.perf_counter() - t0, 2), "arguments": None,
+                "temporaries": round(float(asked.group(1)) * 2 ** 30), "outputs": None, "aliased": None,
+                "total": None, "fits": False, "refused": str(e).splitlines()[0]}
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
              + m.generated_code_size_in_bytes)
-    plan_name = program.plan
-    row = {"program": program.name, "plan": plan_name, "layers": program.layers, "batch": program.batch,
-           "context": program.context, "target": tgt.topology, "mesh": dict(tgt.mesh.shape),
-           "compile_s": round(seconds, 2),
-           "weights": chip_bytes(abstract_weights(cfg, tgt.mesh, split=program.layers == "split"))
-           if program.takes_weights else 0,
-           "arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-           "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "total": total,
-           "hbm": tgt.chip.hbm_bytes, "fits": total <= tgt.chip.hbm_bytes, "compiled_not_run": True}
+    row.update({"compile_s": round(seconds, 2), "arguments": m.argument_size_in_bytes,
+                "temporaries": m.temp_size_in_bytes, "outputs": m.output_size_in_bytes,
+                "aliased": m.alias_size_in_bytes, "total": total, "fits": total <= tgt.chip.hbm_bytes})
     if cost:
         flops, accessed = step_cost(program, cfg, tgt.mesh, compiled)
         row.update(flops=flops, bytes_accessed=accessed,
@@ -339,8 +348,9 @@ def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upp
     """The largest decode batch whose generate_loop plan fits one chip's HBM (compiles a few batches: the
     secant-then-bisection search of `lt-jax bench --throughput`)."""
     from lt_jax.eval.bench import search_max_batch
-    footprint = lambda b: compile_row(decode_programs(plan, b, context, spec, layers=layers)[0], cfg, tgt,  # noqa
-                                      cost=False)["total"]
+    def footprint(b):  # a refused program's temporaries alone exceed the chip: over budget, and near affine
+        row = compile_row(decode_programs(plan, b, context, spec, layers=layers)[0], cfg, tgt, cost=False)
+        return row["temporaries"] if row["total"] is None else row["total"]
     per_row = kv_cache_bytes(cfg, plan, 1, context, tgt.mesh)
     data = tgt.mesh.shape.get("data", 1)  # rows split over `data`: batches that it divides
     best, _ = search_max_batch(lambda b: footprint(b * data), tgt.chip.hbm_bytes, per_row, upper // data)

@@ -96,9 +96,14 @@ def run(args) -> dict:
             rows.append(row)
             if args.json:
                 continue
-            print(f"{row['program']:24} {spec:14} {row['layers']:7} {row['batch']:>4} {row['context']:>7} "
-                  f"{_gib(row['weights']):>8} {_gib(row['kv_cache']) if row['kv_cache'] is not None else '-':>7} "
-                  f"{_gib(row['temporaries']):>7} {_gib(row['outputs']):>7} {_gib(row['total']):>7} "
+            head = (f"{row['program']:24} {spec:14} {row['layers']:7} {row['batch']:>4} {row['context']:>7} "
+                    f"{_gib(row['weights']):>8} {_gib(row['kv_cache']) if row['kv_cache'] is not None else '-':>7} "
+                    f"{_gib(row['temporaries']):>7} ")
+            if row["total"] is None:  # the TPU compiler refused it: its temporaries alone exceed HBM
+                print(head + f"{'-':>7} {'-':>7} NO   {row['compile_s']:>9.1f}  refused: {row['refused']}",
+                      flush=True)
+                continue
+            print(head + f"{_gib(row['outputs']):>7} {_gib(row['total']):>7} "
                   f"{'yes ' if row['fits'] else 'NO  '} {row['compile_s']:>9.1f} {row['flops'] / 1e9:>10.1f} "
                   f"{row['bytes_accessed'] / 1e9:>8.2f} {row['roofline_s'] * 1e3:>11.3f}", flush=True)
         if args.max_batch:

@@ -209,3 +209,17 @@ def test_calibrated_plans_compile_without_a_calibration_as_their_uncalibrated_tw
     rows = [aot.compile_row(aot.decode_programs(p, B, T, s)[0], CFG, target, cost=False)
             for s, p in (("loss-guided", guided), ("last", _plan("last", CFG, 0.5)))]
     assert [rows[0][k] for k in keys] == [rows[1][k] for k in keys]
+
+
+def test_a_program_the_tpu_compiler_refuses_for_hbm_is_a_row_not_a_crash(capsys):
+    """A Llama-3.1-70B layer's prefill of 16 prompts of 32K on v5e chips (16 GiB): the TPU compiler refuses it (its
+    temporaries alone exceed HBM); `lt-jax compile` reports it as a row that does not fit, with what the compiler
+    asked for (before, the exception ended the command)."""
+    from lt_jax.cli.compile import read_config
+    cfg = read_config(str(aot.__file__).rsplit("/lt_jax/", 1)[0] + "/configs/Llama-3.1-70B-Instruct", "bfloat16")
+    cfg = cfg.replace(num_layers=1)  # one layer's activations at 32K already exceed the chip
+    target = tgt("v5e:2x2", "data=1,model=4")
+    row = aot.compile_row(aot.prefill_program(make_plan("full", cfg), 16, 32768, "full", "exact"), cfg, target,
+                          cost=False)
+    assert not row["fits"] and row["total"] is None and "RESOURCE_EXHAUSTED" in row["refused"]
+    assert row["temporaries"] > target.chip.hbm_bytes

@@ -61,9 +61,13 @@ def _skip_absent_tpu():
     if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
         return
     import jax
-    from jax._src import hardware_utils  # what jax itself reads to decide whether this is a TPU VM
-    if jax.config.jax_platforms or hardware_utils.num_available_tpu_chips_and_device_id()[0] \
-            or hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1):
+    try:  # what jax itself reads to decide whether this is a TPU VM (private: a jax without it changes nothing)
+        from jax._src import hardware_utils
+        accelerator = (hardware_utils.num_available_tpu_chips_and_device_id()[0]
+                       or hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1))
+    except (ImportError, AttributeError, TypeError, OSError):
+        return
+    if jax.config.jax_platforms or accelerator:
         return
     jax.config.update("jax_platforms", "cpu")
 

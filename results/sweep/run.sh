@@ -13,4 +13,4 @@ done
 exec lt-jax eval "${MODEL:-$LT_JAX_ASSETS/lt/smollm2-135m-instruct}" \
     --task ruler:niah_single_1,niah_single_2,niah_multikey_1,vt,cwe,fwe --lengths 4096 --samples 3 \
     --methods "full$M" --out results/sweep/smollm2-4k.jsonl --plot results/sweep/smollm2-4k.png \
-    --json > results/sweep/smollm2-4k.json
+    --json > results/sweep/smollm2-4k.json  # (written when all 18 prompts are done)

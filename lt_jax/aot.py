@@ -11,6 +11,14 @@ Weights: stored as a TPU load stores them (`params.default_layers("tpu")`: stack
 body), or, with `layers="split"`, as on CPU (per-layer buffers; decode unrolls the layers), for comparison. Each row
 names its storage.
 
+Traffic floor and roofline: XLA's TPU cost analysis counts an in-place dynamic-update-slice at its whole buffer,
+read and written (a 1-layer decode step over a 16K cache of 8 MiB per K/V slot per chip: 63.5 MB without the
+cache writes, 160 MB with them; one token written per slot). Its `bytes_accessed` therefore over-counts decode
+several times and is reported as it is. The roofline uses `floor_bytes` instead, what one step must move at least:
+arguments + outputs - aliased (a decode step reads every weight and every cache slot, full slots masked, not
+skipped), or one row's cache twice for insert_rows. `roofline_s` = max(FLOPs / peak bf16 FLOP/s, floor / HBM
+bandwidth): a lower bound on the step time.
+
 Cost accounting: XLA's cost analysis counts a loop body once. A decode program's `while_loop` body is one decode
 step; over split weights it unrolls the layers, so its cost is per step as compiled. Programs that scan over the
 layers (prefill, token_nll, the training step, decode over stacked weights) are recompiled as cost variants with
@@ -192,7 +200,8 @@ def decode_programs(plan: Plan, batch: int, context: int, spec: str, steps: int 
                                  abstract_cache(cfg, plan, 1, context, mesh), jnp.int32(0))
     return [Program("generate_loop", spec, batch, context, loop, layers != "split", layout=plan, layers=layers),
             Program("decode_chunk", spec, batch, context, chunk, layers != "split", layout=plan, layers=layers),
-            Program("insert_rows", spec, batch, context, insert, False, takes_weights=False, layers=layers)]
+            Program("insert_rows", spec, batch, context, insert, False, takes_weights=False, layout=plan,
+                    layers=layers)]
 
 
 def nll_program(plan: Plan, context: int, spec: str, layers: str = TPU_LAYERS) -> Program:
@@ -313,10 +322,26 @@ def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -
     row.update({"compile_s": round(seconds, 2), "arguments": m.argument_size_in_bytes,
                 "temporaries": m.temp_size_in_bytes, "outputs": m.output_size_in_bytes,
                 "aliased": m.alias_size_in_bytes, "total": total, "fits": total <= tgt.chip.hbm_bytes})
+    row["floor_bytes"] = floor_bytes(row, program, cfg, tgt.mesh)
     if cost:
-        flops, accessed = step_cost(program, cfg, tgt.mesh, compiled)
-        row.update(flops=flops, bytes_accessed=accessed,
-                   roofline_s=max(flops / tgt.chip.bf16_flops, accessed / tgt.chip.hbm_bytes_per_s))
+        add_cost(row, program, cfg, tgt, compiled)
+    return row
+
+
+def floor_bytes(row: dict, program: Program, cfg: Config, mesh) -> int:
+    """Per-chip HBM bytes one step must move at least (module docstring): every argument byte read or overwritten
+    once and every fresh output byte written once; insert_rows moves one row's cache (read, then written in place)."""
+    if program.name == "insert_rows":
+        return 2 * kv_cache_bytes(cfg, program.layout, 1, program.context, mesh)
+    return row["arguments"] + row["outputs"] - row["aliased"]
+
+
+def add_cost(row: dict, program: Program, cfg: Config, tgt: Target, compiled=None) -> dict:
+    """FLOPs and XLA's bytes accessed per step of the whole model, and the roofline: the larger of FLOPs / peak and
+    the floor's bytes / HBM bandwidth. `compiled` is needed only for a program that does not scan its layers."""
+    flops, accessed = step_cost(program, cfg, tgt.mesh, compiled)
+    row.update(flops=flops, bytes_accessed=accessed,
+               roofline_s=max(flops / tgt.chip.bf16_flops, row["floor_bytes"] / tgt.chip.hbm_bytes_per_s))
     return row
 
 
@@ -344,14 +369,28 @@ def programs(plan: Plan, spec: str, batch: int, context: int, train: bool = True
 
 
 def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upper: int = 4096,
-              layers: str = TPU_LAYERS) -> int:
+              layers: str = TPU_LAYERS) -> dict:
     """The largest decode batch whose generate_loop plan fits one chip's HBM (compiles a few batches: the
-    secant-then-bisection search of `lt-jax bench --throughput`)."""
+    secant-then-bisection search of `lt-jax bench --throughput`), and the roofline throughput there:
+    {"plan", "context", "max_batch", "roofline_s", "tokens_per_s"} (tokens/s of the slice: every row of the batch
+    makes one token per step; null where not even `data` rows fit)."""
     from lt_jax.eval.bench import search_max_batch
-    def footprint(b):  # a refused program's temporaries alone exceed the chip: over budget, and near affine
-        row = compile_row(decode_programs(plan, b, context, spec, layers=layers)[0], cfg, tgt, cost=False)
-        return row["temporaries"] if row["total"] is None else row["total"]
+    probed = {}
+
+    def footprint(b):
+        probed[b] = (program := decode_programs(plan, b, context, spec, layers=layers)[0]), compile_row(
+            program, cfg, tgt, cost=False)
+        row = probed[b][1]  # refused: over what the compiler can place, which is under the chip's HBM
+        return max(row["temporaries"], tgt.chip.hbm_bytes + 1) if row["total"] is None else row["total"]
     per_row = kv_cache_bytes(cfg, plan, 1, context, tgt.mesh)
     data = tgt.mesh.shape.get("data", 1)  # rows split over `data`: batches that it divides
     best, _ = search_max_batch(lambda b: footprint(b * data), tgt.chip.hbm_bytes, per_row, upper // data)
-    return best * data
+    out = {"plan": spec, "context": context, "max_batch": best * data, "roofline_s": None, "tokens_per_s": None}
+    if best:
+        program, row = probed[best * data]
+        if not program.scans_layers:  # its cost is the compiled program's own: compile it again
+            row = compile_row(program, cfg, tgt)
+        else:
+            add_cost(row, program, cfg, tgt)
+        out.update(roofline_s=row["roofline_s"], tokens_per_s=best * data / row["roofline_s"])
+    return out

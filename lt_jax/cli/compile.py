@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 NAME = "compile"
+PROGRAMS = ("prefill", "generate_loop", "decode_chunk", "insert_rows", "token_nll", "train_step")
 HELP = "compile every program for a TPU slice ahead of time (no TPU needed) and report its per-chip memory and cost"
 
 
@@ -29,7 +30,10 @@ def add_arguments(parser) -> None:
                         help="the weights' storage: stacked, as a TPU load keeps them (decode scans one layer body; "
                         "default), or split, as on CPU (decode unrolls the layers), for comparison")
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
-    parser.add_argument("--max-batch", action="store_true", help="also the largest decode batch per plan that fits")
+    parser.add_argument("--max-batch", action="store_true", help="also the largest decode batch per plan that fits "
+                        "HBM and its roofline tokens/s (and the ratio to full when full is the first plan)")
+    parser.add_argument("--programs", default=None, help="comma list of the programs to compile (prefill, "
+                        "generate_loop, decode_chunk, insert_rows, token_nll, train_step; default every one)")
 
 
 def read_config(path: str, dtype: str):
@@ -81,16 +85,24 @@ def run(args) -> dict:
         raise LtJaxError(f"--context {args.context} must be >= 2 and --batch {args.batch} >= 1.")
     plans = [(spec, _plan(spec, cfg, args.lazy_fraction)) for spec in args.plans.split(",")]
     tgt = aot.target(args.target, args.mesh)
-    rows, best_batch = [], {}
+    rows, throughput = [], []
+    wanted = set(args.programs.split(",")) if args.programs else None
+    unknown = (wanted or set()) - set(PROGRAMS)
+    if unknown:
+        raise LtJaxError(f"--programs {args.programs}: unknown {', '.join(sorted(unknown))} "
+                         f"(programs: {', '.join(PROGRAMS)}).")
     if not args.json:
         print(f"{args.model} on {tgt.topology} (mesh {dict(tgt.mesh.shape)}, {tgt.chip.name}: "
               f"{_gib(tgt.chip.hbm_bytes)} GiB HBM per chip); per chip, GiB; compiled, not run")
         print(f"{'program':24} {'plan':14} {'layers':7} {'B':>4} {'T':>7} {'weights':>8} {'kv':>7} {'temp':>7} "
-              f"{'out':>7} {'total':>7} fits {'compile s':>9} {'GFLOP':>10} {'GB':>8} {'roofline ms':>11}")
+              f"{'out':>7} {'total':>7} fits {'compile s':>9} {'GFLOP':>10} {'GB xla':>8} {'GB floor':>8} "
+              f"{'roofline ms':>11}")
     for spec, plan in plans:
         kv = aot.kv_cache_bytes(cfg, plan, args.batch, args.context, tgt.mesh)
         for program in aot.programs(plan, spec, args.batch, args.context, train=not args.no_train,
                                     layers=args.layers):
+            if wanted and program.name.split()[0] not in wanted:
+                continue
             row = aot.compile_row(program, cfg, tgt)
             row["kv_cache"] = kv if program.name in ("generate_loop", "decode_chunk", "insert_rows") else None
             rows.append(row)
@@ -105,10 +117,21 @@ def run(args) -> dict:
                 continue
             print(head + f"{_gib(row['outputs']):>7} {_gib(row['total']):>7} "
                   f"{'yes ' if row['fits'] else 'NO  '} {row['compile_s']:>9.1f} {row['flops'] / 1e9:>10.1f} "
-                  f"{row['bytes_accessed'] / 1e9:>8.2f} {row['roofline_s'] * 1e3:>11.3f}", flush=True)
+                  f"{row['bytes_accessed'] / 1e9:>8.2f} {row['floor_bytes'] / 1e9:>8.2f} "
+                  f"{row['roofline_s'] * 1e3:>11.3f}", flush=True)
         if args.max_batch:
-            best_batch[spec] = aot.max_batch(plan, spec, cfg, tgt, args.context, layers=args.layers)
+            best = aot.max_batch(plan, spec, cfg, tgt, args.context, layers=args.layers)
+            if throughput and throughput[0]["plan"] == "full" and best["tokens_per_s"]:
+                best["relative_to_full"] = (best["tokens_per_s"] / throughput[0]["tokens_per_s"]
+                                            if throughput[0]["tokens_per_s"] else None)
+            throughput.append(best)
             if not args.json:
-                print(f"{spec}: largest decode batch that fits at context {args.context}: {best_batch[spec]}",
-                      flush=True)
-    return {"rows": rows, "max_batch": best_batch} if args.max_batch else {"rows": rows}
+                line = f"{spec}: largest decode batch that fits at context {args.context}: {best['max_batch']}"
+                if best["tokens_per_s"]:
+                    line += f", roofline {best['tokens_per_s']:,.0f} tokens/s"
+                if best.get("relative_to_full"):
+                    line += f" ({best['relative_to_full']:.2f}x full)"
+                print(line, flush=True)
+    if not args.max_batch:
+        return {"rows": rows}
+    return {"rows": rows, "max_batch": {t["plan"]: t["max_batch"] for t in throughput}, "throughput": throughput}

@@ -99,10 +99,11 @@ def hand_flops_per_token(cfg, attended):
     return cfg.num_layers * 2 * (projections + 2 * N * H * attended) + 2 * D * cfg.vocab_size
 
 
-def test_flop_accounting_matches_a_hand_count():
+def test_flop_and_byte_accounting_match_a_hand_count():
     """token_nll scans its layers (cost analysis counts the body once; the report scales by trip count): within 5 %
-    of the matmul count. A decode step unrolls them: its growth with the cache's length within 5 % of the count's. One row, replicated over a mesh of `data`
-    only: each chip computes the whole model."""
+    of the matmul count. A decode step: its growth with the cache's length within 5 % of the count's, and its
+    traffic floor is the weights and the cache. One row, replicated over a mesh of `data` only: each chip computes
+    the whole model."""
     cfg = CFG.replace(dtype="float32")
     target = aot.target("v5e:2x2", "data=4")
     plan = plan_of("full")
@@ -116,8 +117,15 @@ def test_flop_accounting_matches_a_hand_count():
     assert longer["flops"] - loop["flops"] == pytest.approx(
         hand_flops_per_token(cfg, 2 * T + 1) - hand_flops_per_token(cfg, T + 1), rel=0.05)
     assert hand_flops_per_token(cfg, T + 1) <= loop["flops"] <= 1.2 * hand_flops_per_token(cfg, T + 1)
+    # bytes: a decode step reads every weight and every cache slot once (the floor); XLA's count is over it (it
+    # counts the in-place cache writes at their whole buffers)
+    kv = aot.kv_cache_bytes(cfg, plan, 1, T, target.mesh)
+    assert loop["weights"] + kv <= loop["floor_bytes"] <= 1.01 * (loop["weights"] + kv)
+    assert loop["bytes_accessed"] > 2 * loop["floor_bytes"]
     assert loop["roofline_s"] == max(loop["flops"] / aot.CHIPS["v5e"].bf16_flops,
-                                     loop["bytes_accessed"] / aot.CHIPS["v5e"].hbm_bytes_per_s)
+                                     loop["floor_bytes"] / aot.CHIPS["v5e"].hbm_bytes_per_s)
+    insert = aot.compile_row(aot.decode_programs(plan, 1, T, "full")[2], cfg, target, cost=False)
+    assert insert["floor_bytes"] == 2 * kv  # one row read, then written in place
 
 
 @pytest.mark.parametrize("spec,program", [("lighttransfer", 0), pytest.param("last", 1, marks=pytest.mark.slow)])
@@ -161,6 +169,37 @@ def test_cli_compile_reads_a_config_and_prints_rows(tmp_path, capsys, monkeypatc
     assert main(["compile", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no config.json" in err, err
+    assert main(["compile", str(tmp_path), "--programs", "generate_loop,insert_rows", "--plans", "full", "--no-train",
+                 "--json"]) == 0  # (the stand-in compile_row: only the names asked for reach it)
+    assert [r["program"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["generate_loop", "insert_rows"]
+    assert main(["compile", str(tmp_path), "--programs", "decode"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--programs decode" in err, err
+
+
+@pytest.mark.slow  # a few compiles per plan at a 256K context
+def test_max_batch_fits_the_chip_and_the_next_does_not_and_prices_its_throughput(tmp_path, capsys):
+    """`--max-batch`: the largest decode batch whose generate_loop fits one chip, the next
+    one not; the throughput is that batch over its roofline step; halving the full layers' cache lets more rows in."""
+    from lt_jax.cli.main import main
+    hf = dict(TINY_HF, hidden_size=1024, num_attention_heads=8, num_key_value_heads=4,  # head_dim 128 (docs/pods.md)
+              max_position_embeddings=262144)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg, context, target = Config.from_hf(hf, source="tiny", dtype="bfloat16"), 262144, tgt("v5e:2x2", "data=1,model=4")
+    assert main(["compile", str(tmp_path), "--target", "v5e:2x2", "--mesh", "data=1,model=4", "--context",
+                 str(context), "--plans", "full,lighttransfer", "--programs", "insert_rows", "--no-train",
+                 "--max-batch", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    full, hybrid = out["throughput"]
+    assert out["max_batch"] == {"full": full["max_batch"], "lighttransfer": hybrid["max_batch"]}
+    for best in (full, hybrid):
+        plan = make_plan(best["plan"], cfg, lazy_fraction=0.5)
+        fits, over = (aot.compile_row(aot.decode_programs(plan, b, context, best["plan"])[0], cfg, target,
+                                      cost=False) for b in (best["max_batch"], best["max_batch"] + 1))
+        assert fits["fits"] and not over["fits"]
+        assert best["tokens_per_s"] == pytest.approx(best["max_batch"] / best["roofline_s"])
+    assert hybrid["max_batch"] > 1.5 * full["max_batch"]
+    assert hybrid["relative_to_full"] == pytest.approx(hybrid["tokens_per_s"] / full["tokens_per_s"])
 
 
 # Weights big next to the cache: F = 16384 split over model=4 (8 MiB of gate_up_proj per chip and layer), a 4K cache

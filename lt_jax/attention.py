@@ -10,7 +10,7 @@ Paths: `attend` (one block), `attend_causal` (a call's own tokens in query block
 `attend_tiled`, flash-style), `attend_streaming` (a streaming layer's prefill in O(T (sink + window))), `attend_cached`
 (a decode step over one cache slot and the new token). `attend_layer` picks, for a layer over a call's own tokens
 (prefill, training, scoring), between the first three by the layer's kind.
-Shapes: q [B, T, N, H]; keys [B, K, H, S] (head_dim before time), values [B, K, S, H], as the cache stores them
+Shapes: q [B, T, N, H]; keys and values [B, K, H, S] (head_dim before time), as the cache stores them
 (docs/design.md §5).
 """
 from __future__ import annotations
@@ -58,10 +58,10 @@ def masked_scores(q, k, q_pos, k_pos, sink, window):
 
 
 def value_product(probs, v):
-    """probs [B, K, G, T, S] x v [B, K, S, H] -> float32 [B, K, G, T, H] (unnormalized)."""
+    """probs [B, K, G, T, S] x v [B, K, H, S] -> float32 [B, K, G, T, H] (unnormalized)."""
     B, K, G, T, S = probs.shape
     probs = probs.astype(v.dtype).reshape(B, K, G * T, S)
-    return jnp.einsum("BKMS,BKSH->BKMH", probs, v, preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
+    return jnp.einsum("BKMS,BKHS->BKMH", probs, v, preferred_element_type=jnp.float32).reshape(B, K, G, T, -1)
 
 
 def merge_heads(out, dtype):
@@ -71,7 +71,7 @@ def merge_heads(out, dtype):
 
 
 def attend(q, k, v, q_pos, k_pos, sink, window):
-    """Softmax attention under the mask rule. q [B, T, N, H]; k [B, K, H, S]; v [B, K, S, H] (heads before time:
+    """Softmax attention under the mask rule. q [B, T, N, H]; k, v [B, K, H, S] (heads before time:
     each head's keys and values are contiguous, which decode's matrix products need); -> [B, T, N, H]."""
     scores = masked_scores(q, k, q_pos, k_pos, sink, window)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
@@ -98,7 +98,7 @@ def attend_causal(q, k, v, positions, sink, window, tiled: bool | None = None):
     outs = []
     for start in range(0, T, Q_CHUNK):
         end = min(start + Q_CHUNK, T)
-        outs.append(attend(q[:, start:end], k[..., :end], v[:, :, :end], positions[:, start:end], positions[:, :end],
+        outs.append(attend(q[:, start:end], k[..., :end], v[..., :end], positions[:, start:end], positions[:, :end],
                            per_query(sink, start, end), per_query(window, start, end)))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
@@ -124,7 +124,7 @@ def attend_tiled(q, k, v, positions, sink, window):
     pad = -T % K_CHUNK  # K_CHUNK is a multiple of Q_CHUNK; padded queries and keys have position -1
     if pad:
         q, k, v = (jnp.pad(a, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (3 - axis))
-                   for a, axis in ((q, 1), (k, 3), (v, 2)))
+                   for a, axis in ((q, 1), (k, 3), (v, 3)))
         positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
         sink, window = (jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if jnp.ndim(a) == 3 else a for a in (sink, window))
     n_q = (T + pad) // Q_CHUNK
@@ -142,7 +142,7 @@ def attend_tiled(q, k, v, positions, sink, window):
             new_top = jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True))
             probs = jnp.exp(scores - new_top)
             scale = jnp.exp(top - new_top)
-            acc = acc * scale + value_product(probs, block(v, j, K_CHUNK, 2))
+            acc = acc * scale + value_product(probs, block(v, j, K_CHUNK, 3))
             return new_top, total * scale + jnp.sum(probs, axis=-1, keepdims=True), acc
 
         floor = jnp.finfo(jnp.float32).min
@@ -170,7 +170,7 @@ def attend_streaming(q, k, v, positions, sink: int, window: int, tiled: bool | N
     at = pad + jnp.arange(sink)  # index of position j of each row
     idx = jnp.minimum(at, T - 1)
     sink_k = jnp.take_along_axis(k, idx[:, None, None, :], axis=3)
-    sink_v = jnp.take_along_axis(v, idx[:, None, :, None], axis=2)
+    sink_v = jnp.take_along_axis(v, idx[:, None, None, :], axis=3)
     sink_pos = jnp.where(at < T, jnp.take_along_axis(positions, idx, axis=1), -1)
     # Keys get span - Q_CHUNK empty slots in front (block c's window is then slots [c*Q_CHUNK, +span)) and, like
     # the queries, empty slots at the end up to a whole number of blocks; empty slots have position -1.
@@ -178,7 +178,7 @@ def attend_streaming(q, k, v, positions, sink: int, window: int, tiled: bool | N
     n_q = (T + back) // Q_CHUNK
     q = jnp.pad(q, ((0, 0), (0, back), (0, 0), (0, 0)))
     k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (front, back)))
-    v = jnp.pad(v, ((0, 0), (0, 0), (front, back), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (front, back)))
     q_positions = jnp.pad(positions, ((0, 0), (0, back)), constant_values=-1)
     k_positions = jnp.pad(jnp.where(positions < sink, -1, positions), ((0, 0), (front, back)), constant_values=-1)
 
@@ -188,14 +188,14 @@ def attend_streaming(q, k, v, positions, sink: int, window: int, tiled: bool | N
         keys_pos = jnp.concatenate([sink_pos, window_of(k_positions, 1)], axis=1)
         return attend(jax.lax.dynamic_slice_in_dim(q, start, Q_CHUNK, 1),
                       jnp.concatenate([sink_k, window_of(k, 3)], axis=3),
-                      jnp.concatenate([sink_v, window_of(v, 2)], axis=2),
+                      jnp.concatenate([sink_v, window_of(v, 3)], axis=3),
                       jax.lax.dynamic_slice_in_dim(q_positions, start, Q_CHUNK, 1), keys_pos, sink, window)
 
     return over_query_blocks(query_block, n_q, T)
 
 
 def attend_cached(q, k, v, read_keys, read_values, q_pos, k_pos, sink, window):
-    """Decode attention: one new token per row (q [B, 1, N, H], its own k [B, K, H, 1], v [B, K, 1, H]) over one
+    """Decode attention: one new token per row (q [B, 1, N, H], its own k and v [B, K, H, 1]) over one
     cache slot and over itself (the cache takes the token after the step): one softmax over both.
     `read_keys(f)` / `read_values(f)` apply f to the slot's buffers where they lie (the cache picks the slot), so
     only the two products read the slot; k_pos [B, S] are the slot's stored positions."""

@@ -1,13 +1,15 @@
 """The KV cache (docs/design.md §5): one preallocated pytree, one buffer per cache slot, and every write into it.
 
-- full layers:      `full_k` [B, K, H, M] and `full_v` [B, K, M, H], a tuple of Lf slots each; a token's place
+- full layers:      `full_k` and `full_v` [B, K, H, M], a tuple of Lf slots each; a token's place
                     is its position (M = max length).
-- streaming layers: `ring_k` [B, K, H, R] and `ring_v` [B, K, R, H] with R = min(sink + window, M), a tuple of
+- streaming layers: `ring_k` and `ring_v` [B, K, H, R] with R = min(sink + window, M), a tuple of
                     Ls slots each; `sink` places (positions 0..sink-1) then a ring of `window` (position p >= sink
                     lives at sink + (p - sink) % window). A token in the sink never enters the ring. When M <=
                     sink + window no position wraps, so M places hold all of them: a streaming layer's buffer is
                     never larger than a full layer's.
-- Keys are stored transposed (head_dim before time), as `model.qkv` makes them (see `attention.dot_scores`).
+- Keys and values are stored transposed (head_dim before time), as `model.qkv` makes them: the TPU compiler
+  keeps values of head_dim 64 places-minor inside the decode loop, so time-minor values saved a copy of the
+  whole value cache there (docs/pods.md); on XLA:CPU both products contract the minor dimension.
 - `full_pos` [B, M] and `ring_pos` [B, R]: the position stored at each place (-1 = empty), shared by all layers
   of a kind; masks are built from them with the one rule, never from slot order.
 - `length` [B]: tokens seen per row, i.e. the position of the row's next token.
@@ -77,10 +79,10 @@ def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
     slots = lambda n, shape: tuple(jnp.zeros(shape, dt) for _ in range(n))  # noqa: E731
     return KVCache(
         full_k=slots(cfg.num_layers - lazy, (batch, K, H, max_len)),
-        full_v=slots(cfg.num_layers - lazy, (batch, K, max_len, H)),
+        full_v=slots(cfg.num_layers - lazy, (batch, K, H, max_len)),
         full_pos=jnp.full((batch, max_len), -1, jnp.int32),
         ring_k=slots(lazy, (batch, K, H, ring)),
-        ring_v=slots(lazy, (batch, K, ring, H)),
+        ring_v=slots(lazy, (batch, K, H, ring)),
         ring_pos=jnp.full((batch, ring), -1, jnp.int32),
         length=jnp.zeros((batch,), jnp.int32),
     )
@@ -122,12 +124,12 @@ def write_positions(cache: KVCache, positions, sink: int, window: int) -> KVCach
     )
 
 
-def full_to_ring(buffer, ring_pos, keys: bool):
-    """What a ring holds, read from one full layer's buffer (keys [B, K, H, M] or values [B, K, M, H]) at the ring's
+def full_to_ring(buffer, ring_pos):
+    """What a ring holds, read from one full layer's buffer (keys or values [B, K, H, M]) at the ring's
     stored positions ring_pos [B, R] (a full buffer's place is the position); empty ring places (-1) read place
     0, which their position hides from every mask."""
     at = jnp.maximum(ring_pos, 0)
-    return jnp.take_along_axis(buffer, at[:, None, None, :] if keys else at[:, None, :, None], axis=3 if keys else 2)
+    return jnp.take_along_axis(buffer, at[:, None, None, :], axis=3)
 
 
 def restrict(cache: KVCache, plan: Plan) -> KVCache:
@@ -144,44 +146,37 @@ def restrict(cache: KVCache, plan: Plan) -> KVCache:
     full = [i for i in range(len(cache.full_k)) if i not in lazy]
     return KVCache(full_k=tuple(jnp.array(cache.full_k[i]) for i in full),
                    full_v=tuple(jnp.array(cache.full_v[i]) for i in full), full_pos=jnp.array(cache.full_pos),
-                   ring_k=tuple(full_to_ring(cache.full_k[i], ring_pos, keys=True) for i in lazy),
-                   ring_v=tuple(full_to_ring(cache.full_v[i], ring_pos, keys=False) for i in lazy),
+                   ring_k=tuple(full_to_ring(cache.full_k[i], ring_pos) for i in lazy),
+                   ring_v=tuple(full_to_ring(cache.full_v[i], ring_pos) for i in lazy),
                    ring_pos=ring_pos, length=jnp.array(cache.length))  # new buffers throughout: may be donated
 
 
-def put_tokens(buffer, k_or_v, places, keys: bool):
-    """Write tokens [B, T, K, H] into one slot (keys [B, K, H, M'] or values [B, K, M', H]) at places [B, T];
-    out-of-range places are dropped."""
+def put_tokens(buffer, k_or_v, places):
+    """Write tokens [B, T, K, H] into one slot [B, K, H, M'] at places [B, T]; out-of-range places are dropped."""
     rows = jnp.arange(buffer.shape[0])[:, None]
-    at = (rows, slice(None), slice(None), places) if keys else (rows, slice(None), places)
-    return buffer.at[at].set(k_or_v, mode="drop")  # advanced indices first: the update is [B, T, K, H]
+    return buffer.at[rows, :, :, places].set(k_or_v, mode="drop")  # advanced indices first: the update is [B, T, K, H]
 
 
 BLOCK = 128  # places of a one-token write: a TPU tile's minor extent (see `put_step_tokens`)
 
 
-def put_step_tokens(buffer, tokens, places, keys: bool):
-    """Write one token per row, tokens [B, K, H], into one slot (keys [B, K, H, M'] or values [B, K, M', H]) at
-    places [B]; out-of-range places are dropped.
+def put_step_tokens(buffer, tokens, places):
+    """Write one token per row, tokens [B, K, H], into one slot [B, K, H, M'] at places [B]; out-of-range places
+    are dropped.
 
     Each row rewrites the aligned block of BLOCK places that holds its place, by two block scatters (times 0 at the
     place and 1 elsewhere, then plus the token at the place): no gather, and rows stay where `data` puts them. A
-    scatter of single places into keys, whose places are their minor dimension, makes the TPU compiler (libtpu
+    scatter of single places into a slot, whose places are its minor dimension, makes the TPU compiler (libtpu
     0.0.42) keep every key slot of a decode loop head_dim-minor instead: a copy of the whole cache into that layout
     before the loop and back after it. The block writes keep the cache's own layout on TPU and CPU alike, for
     2 * B * BLOCK places per slot and step."""
-    axis = 3 if keys else 2
-    n = min(BLOCK, buffer.shape[axis])
-    start = jnp.clip(places - places % n, 0, buffer.shape[axis] - n)
-    mine = jnp.arange(n) == (places - start)[:, None]  # [B, n]; nowhere if the place is out of range
-    if keys:
-        mine, tokens = mine[:, None, None, :], tokens[..., None]
-    else:
-        mine, tokens = mine[:, None, :, None], tokens[:, :, None]
+    n = min(BLOCK, buffer.shape[3])
+    start = jnp.clip(places - places % n, 0, buffer.shape[3] - n)
+    mine = (jnp.arange(n) == (places - start)[:, None])[:, None, None, :]  # [B, 1, 1, n]; nowhere if out of range
     at = jnp.stack([jnp.arange(buffer.shape[0]), start], axis=-1)
     blocks = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
-                                             scatter_dims_to_operand_dims=(0, axis))
-    add = jnp.where(mine, tokens, 0).astype(buffer.dtype)  # [B, K, H, n] or [B, K, n, H]
+                                             scatter_dims_to_operand_dims=(0, 3))
+    add = jnp.where(mine, tokens[..., None], 0).astype(buffer.dtype)  # [B, K, H, n]
     options = dict(dimension_numbers=blocks, indices_are_sorted=True, unique_indices=True)
     keep = jnp.broadcast_to(jnp.where(mine, 0, 1).astype(buffer.dtype), add.shape)
     buffer = jax.lax.scatter_mul(buffer, at, keep, **options)  # the cache is finite: 0 * old = 0
@@ -189,8 +184,8 @@ def put_step_tokens(buffer, tokens, places, keys: bool):
 
 
 def _as_tokens(k, v):
-    """k [B, K, H, T], v [B, K, T, H] -> both [B, T, K, H], the order `put_tokens` writes."""
-    return jnp.einsum("BKHT->BTKH", k), v.swapaxes(1, 2)
+    """k, v [B, K, H, T] -> both [B, T, K, H], the order `put_tokens` writes."""
+    return jnp.einsum("BKHT->BTKH", k), jnp.einsum("BKHT->BTKH", v)
 
 
 def _write_slots(kv, positions, sink: int, window: int, write):
@@ -212,19 +207,19 @@ def ordered_after(value, read, dropped):
 
 
 def write_layer_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
-    """Write one layer's new k [B, K, H, T], v [B, K, T, H] into its slot; every other slot gets dropped writes.
+    """Write one layer's new k, v [B, K, H, T] into its slot; every other slot gets dropped writes.
     Branch-free, so which slot is the layer's can be data inside `lax.scan` (prefill). Costs a scatter per slot per
     layer; decode writes once per step instead (`write_step_kv`)."""
     k, v = _as_tokens(k, v)
 
     def write(slot, j, lazy, keys, places):
         mine = (is_lazy if lazy else ~is_lazy) & (index == j)
-        return put_tokens(slot, k if keys else v, jnp.where(mine, places, slot.shape[3 if keys else 2]), keys)
+        return put_tokens(slot, k if keys else v, jnp.where(mine, places, slot.shape[3]))
     return _write_slots(kv, positions, sink, window, write)
 
 
 def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
-    """Write every layer's one new token, k [L, B, K, H, 1] and v [L, B, K, 1, H], into its slot: each slot takes
+    """Write every layer's one new token, k and v [L, B, K, H, 1], into its slot: each slot takes
     the token of the layer it belongs to (data), one block write per slot per step (`put_step_tokens`).
 
     The owner table is data even when the plan is known while tracing (decode's single-kind shortcut passes numpy
@@ -239,7 +234,7 @@ def write_step_kv(kv, k, v, positions, is_lazy, index, sink: int, window: int):
     owner = {False: owners(len(kv[0]), ~is_lazy), True: owners(len(kv[2]), is_lazy)}
 
     def write(slot, j, lazy, keys, places):
-        return put_step_tokens(slot, (k if keys else v)[owner[lazy][j], :, 0], places[:, 0], keys)
+        return put_step_tokens(slot, (k if keys else v)[owner[lazy][j], :, 0], places[:, 0])
     return _write_slots(kv, positions, sink, window, write)
 
 
@@ -250,8 +245,7 @@ def evict(kv, slot, evict_to, ring_pos, at):
     full_k, full_v, ring_k, ring_v = kv
     if not (full_k and ring_k):
         return kv, at
-    kept_k, kept_v = (read_slot(slots, slot, partial(full_to_ring, ring_pos=ring_pos, keys=keys))
-                      for slots, keys in ((full_k, True), (full_v, False)))
+    kept_k, kept_v = (read_slot(slots, slot, partial(full_to_ring, ring_pos=ring_pos)) for slots in (full_k, full_v))
     rows = jnp.arange(ring_pos.shape[0])
     into = lambda slots, kept: tuple(s.at[jnp.where(evict_to == j, rows, len(rows))].set(kept, mode="drop")  # noqa
                                      for j, s in enumerate(slots))

@@ -53,7 +53,7 @@ def rms_norm(x, weight, eps):
 
 
 def qkv(lp, x, positions, inv_freq, cfg: Config):
-    """Projections of the normed input x [B, T, D] -> q [B, T, N, H]; k [B, K, H, T]; v [B, K, T, H] (the cache
+    """Projections of the normed input x [B, T, D] -> q [B, T, N, H]; k, v [B, K, H, T] (the cache
     layout); RoPE at each token's position, keys cached after RoPE. One product over the fused [K, G+2, H, D]
     weight, viewed as one [(K (G+2) H), D] matrix (a free reshape)."""
     B, T, D = x.shape
@@ -62,7 +62,7 @@ def qkv(lp, x, positions, inv_freq, cfg: Config):
     y = (y + lp["qkv_bias"].reshape(-1) if "qkv_bias" in lp else y).reshape(B, T, K, G + 2, H)
     q, k, v = y[:, :, :, :G].reshape(B, T, K * G, H), y[:, :, :, G], y[:, :, :, G + 1]
     k = apply_rope(k, positions, inv_freq)
-    return apply_rope(q, positions, inv_freq), jnp.einsum("BTKH->BKHT", k), v.swapaxes(1, 2)
+    return apply_rope(q, positions, inv_freq), jnp.einsum("BTKH->BKHT", k), jnp.einsum("BTKH->BKHT", v)
 
 
 def out_proj(lp, out):

@@ -40,13 +40,13 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", "fsdp"),
 )
 
-# The KV cache's logical axes (lt_jax.cache.KVCache: keys [B, K, H, M], values [B, K, M, H]).
+# The KV cache's logical axes (lt_jax.cache.KVCache: keys and values [B, K, H, M]).
 CACHE_AXES = {
     "full_k": ("batch", "kv_heads", "head_dim", "cache_len"),
-    "full_v": ("batch", "kv_heads", "cache_len", "head_dim"),
+    "full_v": ("batch", "kv_heads", "head_dim", "cache_len"),
     "full_pos": ("batch", "cache_len"),
     "ring_k": ("batch", "kv_heads", "head_dim", "cache_len"),
-    "ring_v": ("batch", "kv_heads", "cache_len", "head_dim"),
+    "ring_v": ("batch", "kv_heads", "head_dim", "cache_len"),
     "ring_pos": ("batch", "cache_len"),
     "length": ("batch",),
 }

@@ -87,7 +87,7 @@ def test_selecting_prefill_equals_the_fixed_plan_it_chose(deep, fraction):
             got = np.asarray(getattr(cache, name)[index[layer]])
             want = np.asarray(getattr(want_cache, name)[fixed_index[layer]])
             pos = np.asarray(cache.ring_pos if name.startswith("ring") else cache.full_pos)
-            by_place = lambda a: np.moveaxis(a, 3 if name.endswith("_k") else 2, 1)  # [B, places, ...]  # noqa
+            by_place = lambda a: np.moveaxis(a, 3, 1)  # [B, places, ...]  # noqa
             np.testing.assert_array_equal(by_place(got)[pos >= 0], by_place(want)[pos >= 0])
 
     full_logits = model.logits(seqs[0][:90])[0]

@@ -21,9 +21,9 @@ T = 3 * Q_CHUNK  # three whole blocks: the last query of every block is a block 
 
 
 def qkv(T, pad, seed=0, B=2, N=4, K=2, H=8):
-    """Random q [B, T, N, H], k [B, K, H, T], v [B, K, T, H]; row 1 left padded by `pad` (position -1)."""
+    """Random q [B, T, N, H], k, v [B, K, H, T]; row 1 left padded by `pad` (position -1)."""
     r = np.random.default_rng(seed)
-    q, k, v = (r.standard_normal(s).astype(np.float32) for s in ((B, T, N, H), (B, K, H, T), (B, K, T, H)))
+    q, k, v = (r.standard_normal(s).astype(np.float32) for s in ((B, T, N, H), (B, K, H, T), (B, K, H, T)))
     positions = np.tile(np.arange(T, dtype=np.int32), (B, 1))
     positions[1] = np.r_[np.full(pad, -1), np.arange(T - pad)]
     return q, k, v, positions

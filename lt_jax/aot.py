@@ -309,12 +309,14 @@ def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -
     try:
         compiled = program.lower(cfg, tgt.mesh).compile()
     except jax.errors.JaxRuntimeError as e:
-        asked = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        # libtpu words it two ways: "HLO temporaries (15.91G) exceeds available HBM", or "Ran out of memory in
+        # memory space hbm ... HLO temp 125.53M" (the arguments and temporaries together exceed it)
+        asked = re.search(r"HLO temp(?:oraries \(|\s+)([\d.]+)([KMG])", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or not asked:
             raise
         return {**row, "compile_s": round(time.perf_counter() - t0, 2), "arguments": None,
-                "temporaries": round(float(asked.group(1)) * 2 ** 30), "outputs": None, "aliased": None,
-                "total": None, "fits": False, "refused": str(e).splitlines()[0]}
+                "temporaries": round(float(asked.group(1)) * 2 ** (10 * " KMG".index(asked.group(2)))),
+                "outputs": None, "aliased": None, "total": None, "fits": False, "refused": str(e).splitlines()[0]}
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes

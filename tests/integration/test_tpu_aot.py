@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu present: keep the local backend on CPU (and quiet)
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 from functools import lru_cache  # noqa: E402
 
@@ -274,3 +275,19 @@ def test_a_program_the_tpu_compiler_refuses_for_hbm_is_a_row_not_a_crash(capsys)
                           cost=False)
     assert not row["fits"] and row["total"] is None and "RESOURCE_EXHAUSTED" in row["refused"]
     assert row["temporaries"] > target.chip.hbm_bytes
+    # libtpu's other wording (arguments and temporaries together over the chip; seen in a --max-batch search,
+    # which it crashed), verbatim but shortened: a row too, with the program's own temporaries
+    message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory "
+               "in memory space hbm. Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 2.45M.\n"
+               "Total hbm usage >= 16.00G:\n    reserved        258.00M \n    program         130.41M \n"
+               "    arguments        15.62G \n\nOutput size 15.61G; shares 15.61G with arguments.\n\n"
+               "Program hbm requirement 130.41M:\n    global           240.5K\n    HLO temp        125.53M (99.9% "
+               "utilization: Unpadded (123.14M) Padded (123.28M), 1.8% fragmentation (2.25M))\n")
+
+    class Refused:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message)
+    program = aot.decode_programs(make_plan("full", cfg), 8, 1024, "full")[0]
+    row = aot.compile_row(dataclasses.replace(program, lower=lambda *_: Refused()), cfg, target, cost=False)
+    assert not row["fits"] and row["total"] is None and row["refused"].startswith("RESOURCE_EXHAUSTED: E1000")
+    assert row["temporaries"] == round(125.53 * 2 ** 20)

@@ -5,7 +5,7 @@ compiled through libtpu (jax's `tpu` extra) for a named topology with abstract w
 carrying the shardings of `lt_jax.sharding` (weights: `param_shardings`, cache: `cache_shardings`, batches:
 `rows_sharding`) are lowered and compiled; nothing is allocated and nothing runs, so a 70B model needs neither a
 download nor RAM. Every number is compiled-not-run: memory from `memory_analysis()`, FLOPs and bytes from
-`cost_analysis()`, step time a roofline lower bound from the chip table below.
+`cost_analysis()`, step time a roofline lower bound from the chip table below (over the traffic floor).
 
 Weights: stored as a TPU load stores them (`params.default_layers("tpu")`: stacked, so decode scans one layer
 body), or, with `layers="split"`, as on CPU (per-layer buffers; decode unrolls the layers), for comparison. Each row

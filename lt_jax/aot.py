@@ -371,11 +371,11 @@ def programs(plan: Plan, spec: str, batch: int, context: int, train: bool = True
 
 
 def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upper: int = 4096,
-              layers: str = TPU_LAYERS) -> dict:
+              layers: str = TPU_LAYERS, report=None) -> dict:
     """The largest decode batch whose generate_loop plan fits one chip's HBM (compiles a few batches: the
     secant-then-bisection search of `lt-jax bench --throughput`), and the roofline throughput there:
     {"plan", "context", "max_batch", "roofline_s", "tokens_per_s"} (tokens/s of the slice: every row of the batch
-    makes one token per step; null where not even `data` rows fit)."""
+    makes one token per step; null where not even `data` rows fit). `report(batch, row)` hears each probe."""
     from lt_jax.eval.bench import search_max_batch
     probed = {}
 
@@ -383,6 +383,8 @@ def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upp
         probed[b] = (program := decode_programs(plan, b, context, spec, layers=layers)[0]), compile_row(
             program, cfg, tgt, cost=False)
         row = probed[b][1]  # refused: over what the compiler can place, which is under the chip's HBM
+        if report:
+            report(b, row)
         return max(row["temporaries"], tgt.chip.hbm_bytes + 1) if row["total"] is None else row["total"]
     per_row = kv_cache_bytes(cfg, plan, 1, context, tgt.mesh)
     data = tgt.mesh.shape.get("data", 1)  # rows split over `data`: batches that it divides

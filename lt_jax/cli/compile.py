@@ -3,6 +3,7 @@ one's per-chip plan. Needs libtpu (jax's `tpu` extra), not a TPU; every number i
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 NAME = "compile"
@@ -84,13 +85,13 @@ def run(args) -> dict:
     if args.context < 2 or args.batch < 1:
         raise LtJaxError(f"--context {args.context} must be >= 2 and --batch {args.batch} >= 1.")
     plans = [(spec, _plan(spec, cfg, args.lazy_fraction)) for spec in args.plans.split(",")]
-    tgt = aot.target(args.target, args.mesh)
-    rows, throughput = [], []
     wanted = set(args.programs.split(",")) if args.programs else None
     unknown = (wanted or set()) - set(PROGRAMS)
     if unknown:
         raise LtJaxError(f"--programs {args.programs}: unknown {', '.join(sorted(unknown))} "
                          f"(programs: {', '.join(PROGRAMS)}).")
+    tgt = aot.target(args.target, args.mesh)
+    rows, throughput = [], []
     if not args.json:
         print(f"{args.model} on {tgt.topology} (mesh {dict(tgt.mesh.shape)}, {tgt.chip.name}: "
               f"{_gib(tgt.chip.hbm_bytes)} GiB HBM per chip); per chip, GiB; compiled, not run")
@@ -120,7 +121,10 @@ def run(args) -> dict:
                   f"{row['bytes_accessed'] / 1e9:>8.2f} {row['floor_bytes'] / 1e9:>8.2f} "
                   f"{row['roofline_s'] * 1e3:>11.3f}", flush=True)
         if args.max_batch:
-            best = aot.max_batch(plan, spec, cfg, tgt, args.context, layers=args.layers)
+            def probed(b, row, spec=spec):  # each probe compiles for minutes at 8B: say how the search goes
+                fit = "fits" if row["fits"] else "does not fit"
+                print(f"{spec}: batch {b} {fit} ({row['compile_s']:.0f} s)", file=sys.stderr, flush=True)
+            best = aot.max_batch(plan, spec, cfg, tgt, args.context, layers=args.layers, report=probed)
             if throughput and throughput[0]["plan"] == "full" and best["tokens_per_s"]:
                 best["relative_to_full"] = (best["tokens_per_s"] / throughput[0]["tokens_per_s"]
                                             if throughput[0]["tokens_per_s"] else None)

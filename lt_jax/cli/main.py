@@ -5,6 +5,7 @@ with exit status 2; Ctrl-C ends a run with one line and exit status 130."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -44,11 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _enable_compilation_cache():
+@contextlib.contextmanager
+def _compilation_cache(enabled: bool):
+    """The persistent compilation cache for one command, then the caller's settings back: `main` called in-process
+    (tests, notebooks) must not leave a cache on for later work, e.g. TPU compiles that cannot reload from it."""
+    if not enabled:
+        yield
+        return
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
     from lt_jax.assets import cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    settings = {"jax_compilation_cache_dir": str(cache_dir() / "jax_cache"),
+                "jax_persistent_cache_min_compile_time_secs": 0.5}
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 def _skip_absent_tpu():
@@ -98,9 +115,8 @@ def main(argv=None) -> int:
         if getattr(args, "mesh", None):
             from lt_jax import sharding
             sharding.check_axes(args.mesh)  # a typo of an axis name, before the load
-        if args.command not in NO_PERSISTENT_CACHE:
-            _enable_compilation_cache()
-        result = args.command_module.run(args)
+        with _compilation_cache(args.command not in NO_PERSISTENT_CACHE):
+            result = args.command_module.run(args)
         progress.check_interrupt()  # one swallowed on the way (a garbage-collector callback) still ends the run
     except KeyboardInterrupt:
         return _interrupted(args)

@@ -409,3 +409,17 @@ def test_no_tpu_warnings_where_there_is_no_tpu(tiny_ckpt):
                          env=dict(env, PYTHONPATH=str(REPO)))
     assert run.returncode == 0 and len(json.loads(run.stdout)["ids"]) == 2, run.stderr[-2000:]
     assert "TPU" not in run.stderr, run.stderr[-2000:]
+
+
+def test_the_persistent_compilation_cache_is_on_for_a_command_and_off_after_it(monkeypatch, tmp_path, capsys):
+    """`main` called in-process (tests, notebooks) leaves jax's settings as it found them: a cache left on made
+    later TPU compiles in the same process warn that they cannot reload from it."""
+    import jax
+    from lt_jax.cli import generate
+    seen = []
+    monkeypatch.setenv("LT_JAX_ASSETS", str(tmp_path))
+    monkeypatch.setattr(generate, "run", lambda args: seen.append(jax.config.jax_compilation_cache_dir) or {})
+    before = jax.config.jax_compilation_cache_dir
+    assert main(["generate", MISSING, "--ids", "1", "--json"]) == 0
+    assert seen == [str(tmp_path / "jax_cache")]
+    assert jax.config.jax_compilation_cache_dir == before

@@ -382,10 +382,10 @@ def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upp
     def footprint(b):
         probed[b] = (program := decode_programs(plan, b, context, spec, layers=layers)[0]), compile_row(
             program, cfg, tgt, cost=False)
-        row = probed[b][1]  # refused: over what the compiler can place, which is under the chip's HBM
+        row = probed[b][1]
         if report:
             report(b, row)
-        return max(row["temporaries"], tgt.chip.hbm_bytes + 1) if row["total"] is None else row["total"]
+        return math.inf if row["total"] is None else row["total"]  # a refusal says no size
     per_row = kv_cache_bytes(cfg, plan, 1, context, tgt.mesh)
     data = tgt.mesh.shape.get("data", 1)  # rows split over `data`: batches that it divides
     best, _ = search_max_batch(lambda b: footprint(b * data), tgt.chip.hbm_bytes, per_row, upper // data)

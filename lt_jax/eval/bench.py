@@ -167,7 +167,11 @@ class Executables:
 def search_max_batch(footprint, budget: int, per_row: int, upper: int) -> tuple[int, list[int]]:
     """(largest batch b >= 1 with footprint(b) <= budget, or 0; the batches probed). `footprint` is nondecreasing
     and nearly affine in b, `upper` is known not to fit, `per_row` is a first guess of its slope. Bisection that
-    first tries the secant through the last two probes, so an affine footprint takes about three probes."""
+    first tries the secant through the last two probes, so an affine footprint takes about three probes.
+
+    A footprint of `math.inf` is a refusal that says no size (a compiler that stops at buffer assignment, in
+    seconds where a batch that fits takes minutes): no secant goes through it; the search steps down from it by
+    1, 2, 4, ... batches until one fits, then closes the gap."""
     probed = {}
 
     def probe(b):
@@ -176,7 +180,7 @@ def search_max_batch(footprint, budget: int, per_row: int, upper: int) -> tuple[
 
     if upper <= 1 or probe(1) > budget:
         return 0, list(probed)
-    lo, hi, prev = 1, upper, 1
+    lo, hi, prev, refusals = 1, upper, 1, 0
     guess = 1 + (budget - probed[1]) // max(per_row, 1)
     while hi - lo > 1:
         b = guess if lo < guess < hi else (lo + hi) // 2
@@ -184,11 +188,15 @@ def search_max_batch(footprint, budget: int, per_row: int, upper: int) -> tuple[
             lo = b
         else:
             hi = b
+        if math.isinf(probed[b]):
+            guess, refusals = b - 2 ** refusals, refusals + 1
+            continue
+        refusals = 0
         slope = (probed[b] - probed[prev]) / (b - prev) if b != prev else per_row
         guess = b + math.floor((budget - probed[b]) / max(slope, 1))
         if guess <= lo:
             guess = lo + 1  # the secant says lo is the last that fits: check its neighbour
-        if len(probed) > 4:
+        if sum(math.isfinite(f) for f in probed.values()) > 4:
             guess = (lo + hi) // 2  # not affine after all: plain bisection
         prev = b
     return lo, list(probed)

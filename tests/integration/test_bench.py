@@ -98,6 +98,19 @@ def test_search_max_batch_equals_brute_force(shape, budget):
         assert len(probes) <= 4, probes  # the secant lands at once
 
 
+@pytest.mark.parametrize("shape", FOOTPRINTS)
+@pytest.mark.parametrize("budget", [900, 1037, 1500, 5000, 40000])
+def test_search_max_batch_steps_down_from_refusals_that_say_no_size(shape, budget):
+    """A compiler refuses what does not fit without a size (footprint inf): no slope through it. The search still
+    finds the largest batch, with few of the costly probes (those that fit: minutes each on a TPU compiler, where
+    a refusal takes seconds)."""
+    footprint = lambda b: FOOTPRINTS[shape](b) if FOOTPRINTS[shape](b) <= budget else math.inf  # noqa: E731
+    want = max([b for b in range(1, 2000) if footprint(b) <= budget], default=0)
+    got, probes = search_max_batch(footprint, budget, per_row=30, upper=2000)
+    fits = [b for b in probes if footprint(b) <= budget]
+    assert got == want and len(fits) <= 6 and len(probes) <= 24, probes
+
+
 @pytest.mark.slow  # the max-batch search on a real compile (~45 s)
 def test_max_batch_fits_and_one_more_does_not(model, exe, plans, throughput):
     """On XLA's buffer plans: the batch found fits the budget and one more does not, for full and a 50 % plan

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The command behind results/sweep/smollm2-4k.*: sinks and windows at equal KV bytes (issue 24, item 3) on the 18
 # RULER prompts of results/ruler/ (SmolLM2-135M-Instruct, 6 tasks x 3 prompts at 4K, seed 0). Layer rules:
-# lighttransfer (the paper's per-prompt lazy ratio) and loss-guided (results/nll's calibration).
+# lighttransfer (the paper's per-prompt lazy ratio) and loss-guided (results/nll's calibration); then the periodic
+# interleave and retrieval-aware (retrieval probe) at the default S/W, added to the same file later (it resumes).
 #  - 50 % lazy (15 of 30 layers), S + W = 1024: S/W = 4/1020, 64/960, 128/896 (equal bytes).
 #  - 25 % lazy (8 layers) at S/W = 4/1020 holds 22 x 4096 + 8 x 1024 = 98,304 token-layers; 50 % lazy holds as
 #    many at S/W = 4/2454 (15 x 4096 + 15 x 2458): a wide window on many layers vs a small one on few.
@@ -10,6 +11,7 @@ M=""
 for rule in lighttransfer "loss-guided:$F"; do
   M="$M,$rule,$rule@sink=64@window=960,$rule@sink=128@window=896,$rule@lazy_fraction=0.25,$rule@window=2454"
 done
+M="$M,periodic,retrieval-aware:results/retrieval/calibration-retrieval-smollm2.json"  # added later: the same prompts
 exec lt-jax eval "${MODEL:-$LT_JAX_ASSETS/lt/smollm2-135m-instruct}" \
     --task ruler:niah_single_1,niah_single_2,niah_multikey_1,vt,cwe,fwe --lengths 4096 --samples 3 \
     --methods "full$M" --out results/sweep/smollm2-4k.jsonl --plot results/sweep/smollm2-4k.png \

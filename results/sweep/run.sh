@@ -11,7 +11,8 @@ M=""
 for rule in lighttransfer "loss-guided:$F"; do
   M="$M,$rule,$rule@sink=64@window=960,$rule@sink=128@window=896,$rule@lazy_fraction=0.25,$rule@window=2454"
 done
-M="$M,periodic,retrieval-aware:results/retrieval/calibration-retrieval-smollm2.json"  # added later: the same prompts
+R=results/retrieval/calibration-retrieval-smollm2.json
+M="$M,periodic,retrieval-aware:$R,retrieval-aware:$R@sink=64@window=960"  # added later: the same prompts
 exec lt-jax eval "${MODEL:-$LT_JAX_ASSETS/lt/smollm2-135m-instruct}" \
     --task ruler:niah_single_1,niah_single_2,niah_multikey_1,vt,cwe,fwe --lengths 4096 --samples 3 \
     --methods "full$M" --out results/sweep/smollm2-4k.jsonl --plot results/sweep/smollm2-4k.png \

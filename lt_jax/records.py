@@ -7,8 +7,9 @@
   written atomically (`files.write_atomic`). A rerun with these settings continues the file; other settings are
   refused in one sentence naming what differs. Both are the output: `output` checks each before any work.
 
-The sidecar is written before the first row exists and never changes afterwards, so whatever a kill leaves reads
-as one of: no file (a new result); a sidecar and no rows, or an empty OUT (a result with no row yet); a sidecar and
+The sidecar is written before the first row exists and changes only when a run grows the result (`grow`: more
+samples of the same draw, so every row stays a row of the new settings; rewritten atomically before the first new
+row). So whatever a kill leaves reads as one of: no file (a new result); a sidecar and no rows, or an empty OUT (a result with no row yet); a sidecar and
 rows. Rows without a sidecar come from nowhere but earlier versions, which wrote the settings as a first line
 `{"meta": ...}`: such a file is read as it is by readers, and converted in place by its owner when it resumes it
 (sidecar written first, then the rows without that line renamed over OUT; a kill in between leaves a sidecar and
@@ -121,6 +122,24 @@ def read_rows(path: Path, meta: dict | None, key, what: str, repair: bool = Fals
         with open(path, "r+b") as f:
             f.truncate(len(complete) + 1 if complete else 0)
     return [row for _, row in rows]
+
+
+def grow(path: Path, meta: dict, what: str, extends: Callable[[dict, dict], bool]) -> bool:
+    """Give the result `path` the settings `meta` when its own settings are others that `extends(old, meta)` says
+    `meta` contains (e.g. fewer samples of the same draw: its rows are the first rows of `meta`'s). Returns whether
+    it did; anything else is left for `read_rows` to accept or refuse. Only the result's owner calls it, before
+    `shared`; a result still in parts is left as it is (`merge_parts` first, by one process)."""
+    path = Path(path)
+    if not sidecar(path).exists() or part_paths(path):
+        return False
+    old = _settings(sidecar(path), what)
+    if old == meta or not extends(old, meta):
+        return False
+    rows = len(read_rows(path, old, lambda r: r, what))
+    _write_settings(path, meta, what)
+    print(f"[{what}] {path}: growing its {rows} rows to the settings of this run "
+          f"({'; '.join(differences(old, meta))}); the rows written are kept", file=sys.stderr)
+    return True
 
 
 def _write_settings(path: Path, meta: dict, what: str):

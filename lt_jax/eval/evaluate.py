@@ -9,7 +9,13 @@ one masked forward per method (`Model.token_nll`: the plan is data, so per-promp
 
 Rows are appended and flushed one at a time (`lt_jax.records`); the sidecar OUT.meta.json records what they were
 made with. A rerun skips the (example, method) pairs already written, drops a row a killed run left half-written, and
-refuses a file made with other settings, so an interrupted run loses at most one row and never counts one twice.
+refuses a file made with other settings, so an interrupted run loses at most one row and never counts one twice; a
+rerun with more --samples (niah, passkey, ruler: sample s is drawn from its own seed, whatever the count) grows the
+file, keeping every row.
+
+The summary sets each method beside `full` on the same examples: the difference of the averages and its 95 %
+interval from a paired bootstrap over the examples (resampled within each column, so the average keeps its
+per-column weights).
 Several processes (`lt_jax.distributed`) split the examples by position, each writing its own part file, which
 process 0 merges once all are done; the rows and the summary are those of one process on the same examples.
 """
@@ -44,7 +50,7 @@ class Example:
 class Retrieval:
     """niah (RULER single- or multi-key needles in the essays) and passkey: exact match of the hidden number,
     summarized per prompt length, with a depth x length heat map."""
-    percent = True
+    percent, grows = True, True  # grows: sample s is drawn from its own seed, so more samples extend a result
 
     def __init__(self, name, lengths, depths, samples, keys=1, max_new_tokens=16, seed=0, haystack=None):
         if not all(0 <= d <= 1 for d in depths):
@@ -91,7 +97,7 @@ class Retrieval:
 
 class Perplexity:
     """Decode-mode perplexity over the essays: windows of prefix + scored tokens; exp(total NLL / tokens)."""
-    name, percent = "ppl", False
+    name, percent, grows = "ppl", False, False
 
     def __init__(self, prefix, score_tokens, samples, haystack):
         if prefix < 1 or score_tokens < 1 or samples < 1:
@@ -124,7 +130,7 @@ class Perplexity:
 class LongBench:
     """LongBench v1 from its JSONL files: official templates, generation lengths, middle truncation, chat
     template where LongBench applies one, official metrics; summarized per dataset and as their mean."""
-    name, percent = "longbench", True
+    name, percent, grows = "longbench", True, False
 
     def __init__(self, paths, max_length=None, limit=None):
         from lt_jax.eval import longbench
@@ -159,7 +165,7 @@ class Ruler:
     """RULER's synthetic tasks (`lt_jax.eval.ruler`; the two QA tasks need SQuAD/HotpotQA and are left out):
     `samples` prompts per (task, length), RULER's answer budget per task unless `max_new_tokens`, scored by
     string_match_all; summarized per task (per task and length when several lengths), the average over those."""
-    name, percent = "ruler", True
+    name, percent, grows = "ruler", True, True
 
     def __init__(self, tasks, lengths, samples, seed=0, max_new_tokens=None, haystack=None):
         from lt_jax.eval import ruler
@@ -212,6 +218,15 @@ def row_key(row: dict) -> tuple:
     return row["example"], row["method"]
 
 
+def more_samples(old: dict, new: dict) -> bool:
+    """Whether the eval settings `new` hold every example of `old`: the same settings but more samples (for a task
+    that `grows`)."""
+    old, new = dict(old), dict(new)
+    before, after = dict(old.pop("settings", {})), dict(new.pop("settings", {}))
+    less, more = before.pop("samples", None), after.pop("samples", None)
+    return old == new and before == after and isinstance(less, int) and isinstance(more, int) and less < more
+
+
 def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: bool = True,
         share: tuple[int, int] | None = None) -> list[dict]:
     """Run every method on every example of `task`, appending to `out`; returns the rows of these methods (every
@@ -234,6 +249,10 @@ def run(model, task, methods: dict[str, Plan], out: Path, meta: dict, progress: 
     def order(r):
         return place.get(r["example"], len(place)), method.get(r["method"], len(method)), r["method"]
 
+    if task.grows and index == 0:
+        records.grow(out, meta, "lt-jax eval", more_samples)
+    if task.grows and count > 1:
+        distributed.barrier(f"lt-jax eval {out.name}: settings grown")
     with records.shared(out, meta, row_key, "lt-jax eval", order, (index, count)) as results:
         todo = [(e, [m for m in methods if (e.id, m) not in results.done])
                 for e in distributed.mine(examples, index, count)]
@@ -320,9 +339,9 @@ def _round(ratios):
 # ---- summary ---------------------------------------------------------------------------------------------
 
 def summarize(task, rows: list[dict], methods: list[str]) -> dict:
-    """{"columns": [...], "methods": {method: {column: value, "average": value, "examples": n}}}. Retrieval,
-    LongBench and RULER: mean score x 100 per column, the average over columns (LongBench's macro average, RULER's
-    average over tasks); perplexity: exp(total NLL / tokens)."""
+    """{"columns": [...], "methods": {method: {column: value, "average": value, "examples": n[, "vs_full": ...]}}}.
+    Retrieval, LongBench and RULER: mean score x 100 per column, the average over columns (LongBench's macro
+    average, RULER's average over tasks), and beside `full` (`paired`); perplexity: exp(total NLL / tokens)."""
     columns = sorted({task.column(r) for r in rows}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else c))
     value = getattr(task, "aggregate", None) or (lambda rs: 100 * float(np.mean([r["score"] for r in rs])))
     table = {}
@@ -332,18 +351,45 @@ def summarize(task, rows: list[dict], methods: list[str]) -> dict:
                  if any(task.column(r) == c for r in mine)}
         if cells:
             table[m] = {**cells, "average": float(np.mean(list(cells.values()))), "examples": len(mine)}
+            if task.percent and m != "full" and "full" in methods:
+                table[m]["vs_full"] = paired(task, rows, m, "full")
     return {"columns": columns, "methods": table}
+
+
+def paired(task, rows: list[dict], method: str, reference: str, resamples: int = 10_000, seed: int = 0):
+    """`method` minus `reference` on the examples both have: {"delta": the difference of their averages over
+    columns (x 100), "ci95": [lo, hi] from a paired bootstrap (`resamples` draws of the examples with replacement
+    within each column, seed `seed`), "examples": n}; None when they share no example."""
+    score = {(r["method"], r["example"]): r["score"] for r in rows}
+    column = {r["example"]: task.column(r) for r in rows}
+    diffs = {}
+    for (m, e), s in sorted(score.items()):
+        if m == method and (reference, e) in score:
+            diffs.setdefault(column[e], []).append(s - score[reference, e])
+    if not diffs:
+        return None
+    rng = np.random.default_rng(seed)
+    per_column = [np.asarray(d) for d in diffs.values()]
+    draws = np.mean([d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1) for d in per_column], axis=0)
+    lo, hi = 100 * np.percentile(draws, [2.5, 97.5])
+    return {"delta": 100 * float(np.mean([d.mean() for d in per_column])), "ci95": [float(lo), float(hi)],
+            "examples": sum(map(len, per_column))}
 
 
 def markdown(task, summary: dict) -> str:
     cols = summary["columns"]
     ppl = task.name == "ppl"
-    head = [*cols, "vs full"] if ppl else [*(f"{task.name} {c}" for c in cols), "average"]
+    versus = any("vs_full" in cells for cells in summary["methods"].values())
+    head = [*cols, "vs full"] if ppl else [*(f"{task.name} {c}" for c in cols), "average"] + \
+        (["vs full (95 % CI)"] if versus else [])
     lines = [f"| method | {' | '.join(head)} | examples |", "|---|" + "---|" * (len(head) + 1)]
     full = summary["methods"].get("full", {}).get("average")
     for m, cells in summary["methods"].items():
         values = [f"{cells[c]:.3f}" if ppl else f"{cells[c]:.1f}" if c in cells else "-" for c in cols]
         extra = (f"{cells['average'] / full - 1:+.2%}" if full else "-") if ppl else f"{cells['average']:.1f}"
+        if versus:
+            p = cells.get("vs_full")
+            extra += " | " + (f"{p['delta']:+.1f} ({p['ci95'][0]:+.1f} to {p['ci95'][1]:+.1f})" if p else "-")
         lines.append(f"| {m} | {' | '.join(values)} | {extra} | {cells['examples']} |")
     return "\n".join(lines)
 

@@ -228,14 +228,6 @@ def _largest(fits, lo: int, cap: int | None, start: int | None = None):
         else:
             good, best = mid, got
     return good, best
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        got = fits(mid)
-        if got is None:
-            bad = mid
-        else:
-            good, best = mid, got
-    return good, best
 
 
 # ---- the generators --------------------------------------------------------------------------------------

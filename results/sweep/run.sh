@@ -1,6 +1,6 @@
 #!/bin/sh
-# The command behind results/sweep/smollm2-4k.*: sinks and windows at equal KV bytes (issue 24, item 3) on the 18
-# RULER prompts of results/ruler/ (SmolLM2-135M-Instruct, 6 tasks x 3 prompts at 4K, seed 0). Layer rules:
+# The command behind results/sweep/smollm2-4k.*: sinks and windows at equal KV bytes (issue 24, item 3) on the 24
+# RULER prompts of results/ruler/ (SmolLM2-135M-Instruct, 6 tasks x 4 prompts at 4K, seed 0). Layer rules:
 # lighttransfer (the paper's per-prompt lazy ratio) and loss-guided (results/nll's calibration); then the periodic
 # interleave and retrieval-aware (retrieval probe) at the default S/W, added to the same file later (it resumes).
 #  - 50 % lazy (15 of 30 layers), S + W = 1024: S/W = 4/1020, 64/960, 128/896 (equal bytes).
@@ -13,7 +13,9 @@ for rule in lighttransfer "loss-guided:$F"; do
 done
 R=results/retrieval/calibration-retrieval-smollm2.json
 M="$M,periodic,retrieval-aware:$R,retrieval-aware:$R@sink=64@window=960"  # added later: the same prompts
-exec lt-jax eval "${MODEL:-$LT_JAX_ASSETS/lt/smollm2-135m-instruct}" \
-    --task ruler:niah_single_1,niah_single_2,niah_multikey_1,vt,cwe,fwe --lengths 4096 --samples 3 \
+set -e
+lt-jax eval "${MODEL:-$LT_JAX_ASSETS/lt/smollm2-135m-instruct}" \
+    --task ruler:niah_single_1,niah_single_2,niah_multikey_1,vt,cwe,fwe --lengths 4096 --samples 4 \
     --methods "full$M" --out results/sweep/smollm2-4k.jsonl --plot results/sweep/smollm2-4k.png \
-    --json > results/sweep/smollm2-4k.json  # (written when all 18 prompts are done)
+    --json > results/sweep/smollm2-4k.json.tmp
+mv results/sweep/smollm2-4k.json.tmp results/sweep/smollm2-4k.json  # the summary, once every prompt is done

@@ -260,7 +260,8 @@ def test_malformed_longbench_line_names_file_and_line(tiny_chat, tmp_path, capsy
 
 def test_ruler_end_to_end_and_resume(tiny_chat, tiny_model, assets, tmp_path, capsys):
     """`--task ruler:TASKS`: every method on the same generated prompts, each row scored by string_match_all
-    against its prompt's answers, one summary column per task; a rerun with one more method adds only its rows."""
+    against its prompt's answers, one summary column per task, each method beside full; a rerun with one more method
+    adds only its rows, one with more --samples only the new prompts' rows, one with another seed is refused."""
     from lt_jax.eval import ruler
     out = tmp_path / "ruler.jsonl"
     argv = ["eval", str(tiny_chat), "--task", "ruler:niah_single_1,fwe", "--lengths", "512", "--samples", "1",
@@ -288,7 +289,29 @@ def test_ruler_end_to_end_and_resume(tiny_chat, tiny_model, assets, tmp_path, ca
             want = 100 * np.mean([r["score"] for r in mine if r["cell"]["task"] == column])
             assert cells[column] == pytest.approx(want)
         assert cells["average"] == pytest.approx(np.mean([cells[c] for c in summary["columns"]]))
-    assert got["table"].splitlines()[0] == "| method | ruler fwe | ruler niah_single_1 | average | examples |"
+        if method != "full":  # the difference of the averages (its interval: tests/unit/test_paired.py)
+            vs = cells["vs_full"]
+            assert vs["delta"] == pytest.approx(cells["average"] - summary["methods"]["full"]["average"])
+            assert vs["ci95"][0] <= vs["delta"] <= vs["ci95"][1] and vs["examples"] == 2
+    assert "vs_full" not in summary["methods"]["full"]
+    assert got["table"].splitlines()[0] == ("| method | ruler fwe | ruler niah_single_1 | average | vs full (95 % CI) "
+                                            "| examples |")
+    before = out.read_text()
+    samples = argv.index("--samples") + 1
+    grown = [*argv[:samples], "2", *argv[samples + 1:], "--methods", "full,streaming,lighttransfer"]
+    assert main(grown) == 0
+    captured = capsys.readouterr()
+    assert "growing its 6 rows" in captured.err and "settings.samples: the file has 1, this run 2" in captured.err
+    assert out.read_text().startswith(before)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 * 3 and len({(r["example"], r["method"]) for r in rows}) == 12
+    task = evaluate.Ruler(["niah_single_1", "fwe"], [512], 2, max_new_tokens=4, haystack=texts)
+    answers = {e.id: e.target for e in task.examples(tiny_model)}  # sample 0 as drawn with --samples 1
+    assert sorted(answers) == sorted({r["example"] for r in rows})
+    assert all(r["target"] == answers[r["example"]] for r in rows)
+    assert json.loads(captured.out.strip().splitlines()[-1])["summary"]["methods"]["full"]["examples"] == 4
+    assert main([*grown[:-2], "--seed", "1", "--methods", "full"]) == 2
+    assert "settings.seed: the file has 0, this run 1" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["eval", str(tiny_chat), "--task", "ruler:niah_single_1,qa_1", "--out", str(tmp_path / "x.jsonl")]) == 2
     err = capsys.readouterr().err

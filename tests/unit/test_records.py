@@ -248,3 +248,31 @@ def test_a_part_skips_keys_in_the_result_and_in_every_other_part(tmp_path):
     assert mine.path == part_path(out, 0, 2) and mine.done == {"a", "b", "c"}
     assert settings(mine.path) == {"written_by": WHAT, "settings": META}  # each part has its own sidecar
     assert records.part_paths(out) == [part_path(out, 0, 2), part_path(out, 0, 3), part_path(out, 1, 2)]
+
+
+def test_grow_gives_a_result_the_settings_that_extend_its_own_and_nothing_else(tmp_path, capsys):
+    """`grow`: a result made with fewer samples takes the settings of a run with more (its rows kept, the sidecar
+    rewritten); settings that do not extend it, a result still in parts, or no result are left as they are."""
+    from lt_jax.eval.evaluate import more_samples
+    out = tmp_path / "r.jsonl"
+    small = {"task": "ruler", "settings": {"samples": 2, "seed": 0}}
+    rows = [{"id": 1}, {"id": 2}]
+    write(out, rows, small)
+    for other in ({"task": "ruler", "settings": {"samples": 3, "seed": 1}},  # another draw
+                  {"task": "ruler", "settings": {"samples": 1, "seed": 0}},  # fewer
+                  {"task": "niah", "settings": {"samples": 3, "seed": 0}}):  # another task
+        assert not records.grow(out, other, WHAT, more_samples)
+        assert settings(out)["settings"] == small
+        with pytest.raises(LtJaxError, match="other settings"):
+            read_rows(out, other, key, WHAT)
+    assert not records.grow(tmp_path / "none.jsonl", small, WHAT, more_samples)
+    big = {"task": "ruler", "settings": {"samples": 5, "seed": 0}}
+    part = part_path(out, 0, 2)
+    write(part, [{"id": 3}], small)
+    assert not records.grow(out, big, WHAT, more_samples)  # parts are merged under their own settings first
+    part.unlink(), Path(f"{part}.meta.json").unlink()
+    capsys.readouterr()
+    assert records.grow(out, big, WHAT, more_samples)
+    assert "growing its 2 rows" in capsys.readouterr().err
+    assert settings(out) == {"written_by": WHAT, "settings": big} and lines(out) == rows
+    assert read_rows(out, big, key, WHAT) == rows and not records.grow(out, big, WHAT, more_samples)

@@ -1,0 +1,54 @@
+"""The summary's paired comparison (`evaluate.paired`): a method's average minus full's on the same examples, with
+a 95 % bootstrap interval resampled within each column; checked against hand counts."""
+import numpy as np
+import pytest
+
+from lt_jax.eval import evaluate
+
+
+class Task:  # what `paired` reads of a task: a row's column
+    percent = True
+
+    @staticmethod
+    def column(row):
+        return row["cell"]
+
+
+def rows(method, scores):
+    return [{"method": method, "example": f"{cell}/{i}", "cell": cell, "score": s}
+            for cell, values in scores.items() for i, s in enumerate(values)]
+
+
+def test_the_interval_is_the_exact_bootstrap_quantiles_of_a_hand_case():
+    """One column, differences (0, 0, 0, 1): a resampled mean is k/4 with k ~ Binomial(4, 1/4), so
+    P(mean = 0) = 0.316 and P(mean <= 1/2) = 0.949 < 0.975 < P(mean <= 3/4) = 0.996: the interval is [0, 75]."""
+    got = evaluate.paired(Task, rows("full", {"a": [1, 1, 0, 0]}) + rows("m", {"a": [1, 1, 0, 1]}), "m", "full")
+    assert got == {"delta": 25.0, "ci95": [0.0, 75.0], "examples": 4}
+
+
+def test_columns_keep_their_weights_and_only_shared_examples_count():
+    """Two columns of unequal size: the delta is the mean of the per-column mean differences (the average's
+    weights), not the mean over examples; an example only one method has is left out; equal differences in a
+    column give a point interval."""
+    full = rows("full", {"a": [0, 0], "b": [1, 1, 1, 1]})
+    method = rows("m", {"a": [1, 1, 1], "b": [0, 0, 0, 0]})  # a/2: full has no row for it
+    got = evaluate.paired(Task, full + method, "m", "full")
+    assert got["delta"] == pytest.approx((100 + -100) / 2) and got["examples"] == 6
+    assert got["ci95"] == pytest.approx([0.0, 0.0])
+    assert evaluate.paired(Task, full, "m", "full") is None
+
+
+def test_the_summary_sets_every_method_beside_full_and_the_table_prints_it():
+    full = rows("full", {"a": [1, 0, 1, 0, 1]})
+    method = rows("m", {"a": [1, 1, 1, 0, 0]})
+    task = type("T", (Task,), {"name": "ruler"})
+    summary = evaluate.summarize(task, full + method, ["full", "m"])
+    vs = summary["methods"]["m"]["vs_full"]
+    assert vs["delta"] == pytest.approx(0.0) and vs["ci95"][0] < 0 < vs["ci95"][1]
+    draws = np.random.default_rng(0).integers(0, 5, (10_000, 5))  # the same draws, spelled out
+    want = 100 * np.percentile(np.asarray([0, 1, 0, 0, -1])[draws].mean(axis=1), [2.5, 97.5])
+    assert vs["ci95"] == pytest.approx(want)
+    assert "vs_full" not in summary["methods"]["full"]
+    table = evaluate.markdown(task, summary).splitlines()
+    assert table[0].endswith("| average | vs full (95 % CI) | examples |")
+    assert table[3] == f"| m | 60.0 | 60.0 | +0.0 ({want[0]:+.1f} to {want[1]:+.1f}) | 5 |"

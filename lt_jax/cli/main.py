@@ -72,7 +72,9 @@ def _skip_absent_tpu():
     """With libtpu installed (the test extra brings it, for `lt-jax compile`) on a host with no TPU chip, jax would
     still start the TPU plugin, which prints worker-hostname warnings before every command: keep jax on the CPU
     there, unless JAX_PLATFORMS says otherwise or a GPU is visible. `lt-jax compile` needs only libtpu's topology,
-    not its runtime."""
+    not its runtime; loading libtpu for it prints five lines asking for TPU_ACCELERATOR_TYPE and
+    TPU_WORKER_HOSTNAMES, which describe this host's own chips: with none, neutral values (unless set) quiet them
+    and change nothing compiled (the topology comes from --target; the same plan either way)."""
     import importlib.util
     import os
     if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
@@ -84,9 +86,12 @@ def _skip_absent_tpu():
                        or hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1))
     except (ImportError, AttributeError, TypeError, OSError):
         return
-    if jax.config.jax_platforms or accelerator:
+    if accelerator:
         return
-    jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    if not jax.config.jax_platforms:
+        jax.config.update("jax_platforms", "cpu")
 
 
 def _interrupted(args) -> int:

@@ -395,7 +395,8 @@ def test_mesh_axes_against_the_rules():
 
 def test_no_tpu_warnings_where_there_is_no_tpu(tiny_ckpt):
     """libtpu installed (the test extra) on a host without TPU chips: a command runs on the CPU without the TPU
-    plugin's worker-hostname warnings (with JAX_PLATFORMS unset, as a user runs it)."""
+    plugin's worker-hostname warnings (with JAX_PLATFORMS unset, as a user runs it), and `compile`, which loads
+    libtpu for its topology, without libtpu's five lines asking for TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES."""
     import subprocess
     import sys
     from conftest import REPO
@@ -409,6 +410,13 @@ def test_no_tpu_warnings_where_there_is_no_tpu(tiny_ckpt):
                          env=dict(env, PYTHONPATH=str(REPO)))
     assert run.returncode == 0 and len(json.loads(run.stdout)["ids"]) == 2, run.stderr[-2000:]
     assert "TPU" not in run.stderr, run.stderr[-2000:]
+    env = {k: v for k, v in env.items() if not k.startswith("TPU_")}
+    config = REPO / "configs" / "Llama-3.1-8B-Instruct"
+    run = subprocess.run([sys.executable, "-m", "lt_jax.cli", "compile", str(config), "--target", "v5e:2x2",
+                          "--context", "256", "--batch", "1", "--plans", "full", "--programs", "insert_rows",
+                          "--json"], capture_output=True, text=True, timeout=300, env=dict(env, PYTHONPATH=str(REPO)))
+    assert run.returncode == 0 and json.loads(run.stdout)["rows"][0]["fits"], run.stderr[-2000:]
+    assert "TPU_" not in run.stderr and "WARNING" not in run.stderr, run.stderr[-2000:]
 
 
 def test_the_persistent_compilation_cache_is_on_for_a_command_and_off_after_it(monkeypatch, tmp_path, capsys):

@@ -92,29 +92,50 @@ def read_prompts(path: Path) -> tuple[dict, list[dict]]:
     return json.loads(meta.read_text())["settings"], prompts
 
 
+def more_samples(had: dict, settings: dict) -> bool:
+    """Whether `settings` only ask for more prompts of the same draw than `had` (an export with a larger --samples:
+    lt-jax's sample s has its own seed, so the earlier prompts are the same and their rows stay valid)."""
+    def without(s):
+        return {**s, "prompt_settings": {k: v for k, v in s["prompt_settings"].items() if k != "samples"}}
+    try:
+        return without(had) == without(settings) and \
+            had["prompt_settings"]["samples"] < settings["prompt_settings"]["samples"]
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 class Rows:
-    """The results file: complete rows kept, a half-written last line dropped, other settings refused."""
+    """The results file: complete rows kept, a half-written last line dropped, more samples of the same prompts
+    grown into, other settings refused."""
 
     def __init__(self, path: Path, settings: dict):
         self.path, self.meta = path, path.with_name(path.name + ".meta.json")
         if self.meta.exists():
             had = json.loads(self.meta.read_text())["settings"]
-            if had != settings:
+            if had != settings and more_samples(had, settings):
+                print(f"[kvpress_peers] {path}: growing from {had['prompt_settings']['samples']} to "
+                      f"{settings['prompt_settings']['samples']} samples per task; the rows written are kept",
+                      file=sys.stderr)
+                self._write_meta(settings)
+            elif had != settings:
                 differ = sorted(k for k in {*had, *settings} if had.get(k) != settings.get(k))
                 raise BadInput(f"{path} was made with other settings ({', '.join(differ)} differ); pass another "
                                f"--out.")
         elif path.exists() and path.stat().st_size:
             raise BadInput(f"{path} exists without {self.meta.name}: not a results file of this script.")
         else:
-            tmp = self.meta.with_name("." + self.meta.name + ".tmp")
-            tmp.write_text(json.dumps({"written_by": "scripts/kvpress_peers.py", "settings": settings}, indent=1))
-            os.replace(tmp, self.meta)
+            self._write_meta(settings)
         text = path.read_text() if path.exists() else ""
         if text and not text.endswith("\n"):  # a kill mid-row: keep the complete rows
             text = text[:text.rfind("\n") + 1]
             path.write_text(text)
         self.rows = [json.loads(line) for line in text.splitlines()]
         self.done = {(r["example"], r["method"]) for r in self.rows}
+
+    def _write_meta(self, settings: dict):
+        tmp = self.meta.with_name("." + self.meta.name + ".tmp")
+        tmp.write_text(json.dumps({"written_by": "scripts/kvpress_peers.py", "settings": settings}, indent=1))
+        os.replace(tmp, self.meta)
 
     def add(self, row: dict):
         with open(self.path, "a") as f:

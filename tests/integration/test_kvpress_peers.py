@@ -59,6 +59,22 @@ def test_peers_refuse_a_prompts_file_without_its_sidecar(tmp_path, capsys):
     assert not (tmp_path / "rows.jsonl").exists()
 
 
+def test_peers_rows_grow_into_more_samples_and_refuse_other_settings(tmp_path, capsys):
+    """An export with more --samples (the same prompts first) grows the rows file, keeping its rows; another seed
+    is refused, naming what differs."""
+    peers = _script("kvpress_peers")
+    out = tmp_path / "rows.jsonl"
+    def settings(**prompts):
+        return {"prompts": "p.jsonl", "prompt_settings": {"samples": 1, "seed": 0, **prompts}, "sink": 4}
+    peers.Rows(out, settings()).add({"example": "a/512/0", "method": "full"})
+    grown = peers.Rows(out, settings(samples=3))
+    assert grown.done == {("a/512/0", "full")} and "growing from 1 to 3 samples" in capsys.readouterr().err
+    assert json.loads(out.with_name(out.name + ".meta.json").read_text())["settings"] == settings(samples=3)
+    for other in (settings(samples=2), settings(samples=4, seed=1)):  # fewer, or another draw
+        with pytest.raises(peers.BadInput, match="prompt_settings differ"):
+            peers.Rows(out, other)
+
+
 @pytest.mark.slow  # ~55 s on this CPU: torch, transformers and kvpress imports in a subprocess, 50 head-scoring forwards
 @pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason=f"no kvpress venv at {KVPRESS_PYTHON} (set KVPRESS_PYTHON)")
 def test_torch_full_equals_lt_jax_and_peers_keep_lt_jax_budget(exported, tiny_chat, chat_model, assets, tmp_path):

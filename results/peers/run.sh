@@ -1,6 +1,7 @@
 #!/bin/sh
 # The commands behind results/peers/smollm2-4k.*: the 24 RULER prompts of results/ruler/ (SmolLM2-135M-Instruct, 6
-# tasks at 4K, 4 per task; grown from 3: a rerun keeps the rows), exported by lt-jax, then decoded by torch + kvpress in kvpress's own venv.
+# tasks at 4K, 4 per task; grown from 3: a rerun keeps the rows), exported by lt-jax, then decoded by torch +
+# kvpress in kvpress's own venv.
 set -e
 A=${LT_JAX_ASSETS:?set LT_JAX_ASSETS}
 KVPRESS_PYTHON=${KVPRESS_PYTHON:-/work/kvpress-venv/bin/python}  # python -m venv DIR; DIR/bin/pip install kvpress

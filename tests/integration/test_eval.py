@@ -163,7 +163,8 @@ def test_eval_plots_and_table(tiny_chat, tmp_path, capsys):
     assert main(["eval", str(tiny_chat), "--task", "passkey", "--out", str(out), "--plot", str(plot),
                  "--ratio-plot", str(ratio_plot), *TINY_ARGS[:8], "--max-new-tokens", "3"]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0] == "| method | passkey 300 | passkey 400 | average | examples |"
+    assert table.splitlines()[0] == ("| method | passkey 300 | passkey 400 | average | vs full (95 % CI) "
+                                     "| examples |")
     assert len(table.splitlines()) == 2 + 3  # full, lighttransfer, streaming (the default methods)
     assert plot.read_bytes()[:4] == b"\x89PNG" and ratio_plot.read_bytes()[:4] == b"\x89PNG"
 

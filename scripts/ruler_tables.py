@@ -1,0 +1,157 @@
+"""The RULER tables of README.md and results/README.md, from the committed rows (results/ruler, results/sweep,
+results/peers): each method's average over the tasks, its difference from full on the same prompts and that
+difference's 95 % interval (`lt_jax.eval.evaluate.paired`: a bootstrap of the prompts within each task).
+
+    .venv/bin/python scripts/ruler_tables.py [--table readme|smollm2|qwen] [--json]
+
+Every row of a column is compared with lt-jax's `full` on the prompts both have (kvpress's torch `full` gives the
+same answers on every prompt: results/peers/README.md); a cell on fewer prompts than the column's full says how many.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lt_jax.eval import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+NLL = "results/nll/calibration-nll-smollm2.json"
+RET = "results/retrieval/calibration-retrieval-smollm2.json"
+RET_QWEN = "results/retrieval/calibration-retrieval-qwen.json"
+S64 = "@sink=64@window=960"
+
+# column -> {row label: (rows file, method in it)}; `full` is every column's reference
+SMOLLM2 = {
+    "4K": {
+        "full": ("results/sweep/smollm2-4k.jsonl", "full"),
+        "**retrieval-aware** (retrieval probe)": ("results/sweep/smollm2-4k.jsonl", f"retrieval-aware:{RET}"),
+        "retrieval-aware, S = 64 / W = 960": ("results/sweep/smollm2-4k.jsonl", f"retrieval-aware:{RET}{S64}"),
+        "**loss-guided** (nll probe)": ("results/sweep/smollm2-4k.jsonl", f"loss-guided:{NLL}"),
+        "loss-guided, S = 64 / W = 960": ("results/sweep/smollm2-4k.jsonl", f"loss-guided:{NLL}{S64}"),
+        "lighttransfer (the paper's rule)": ("results/sweep/smollm2-4k.jsonl", "lighttransfer"),
+        "periodic (every other layer)": ("results/sweep/smollm2-4k.jsonl", "periodic"),
+        "streaming (every layer)": ("results/ruler/smollm2-4k.jsonl", "streaming"),
+        "DuoAttention (kvpress, on-the-fly heads)": ("results/peers/smollm2-4k.jsonl", "duo"),
+        "DuoAttention, kvpress's own S/W (duo-native)": ("results/peers/smollm2-4k.jsonl", "duo-native"),
+        "SimLayerKV (kvpress)": ("results/peers/smollm2-4k.jsonl", "simlayerkv"),
+        "loss-guided, 25 % lazy": ("results/sweep/smollm2-4k.jsonl", f"loss-guided:{NLL}@lazy_fraction=0.25"),
+        "lighttransfer, 25 % lazy": ("results/sweep/smollm2-4k.jsonl", "lighttransfer@lazy_fraction=0.25"),
+        "DuoAttention (duo-native), bytes of 25 % lazy": ("results/peers/smollm2-4k-lazy25.jsonl", "duo-native"),
+        "SimLayerKV, 25 % lazy": ("results/peers/smollm2-4k-lazy25.jsonl", "simlayerkv"),
+    },
+    "8K": {
+        "full": ("results/sweep/smollm2-8k.jsonl", "full"),
+        "**retrieval-aware** (retrieval probe)": ("results/sweep/smollm2-8k.jsonl", f"retrieval-aware:{RET}"),
+        "**loss-guided** (nll probe)": ("results/sweep/smollm2-8k.jsonl", f"loss-guided:{NLL}"),
+        "loss-guided, S = 64 / W = 960": ("results/sweep/smollm2-8k.jsonl", f"loss-guided:{NLL}{S64}"),
+        "lighttransfer (the paper's rule)": ("results/sweep/smollm2-8k.jsonl", "lighttransfer"),
+        "periodic (every other layer)": ("results/sweep/smollm2-8k.jsonl", "periodic"),
+    },
+}
+QWEN = {length: {label: (f"results/ruler/qwen-{length.lower()}.jsonl", method) for label, method in (
+    ("full", "full"), ("**retrieval-aware** (retrieval probe)", f"retrieval-aware:{RET_QWEN}"),
+    ("lighttransfer", "lighttransfer"), ("periodic", "periodic"))} for length in ("8K", "16K")}
+README = {  # README.md's table: row -> {column: (source table, its row, its column)}
+    "full": "full", "**retrieval-aware**": "**retrieval-aware** (retrieval probe)",
+    "loss-guided": "**loss-guided** (nll probe)", "lighttransfer": "lighttransfer (the paper's rule)",
+    "periodic": "periodic (every other layer)", "DuoAttention (kvpress)": "DuoAttention (kvpress, on-the-fly heads)",
+    "SimLayerKV (kvpress)": "SimLayerKV (kvpress)"}
+
+
+class _Task:  # what `evaluate.paired` reads of a task
+    percent = True
+
+    @staticmethod
+    def column(row):
+        return row["cell"]["task"]
+
+
+def _rows(path: str) -> list[dict]:
+    file = REPO / path
+    if not file.exists():
+        raise SystemExit(f"ruler_tables: {path} is missing; its run script is beside it.")
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def cells(spec: dict) -> dict:
+    """column -> row label -> {"average", "per_task", "prompts", "vs_full"} (None where a file lacks the method)."""
+    files, out = {}, {}
+    for column, rows in spec.items():
+        ref_file, ref_method = rows["full"]
+        full = [r for r in files.setdefault(ref_file, _rows(ref_file)) if r["method"] == ref_method]
+        out[column] = {}
+        for label, (path, method) in rows.items():
+            mine = [r for r in files.setdefault(path, _rows(path)) if r["method"] == method]
+            if not mine:
+                out[column][label] = None
+                continue
+            tasks = sorted({_Task.column(r) for r in mine})
+            per_task = {t: 100 * sum(r["score"] for r in mine if _Task.column(r) == t) /
+                        sum(1 for r in mine if _Task.column(r) == t) for t in tasks}
+            both = [{**r, "method": "full"} for r in full] + [{**r, "method": "m"} for r in mine]
+            out[column][label] = {"average": sum(per_task.values()) / len(per_task), "per_task": per_task,
+                                  "prompts": len(mine), "full_prompts": len(full),
+                                  "vs_full": None if label == "full" else evaluate.paired(_Task, both, "m", "full")}
+    return out
+
+
+def _cell(c: dict | None, detail: bool = True) -> str:
+    if c is None:
+        return "-"
+    text = f"{c['average']:.1f}"
+    p = c["vs_full"]
+    if detail and p:
+        lo, hi = p["ci95"]
+        text += f" ({p['delta']:+.1f}; {lo:+.0f} to {hi:+.0f})"
+    if c["prompts"] != c["full_prompts"]:
+        text += f" [{c['prompts']} prompts]"
+    return text
+
+
+def smollm2_table(got: dict) -> str:
+    lines = ["| method | 4K: average (− full; paired 95 %) | 8K: average (− full; paired 95 %) |", "|---|---|---|"]
+    for label in got["4K"]:
+        lines.append(f"| {label} | {_cell(got['4K'][label])} | {_cell(got['8K'].get(label))} |")
+    return "\n".join(lines)
+
+
+def qwen_table(got: dict, length: str) -> str:
+    tasks = ("niah_multikey_3", "niah_multivalue", "vt", "cwe")
+    lines = [f"| method | {' | '.join(tasks)} | average (− full; paired 95 %) |", "|---" * (len(tasks) + 2) + "|"]
+    for label, c in got[length].items():
+        scores = " | ".join(f"{c['per_task'][t]:.0f}" for t in tasks)
+        lines.append(f"| {label} | {scores} | {_cell(c)} |")
+    return "\n".join(lines)
+
+
+def readme_table(smol: dict, qwen: dict) -> str:
+    lines = ["| method | SmolLM2 4K | SmolLM2 8K | Qwen 8K | Qwen 16K |", "|---|---|---|---|---|"]
+    qwen_rows = {"**retrieval-aware** (retrieval probe)": "**retrieval-aware** (retrieval probe)",
+                 "lighttransfer (the paper's rule)": "lighttransfer", "periodic (every other layer)": "periodic",
+                 "full": "full"}
+    for row, label in README.items():
+        values = [_cell(smol[c].get(label), detail=False) for c in ("4K", "8K")]
+        values += [_cell(qwen[c].get(qwen_rows.get(label, "")), detail=False) for c in ("8K", "16K")]
+        lines.append(f"| {row} | {' | '.join(values)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", choices=("readme", "smollm2", "qwen", "all"), default="all")
+    p.add_argument("--json", action="store_true", help="the cells as JSON")
+    args = p.parse_args(argv)
+    smol, qwen = cells(SMOLLM2), cells(QWEN)
+    if args.json:
+        print(json.dumps({"smollm2": smol, "qwen": qwen}))
+        return 0
+    parts = {"readme": readme_table(smol, qwen), "smollm2": smollm2_table(smol),
+             "qwen": qwen_table(qwen, "8K") + "\n\n" + qwen_table(qwen, "16K")}
+    print("\n\n".join(text for name, text in parts.items() if args.table in (name, "all")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 results/peers): each method's average over the tasks, its difference from full on the same prompts and that
 difference's 95 % interval (`lt_jax.eval.evaluate.paired`: a bootstrap of the prompts within each task).
 
-    .venv/bin/python scripts/ruler_tables.py [--table readme|smollm2|qwen] [--json]
+    .venv/bin/python scripts/ruler_tables.py [--table readme|smollm2|qwen|sweep] [--json]
 
 Every row of a column is compared with lt-jax's `full` on the prompts both have (kvpress's torch `full` gives the
 same answers on every prompt: results/peers/README.md); a cell on fewer prompts than the column's full says how many.
@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from lt_jax.eval import evaluate
 
@@ -53,6 +56,14 @@ SMOLLM2 = {
 QWEN = {length: {label: (f"results/ruler/qwen-{length.lower()}.jsonl", method) for label, method in (
     ("full", "full"), ("**retrieval-aware** (retrieval probe)", f"retrieval-aware:{RET_QWEN}"),
     ("lighttransfer", "lighttransfer"), ("periodic", "periodic"))} for length in ("8K", "16K")}
+SWEEP_4K = ["full"] + [f"{rule}{option}" for rule in ("lighttransfer", f"loss-guided:{NLL}")
+                       for option in ("", S64, "@sink=128@window=896", "@lazy_fraction=0.25", "@window=2454")] + \
+    ["periodic", f"retrieval-aware:{RET}", f"retrieval-aware:{RET}{S64}"]
+SWEEP_8K = ["full", "lighttransfer", f"loss-guided:{NLL}", f"loss-guided:{NLL}{S64}", "periodic",
+            f"retrieval-aware:{RET}"]
+SWEEP = {"4K": {m: ("results/sweep/smollm2-4k.jsonl", m) for m in SWEEP_4K},
+         "8K": {m: ("results/sweep/smollm2-8k.jsonl", m) for m in SWEEP_8K}}
+SMOLLM2_LAYERS, SMOLLM2_TASKS = 30, ("niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "cwe", "fwe")
 README = {  # README.md's table: row -> {column: (source table, its row, its column)}
     "full": "full", "**retrieval-aware**": "**retrieval-aware** (retrieval probe)",
     "loss-guided": "**loss-guided** (nll probe)", "lighttransfer": "lighttransfer (the paper's rule)",
@@ -92,9 +103,19 @@ def cells(spec: dict) -> dict:
                         sum(1 for r in mine if _Task.column(r) == t) for t in tasks}
             both = [{**r, "method": "full"} for r in full] + [{**r, "method": "m"} for r in mine]
             out[column][label] = {"average": sum(per_task.values()) / len(per_task), "per_task": per_task,
-                                  "prompts": len(mine), "full_prompts": len(full),
+                                  "prompts": len(mine), "full_prompts": len(full), "ci95": interval(mine),
+                                  "lazy": Counter(len(r.get("lazy_layers", [])) for r in mine).most_common(1)[0][0],
                                   "vs_full": None if label == "full" else evaluate.paired(_Task, both, "m", "full")}
     return out
+
+
+def interval(rows: list[dict], resamples: int = 10_000, seed: int = 0) -> list[float]:
+    """95 % bootstrap interval of the average over tasks (prompts resampled within each task, as `paired`)."""
+    rng = np.random.default_rng(seed)
+    per_task = [np.asarray([r["score"] for r in rows if _Task.column(r) == t])
+                for t in sorted({_Task.column(r) for r in rows})]
+    draws = np.mean([s[rng.integers(0, len(s), (resamples, len(s)))].mean(axis=1) for s in per_task], axis=0)
+    return [float(v) for v in 100 * np.percentile(draws, [2.5, 97.5])]
 
 
 def _cell(c: dict | None, detail: bool = True) -> str:
@@ -126,6 +147,33 @@ def qwen_table(got: dict, length: str) -> str:
     return "\n".join(lines)
 
 
+def _plan(method: str, length: int) -> tuple[str, int]:
+    """(S / W, KV in token-layers) of a sweep method on SmolLM2 (30 layers) at `length`."""
+    if method == "full":
+        return "-", SMOLLM2_LAYERS * length
+    options = dict(o.split("=") for o in method.split("@")[1:])
+    sink, window = int(options.get("sink", 4)), int(options.get("window", 1020))
+    lazy = round(float(options.get("lazy_fraction", 0.5)) * SMOLLM2_LAYERS)
+    return f"{sink}/{window}", (SMOLLM2_LAYERS - lazy) * length + lazy * min(sink + window, length)
+
+
+def sweep_table(got: dict, column: str) -> str:
+    length = {"4K": 4096, "8K": 8192}[column]
+    head = ["method", "S / W", "lazy", "KV (token-layers)", *SMOLLM2_TASKS, "average", "95 % interval",
+            "− full (paired 95 %)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for method, c in got[column].items():
+        sw, kv = _plan(method, length)
+        name = method.replace(f":{NLL}", ":F").replace(f":{RET}", ":R")
+        lazy = "0" if c["lazy"] == 0 else f"{c['lazy']} ({round(100 * c['lazy'] / SMOLLM2_LAYERS / 25) * 25} %)"
+        p = c["vs_full"]
+        paired = "-" if p is None else f"{p['delta']:+.1f} ({p['ci95'][0]:+.0f} to {p['ci95'][1]:+.0f})"
+        scores = " | ".join(f"{c['per_task'][t]:.0f}" for t in SMOLLM2_TASKS)
+        lines.append(f"| {name} | {sw} | {lazy} | {kv:,} | {scores} | {c['average']:.1f} | "
+                     f"{c['ci95'][0]:.0f}-{c['ci95'][1]:.0f} | {paired} |")
+    return "\n".join(lines)
+
+
 def readme_table(smol: dict, qwen: dict) -> str:
     lines = ["| method | SmolLM2 4K | SmolLM2 8K | Qwen 8K | Qwen 16K |", "|---|---|---|---|---|"]
     qwen_rows = {"**retrieval-aware** (retrieval probe)": "**retrieval-aware** (retrieval probe)",
@@ -140,15 +188,16 @@ def readme_table(smol: dict, qwen: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--table", choices=("readme", "smollm2", "qwen", "all"), default="all")
+    p.add_argument("--table", choices=("readme", "smollm2", "qwen", "sweep", "all"), default="all")
     p.add_argument("--json", action="store_true", help="the cells as JSON")
     args = p.parse_args(argv)
-    smol, qwen = cells(SMOLLM2), cells(QWEN)
+    smol, qwen, sweep = cells(SMOLLM2), cells(QWEN), cells(SWEEP)
     if args.json:
-        print(json.dumps({"smollm2": smol, "qwen": qwen}))
+        print(json.dumps({"smollm2": smol, "qwen": qwen, "sweep": sweep}))
         return 0
     parts = {"readme": readme_table(smol, qwen), "smollm2": smollm2_table(smol),
-             "qwen": qwen_table(qwen, "8K") + "\n\n" + qwen_table(qwen, "16K")}
+             "qwen": qwen_table(qwen, "8K") + "\n\n" + qwen_table(qwen, "16K"),
+             "sweep": sweep_table(sweep, "4K") + "\n\n" + sweep_table(sweep, "8K")}
     print("\n\n".join(text for name, text in parts.items() if args.table in (name, "all")))
     return 0
 

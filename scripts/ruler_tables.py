@@ -55,7 +55,7 @@ SMOLLM2 = {
 }
 QWEN = {length: {label: (f"results/ruler/qwen-{length.lower()}.jsonl", method) for label, method in (
     ("full", "full"), ("**retrieval-aware** (retrieval probe)", f"retrieval-aware:{RET_QWEN}"),
-    ("lighttransfer", "lighttransfer"), ("periodic", "periodic"))} for length in ("8K", "16K")}
+    ("lighttransfer", "lighttransfer"), ("periodic", "periodic"))} for length in ("4K", "8K", "16K")}
 SWEEP_4K = ["full"] + [f"{rule}{option}" for rule in ("lighttransfer", f"loss-guided:{NLL}")
                        for option in ("", S64, "@sink=128@window=896", "@lazy_fraction=0.25", "@window=2454")] + \
     ["periodic", f"retrieval-aware:{RET}", f"retrieval-aware:{RET}{S64}"]
@@ -142,7 +142,7 @@ def qwen_table(got: dict, length: str) -> str:
     tasks = ("niah_multikey_3", "niah_multivalue", "vt", "cwe")
     lines = [f"| method | {' | '.join(tasks)} | average (− full; paired 95 %) |", "|---" * (len(tasks) + 2) + "|"]
     for label, c in got[length].items():
-        scores = " | ".join(f"{c['per_task'][t]:.0f}" for t in tasks)
+        scores = " | ".join("-" if c is None else f"{c['per_task'][t]:.0f}" for t in tasks)
         lines.append(f"| {label} | {scores} | {_cell(c)} |")
     return "\n".join(lines)
 
@@ -175,13 +175,13 @@ def sweep_table(got: dict, column: str) -> str:
 
 
 def readme_table(smol: dict, qwen: dict) -> str:
-    lines = ["| method | SmolLM2 4K | SmolLM2 8K | Qwen 8K | Qwen 16K |", "|---|---|---|---|---|"]
+    lines = ["| method | SmolLM2 4K | SmolLM2 8K | Qwen 4K | Qwen 8K | Qwen 16K |", "|---|---|---|---|---|---|"]
     qwen_rows = {"**retrieval-aware** (retrieval probe)": "**retrieval-aware** (retrieval probe)",
                  "lighttransfer (the paper's rule)": "lighttransfer", "periodic (every other layer)": "periodic",
                  "full": "full"}
     for row, label in README.items():
         values = [_cell(smol[c].get(label), detail=False) for c in ("4K", "8K")]
-        values += [_cell(qwen[c].get(qwen_rows.get(label, "")), detail=False) for c in ("8K", "16K")]
+        values += [_cell(qwen[c].get(qwen_rows.get(label, "")), detail=False) for c in ("4K", "8K", "16K")]
         lines.append(f"| {row} | {' | '.join(values)} |")
     return "\n".join(lines)
 
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         print(json.dumps({"smollm2": smol, "qwen": qwen, "sweep": sweep}))
         return 0
     parts = {"readme": readme_table(smol, qwen), "smollm2": smollm2_table(smol),
-             "qwen": qwen_table(qwen, "8K") + "\n\n" + qwen_table(qwen, "16K"),
+             "qwen": "\n\n".join(qwen_table(qwen, length) for length in qwen),
              "sweep": sweep_table(sweep, "4K") + "\n\n" + sweep_table(sweep, "8K")}
     print("\n\n".join(text for name, text in parts.items() if args.table in (name, "all")))
     return 0

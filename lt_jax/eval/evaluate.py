@@ -12,12 +12,12 @@ made with. A rerun skips the (example, method) pairs already written, drops a ro
 refuses a file made with other settings, so an interrupted run loses at most one row and never counts one twice; a
 rerun with more --samples (niah, passkey, ruler: sample s is drawn from its own seed, whatever the count) grows the
 file, keeping every row.
+Several processes (`lt_jax.distributed`) split the examples by position, each writing its own part file, which
+process 0 merges once all are done; the rows and the summary are those of one process on the same examples.
 
 The summary sets each method beside `full` on the same examples: the difference of the averages and its 95 %
 interval from a paired bootstrap over the examples (resampled within each column, so the average keeps its
 per-column weights).
-Several processes (`lt_jax.distributed`) split the examples by position, each writing its own part file, which
-process 0 merges once all are done; the rows and the summary are those of one process on the same examples.
 """
 from __future__ import annotations
 

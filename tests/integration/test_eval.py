@@ -67,10 +67,17 @@ def test_passkey_prompt_length_and_depth(smol_tokenized, depth):
     assert text.startswith(tasks.PASSKEY_TASK) and text.endswith(tasks.PASSKEY_QUESTION)
 
 
-def test_retrieval_examples_are_deterministic(smol_tokenized):
+def test_retrieval_examples_are_deterministic(smol_tokenized, essay_ids):
+    """The same settings give the same prompts, and more samples add prompts after the same ones (what lets a rerun
+    with more --samples grow a result: `Retrieval.grows`)."""
     task = evaluate.Retrieval("passkey", [256], [0.5], 2)
     a, b = list(task.examples(smol_tokenized)), list(task.examples(smol_tokenized))
     assert [e.ids for e in a] == [e.ids for e in b] and a[0].target != a[1].target
+    for name, haystack in (("passkey", None), ("niah", [smol_tokenized.decode(essay_ids[:3000])])):
+        few, more = (list(evaluate.Retrieval(name, [256, 300], [0.2, 0.8], n, haystack=haystack)
+                          .examples(smol_tokenized)) for n in (1, 3))
+        assert task.grows and len(more) == 3 * len(few)
+        assert {e.id: (e.ids, e.target) for e in few}.items() <= {e.id: (e.ids, e.target) for e in more}.items()
     assert task.score(a[0], f" {a[0].target}. Remember") == 1.0 and task.score(a[0], " 12.") == 0.0
 
 

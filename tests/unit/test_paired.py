@@ -52,3 +52,22 @@ def test_the_summary_sets_every_method_beside_full_and_the_table_prints_it():
     table = evaluate.markdown(task, summary).splitlines()
     assert table[0].endswith("| average | vs full (95 % CI) | examples |")
     assert table[3] == f"| m | 60.0 | 60.0 | +0.0 ({want[0]:+.1f} to {want[1]:+.1f}) | 5 |"
+
+
+def test_the_ruler_tables_in_the_readmes_are_those_of_the_committed_rows():
+    """README.md's, results/README.md's and results/sweep/README.md's RULER tables are what
+    scripts/ruler_tables.py makes of the rows in results/: a rerun that grows a result and a table left as it was
+    cannot both be committed."""
+    import importlib.util
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("ruler_tables", repo / "scripts" / "ruler_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    smol, qwen, sweep = tables.cells(tables.SMOLLM2), tables.cells(tables.QWEN), tables.cells(tables.SWEEP)
+    readme, results = (repo / "README.md").read_text(), (repo / "results" / "README.md").read_text()
+    swept = (repo / "results" / "sweep" / "README.md").read_text()
+    for table, text in ((tables.readme_table(smol, qwen), readme), (tables.smollm2_table(smol), results),
+                        *((tables.qwen_table(qwen, length), results) for length in ("4K", "8K", "16K")),
+                        (tables.sweep_table(sweep, "4K"), swept), (tables.sweep_table(sweep, "8K"), swept)):
+        assert table in text, table

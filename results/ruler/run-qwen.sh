@@ -3,6 +3,7 @@
 # for them on Qwen, where full attention is below 100): niah_multikey_3 (uuid keys and values in a haystack of
 # needles), niah_multivalue, vt, cwe; SAMPLES prompts per task (seed 0). Methods at 50 % lazy: the paper's rule, the
 # periodic interleave, retrieval-aware with the Qwen retrieval probe (results/retrieval/).
+#   sh results/ruler/run-qwen.sh 4096 5    # qwen-4k: 20 prompts
 #   sh results/ruler/run-qwen.sh 8192 5    # qwen-8k: 20 prompts (grown from 2 per task: a rerun keeps the rows)
 #   sh results/ruler/run-qwen.sh 16384 2   # qwen-16k: 8 prompts (the exact 16K prefill: ~6 min a prompt here)
 set -e

@@ -1,6 +1,6 @@
 """The RULER tables of README.md and results/README.md, from the committed rows (results/ruler, results/sweep,
 results/peers): each method's average over the tasks, its difference from full on the same prompts and that
-difference's 95 % interval (`lt_jax.eval.evaluate.paired`: a bootstrap of the prompts within each task).
+difference's 95 % interval (`lt_jax.eval.evaluate.paired` and `.bootstrap`: prompts resampled within each task).
 
     .venv/bin/python scripts/ruler_tables.py [--table readme|smollm2|qwen|sweep] [--json]
 
@@ -15,7 +15,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 
 from lt_jax.eval import evaluate
 
@@ -98,24 +97,18 @@ def cells(spec: dict) -> dict:
             if not mine:
                 out[column][label] = None
                 continue
-            tasks = sorted({_Task.column(r) for r in mine})
-            per_task = {t: 100 * sum(r["score"] for r in mine if _Task.column(r) == t) /
-                        sum(1 for r in mine if _Task.column(r) == t) for t in tasks}
-            both = [{**r, "method": "full"} for r in full] + [{**r, "method": "m"} for r in mine]
-            out[column][label] = {"average": sum(per_task.values()) / len(per_task), "per_task": per_task,
-                                  "prompts": len(mine), "full_prompts": len(full), "ci95": interval(mine),
+            # summarize's cells are the per-task means, their average and `vs_full` (the paired bootstrap)
+            both = [{**r, "method": "full"} for r in full] + ([] if label == "full" else
+                                                              [{**r, "method": "m"} for r in mine])
+            summary = evaluate.summarize(_Task, both, ["full", "m"])
+            c = summary["methods"]["full" if label == "full" else "m"]
+            per_task = {t: c[t] for t in summary["columns"] if t in c}
+            scores = [[r["score"] for r in mine if _Task.column(r) == t] for t in per_task]
+            out[column][label] = {"average": c["average"], "per_task": per_task, "prompts": len(mine),
+                                  "full_prompts": len(full), "ci95": evaluate.bootstrap(scores),
                                   "lazy": Counter(len(r.get("lazy_layers", [])) for r in mine).most_common(1)[0][0],
-                                  "vs_full": None if label == "full" else evaluate.paired(_Task, both, "m", "full")}
+                                  "vs_full": c.get("vs_full")}
     return out
-
-
-def interval(rows: list[dict], resamples: int = 10_000, seed: int = 0) -> list[float]:
-    """95 % bootstrap interval of the average over tasks (prompts resampled within each task, as `paired`)."""
-    rng = np.random.default_rng(seed)
-    per_task = [np.asarray([r["score"] for r in rows if _Task.column(r) == t])
-                for t in sorted({_Task.column(r) for r in rows})]
-    draws = np.mean([s[rng.integers(0, len(s), (resamples, len(s)))].mean(axis=1) for s in per_task], axis=0)
-    return [float(v) for v in 100 * np.percentile(draws, [2.5, 97.5])]
 
 
 def _cell(c: dict | None, detail: bool = True) -> str:

@@ -38,6 +38,14 @@ def test_columns_keep_their_weights_and_only_shared_examples_count():
     assert evaluate.paired(Task, full, "m", "full") is None
 
 
+def test_the_bootstrap_keeps_each_column_weight():
+    """`bootstrap` (the interval of the average over columns, used by `paired` and scripts/ruler_tables.py): a
+    column of one example and a column of nine constant examples average 50 on every draw; the hand case above as
+    raw scores gives the same [0, 75]."""
+    assert evaluate.bootstrap([[1.0], [0.0] * 9]) == pytest.approx([50.0, 50.0])
+    assert evaluate.bootstrap([[0, 0, 0, 1]]) == [0.0, 75.0]
+
+
 def test_the_summary_sets_every_method_beside_full_and_the_table_prints_it():
     full = rows("full", {"a": [1, 0, 1, 0, 1]})
     method = rows("m", {"a": [1, 1, 1, 0, 0]})

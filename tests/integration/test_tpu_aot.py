@@ -76,8 +76,10 @@ def test_every_program_compiles_with_training(topology, mesh, spec):
 
 
 # head_dim 128 like every shipped config (a 64-wide minor dimension is padded to a 128-lane tile anyway), KV heads
-# split over model=2, and a cache of 32K places per layer (ring: half of it): the cache, not the weights, dominates
-CACHE_CFGS = {128: Config.from_hf(dict(TINY_HF, hidden_size=512), source="tiny-128", dtype="bfloat16"),
+# split over model=2, and a cache of 32K places per layer (ring: half of it): the cache, not the weights, dominates;
+# Llama-3's vocabulary, split over model (the sampler's temporaries grow with it)
+CACHE_CFGS = {128: Config.from_hf(dict(TINY_HF, hidden_size=512, vocab_size=128256), source="tiny-128",
+                                  dtype="bfloat16"),
               64: Config.from_hf(TINY_HF, source="tiny", dtype="bfloat16")}
 
 
@@ -88,13 +90,31 @@ def test_decode_loop_temporaries_are_small_next_to_the_cache(spec, head_dim):
     (places minor) made the compiled loop copy every key slot into a head_dim-minor layout before the `while` and
     back after it (`cache.put_step_tokens`): 28-82 % of the cache on 8B shapes. Values stored [B, K, M, H] with
     head_dim 64 were copied places-minor inside the loop (29 % of this cache here, 103 % at 64K): now [B, K, H, M].
-    What stays is the weights' share. `generate_loop` only: `decode_chunk` runs the same loop (docs/pods.md)."""
+    The sampler sorted the vocabulary, which the TPU compiler gathers rows-minor, padded 32-fold: 25 % of this
+    cache at Llama-3's vocabulary (`inference.sample` now cuts by bisection). What stays is the weights' share.
+    `generate_loop` only: `decode_chunk` runs the same loop (docs/pods.md)."""
     cfg, target, context = CACHE_CFGS[head_dim], tgt("v5e:2x2", "data=2,model=2"), 32768
     assert cfg.head_dim == head_dim
     plan = make_plan(spec, cfg, lazy_fraction=0.5, sink=4, window=context // 2 - 4)
     kv = aot.kv_cache_bytes(cfg, plan, 8, context, target.mesh)
     row = aot.compile_row(aot.decode_programs(plan, 8, context, spec)[0], cfg, target, cost=False)
     assert row["temporaries"] < 0.1 * kv, (row["temporaries"], kv)
+
+
+def test_sampling_a_split_vocabulary_gathers_nothing_vocabulary_sized():
+    """The sampler on v5p, Llama-3's 128K vocabulary split 8 ways, 4 rows: a sort gathered the vocabulary rows-minor,
+    padded 32-fold (65 MiB of temporaries, more than a 70B's whole decode step otherwise needs); the bisection's
+    stay below the rows' whole-vocabulary logits (2 MiB)."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lt_jax.inference import sample
+    mesh = tgt("v5p:2x2x2", "data=1,model=8").mesh
+    logits = jax.ShapeDtypeStruct((4, 128256), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "model")))
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, PartitionSpec()))  # noqa: E731
+    compiled = jax.jit(sample).lower(logits, scalar(jax.random.key(0).dtype), scalar(jnp.float32), scalar(jnp.int32),
+                                     scalar(jnp.float32)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 4 * 128256 * 4
 
 
 def hand_flops_per_token(cfg, attended):

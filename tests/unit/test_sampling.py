@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lt_jax.errors import LtJaxError
-from lt_jax.inference import Sampling, sample
+from lt_jax.inference import Sampling, filter_logits, sample
 
 LOGITS = np.array([2.0, 1.5, 1.4, 0.3, -0.5, -1.0, -3.0, 0.9], np.float32)  # V = 8, distinct
 DRAWS = 20_000
@@ -21,7 +21,7 @@ def reference(logits, temperature, top_k, top_p):
     p /= p.sum()
     before = np.cumsum(p) - p
     rank = np.arange(len(p))
-    keep = ((top_k <= 0) | (rank < top_k)) & ((before < top_p) | (rank == 0))
+    keep = ((top_k <= 0) | (rank < top_k)) & ((top_p >= 1) | (before < top_p) | (rank == 0))  # 1 is off
     out = np.zeros(len(p))
     out[order[keep]] = p[keep] / p[keep].sum()
     return out
@@ -51,6 +51,32 @@ def test_sampled_frequencies_equal_the_reference(temperature, top_k, top_p):
     assert np.all(freq[want == 0] == 0), (freq, want)
     np.testing.assert_array_less(np.abs(freq - want), 5 * np.sqrt(want * (1 - want) / DRAWS) + 1e-9)
     assert (want > 0).sum() > 1  # the case does sample
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.3), (17, 1.0), (1, 1.0), (199, 1.0), (40, 0.8),
+                                          (5, 0.999), (0, 1e-6)])
+def test_the_filters_keep_what_a_sort_keeps(top_k, top_p):
+    """`filter_logits` finds each filter's boundary by bisection, not a sort: on 64 rows of 200 logits (normal,
+    spread 0.5 to 8, so top-p cuts anywhere from a few tokens to most) its kept set equals the sort-based numpy
+    reference's, row for row."""
+    rng = np.random.default_rng(top_k * 1000 + int(top_p * 1000))
+    logits = (rng.normal(size=(64, 200)) * rng.uniform(0.5, 8, size=(64, 1))).astype(np.float32)
+    got = np.isfinite(np.asarray(jax.jit(filter_logits)(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p))))
+    want = np.stack([reference(row.astype(np.float64), 1.0, top_k, top_p) > 0 for row in logits])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ties_at_a_boundary_are_kept_together():
+    """Two tokens tied for second place: top-k 2 keeps both (transformers' top-k does too), as does a top-p whose
+    boundary falls between them; -0.0 and 0.0 are the same logit."""
+    logits = jnp.asarray([[3.0, 1.0, 1.0, -2.0, 0.5]], jnp.float32)
+    keep = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, jnp.int32(k), jnp.float32(p))))[0].tolist()
+    assert keep(2, 1.0) == [True, True, True, False, False]
+    assert keep(1, 1.0) == [True, False, False, False, False]
+    assert keep(0, 0.85) == [True, True, True, False, False]  # 0.80 of the mass is above the tied pair
+    zeros = jnp.asarray([[1.0, -0.0, 0.0, -1.0]], jnp.float32)
+    assert np.isfinite(np.asarray(filter_logits(zeros, jnp.int32(2), jnp.float32(1.0))))[0].tolist() == \
+        [True, True, True, False]
 
 
 def test_the_same_key_draws_the_same_tokens_and_another_key_others():

@@ -7,6 +7,7 @@ import json
 import sys
 
 from lt_jax import assets
+from lt_jax.cli.main import skip_absent_tpu
 from lt_jax.errors import LtJaxError
 
 
@@ -15,6 +16,7 @@ def main() -> int:
     p.add_argument("--qwen", action="store_true", help="also Qwen2.5-Coder-0.5B-Instruct (~500 MB, slow on CPU)")
     p.add_argument("--json", action="store_true", help="print the asset paths as JSON")
     args = p.parse_args()
+    skip_absent_tpu()  # converting runs jax: with libtpu but no TPU, keep it on the CPU and quiet, as the CLI does
     try:
         paths = assets.fetch(qwen=args.qwen)
     except LtJaxError as e:

@@ -68,7 +68,7 @@ def _compilation_cache(enabled: bool):
         compilation_cache.reset_cache()
 
 
-def _skip_absent_tpu():
+def skip_absent_tpu():
     """With libtpu installed (the test extra brings it, for `lt-jax compile`) on a host with no TPU chip, jax would
     still start the TPU plugin, which prints worker-hostname warnings before every command: keep jax on the CPU
     there, unless JAX_PLATFORMS says otherwise or a GPU is visible. `lt-jax compile` needs only libtpu's topology,
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     except _UsageError as e:
         print(e, file=sys.stderr)
         return 2
-    _skip_absent_tpu()
+    skip_absent_tpu()
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         progress.catch_interrupts()

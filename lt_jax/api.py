@@ -162,8 +162,10 @@ class Model:
 
     def empty_cache(self, plan: Plan, batch: int, max_len: int) -> KVCache:
         """A fresh cache of `batch` rows and `max_len` places for `plan`'s shape, placed where the model runs (on a
-        mesh: made in its shards, rows over `data`, KV heads over `model` where they divide)."""
-        make = partial(init_cache, self.config, plan, batch, max_len)
+        mesh: made in its shards, rows over `data`, KV heads over `model` where they divide, or copied up to
+        `model` where that splits the query heads: `sharding.cache_kv_heads`)."""
+        make = partial(init_cache, self.config, plan, batch, max_len,
+                       sharding.cache_kv_heads(self.config, self.mesh, self.rules))
         if self.mesh is None:
             return make()
         shardings = sharding.cache_shardings(jax.eval_shape(make), self.mesh, self.rules)

@@ -72,9 +72,13 @@ def ring_size(sink: int, window: int, max_len: int) -> int:
     return min(sink + window, max_len)
 
 
-def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
+def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int, kv_heads: int | None = None) -> KVCache:
+    """An empty cache; `kv_heads` (a multiple of the model's KV heads; default: those) holds each KV head that many
+    times over, for a mesh that splits the query heads finer than the KV heads (`sharding.cache_kv_heads`)."""
     lazy = plan.lazy_count
-    K, H, dt = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
+    K, H, dt = kv_heads or cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
+    if K % cfg.num_kv_heads:
+        raise ValueError(f"kv_heads={K} is not a multiple of the model's {cfg.num_kv_heads} KV heads")
     ring = ring_size(plan.sink, plan.window, max_len)
     slots = lambda n, shape: tuple(jnp.zeros(shape, dt) for _ in range(n))  # noqa: E731
     return KVCache(
@@ -86,6 +90,14 @@ def init_cache(cfg: Config, plan: Plan, batch: int, max_len: int) -> KVCache:
         ring_pos=jnp.full((batch, ring), -1, jnp.int32),
         length=jnp.zeros((batch,), jnp.int32),
     )
+
+
+def to_cache_heads(k, v, kv: tuple):
+    """A layer's new keys and values [B, K, H, T] with each head repeated to the heads the cache `kv` holds
+    (`init_cache`'s kv_heads): a query head n reads KV head n // (N / heads) either way, so attention is unchanged."""
+    slots = kv[0] or kv[2]  # full_k, else ring_k
+    copies = slots[0].shape[1] // k.shape[1]
+    return (k, v) if copies == 1 else (jnp.repeat(k, copies, axis=1), jnp.repeat(v, copies, axis=1))
 
 
 def read_slot(slots: tuple, index, read):

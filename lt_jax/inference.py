@@ -19,8 +19,8 @@ import numpy as np
 
 from lt_jax.attention import attend_cached, attend_layer, layer_kinds, native_window
 from lt_jax.batching import bucket
-from lt_jax.cache import (KVCache, evict, ordered_after, read_slot, write_layer_kv, write_positions,
-                          write_step_kv)
+from lt_jax.cache import (KVCache, evict, ordered_after, read_slot, to_cache_heads, write_layer_kv,
+                          write_positions, write_step_kv)
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.lazy import init_queue, lazy_ratio, push, queue_score
@@ -50,6 +50,7 @@ def prefill(params, tokens, positions, cache: KVCache, layers: LayerPlan | Selec
     def attention(q, k, v, layer, carry):
         layer_id, is_lazy, slot, protect = layer
         kv, queue = carry
+        k, v = to_cache_heads(k, v, kv)
         out = attend_layer(q, k, v, positions, is_lazy, shape.sink, shape.window, native, kinds)
         if not shape.select:
             return out, (write_layer_kv(kv, k, v, positions, is_lazy, slot, shape.sink, shape.window), queue), \
@@ -77,6 +78,7 @@ def _decode(params, tokens, cache: KVCache, layers: LayerPlan, cfg: Config, shap
 
     def attention(q, k, v, layer, _):
         is_lazy, slot, sink, window = layer
+        k, v = to_cache_heads(k, v, cache.kv)
 
         def over(slots_k, slots_v, slot_pos):
             return attend_cached(q, k, v, partial(read_slot, slots_k, slot), partial(read_slot, slots_v, slot),

@@ -161,6 +161,23 @@ def param_shardings(cfg: Config, mesh: Mesh, rules=RULES, split: bool = False) -
     return {**out, "layers": tuple(dict(one) for _ in range(cfg.num_layers))}
 
 
+def cache_kv_heads(cfg: Config, mesh: Mesh | None, rules=RULES) -> int:
+    """How many KV heads a cache holds on `mesh`: the model's, or, where the axis that splits the query heads does
+    not divide the KV heads but is a multiple of them (Llama-3's 8 on model=16, 2 on model=4), that axis's size:
+    each KV head copied once per chip that reads it (`cache.to_cache_heads`), as tensor-parallel engines do. The
+    cache is then split, each chip holding its one KV head instead of all of them; replicated, the TPU decode loop
+    split it over heads itself and gathered it back (temporaries above the cache's own size)."""
+    K = cfg.num_kv_heads
+    if mesh is None:
+        return K
+    q_axis = tuple(spec_for(mesh, ("q_heads",), (cfg.num_heads,), rules))
+    if not q_axis or q_axis[0] is None or tuple(spec_for(mesh, ("kv_heads",), (K,), rules)):
+        return K  # query heads not split, or the KV heads split already
+    size = math.prod(mesh.shape[a] for a in ((q_axis[0],) if isinstance(q_axis[0], str) else q_axis[0]))
+    widened = tuple(spec_for(mesh, ("kv_heads",), (size,), rules))
+    return size if size % K == 0 and widened and widened[0] == q_axis[0] else K
+
+
 def cache_shardings(cache, mesh: Mesh, rules=RULES):
     """A KVCache (or its abstract shape) -> the same structure of NamedShardings: rows over `data`, KV heads over
     `model` where they divide (replicated otherwise)."""

@@ -125,7 +125,8 @@ class Executables:
     def cache_shape(self, plan: Plan, batch: int, context: int):
         """The cache's leaves as `jax.ShapeDtypeStruct`s (allocates nothing), with their shardings on a mesh."""
         m = self.model
-        shape = jax.eval_shape(lambda: init_cache(m.config, plan, batch, context))
+        shape = jax.eval_shape(lambda: init_cache(m.config, plan, batch, context,
+                                                  sharding.cache_kv_heads(m.config, m.mesh, m.rules)))
         if m.mesh is None:
             return shape
         placed = sharding.cache_shardings(shape, m.mesh, m.rules)

@@ -83,22 +83,44 @@ CACHE_CFGS = {128: Config.from_hf(dict(TINY_HF, hidden_size=512, vocab_size=1282
               64: Config.from_hf(TINY_HF, source="tiny", dtype="bfloat16")}
 
 
-@pytest.mark.parametrize("spec,head_dim", [("full", 128), ("full", 64)] + [
-    pytest.param(s, 128, marks=pytest.mark.slow) for s in PLANS[1:]])
-def test_decode_loop_temporaries_are_small_next_to_the_cache(spec, head_dim):
+@pytest.mark.parametrize("spec,head_dim,mesh", [("full", 128, "data=2,model=2"), ("full", 64, "data=2,model=2"),
+                                               ("full", 128, "data=1,model=4")] + [
+    pytest.param(s, 128, "data=2,model=2", marks=pytest.mark.slow) for s in PLANS[1:]])
+def test_decode_loop_temporaries_are_small_next_to_the_cache(spec, head_dim, mesh):
     """Donation lets the loops update the cache in place: no cache-sized copy. A one-place scatter into the keys
     (places minor) made the compiled loop copy every key slot into a head_dim-minor layout before the `while` and
     back after it (`cache.put_step_tokens`): 28-82 % of the cache on 8B shapes. Values stored [B, K, M, H] with
     head_dim 64 were copied places-minor inside the loop (29 % of this cache here, 103 % at 64K): now [B, K, H, M].
-    The sampler sorted the vocabulary, which the TPU compiler gathers rows-minor, padded 32-fold: 25 % of this
-    cache at Llama-3's vocabulary (`inference.sample` now cuts by bisection). What stays is the weights' share.
-    `generate_loop` only: `decode_chunk` runs the same loop (docs/pods.md)."""
-    cfg, target, context = CACHE_CFGS[head_dim], tgt("v5e:2x2", "data=2,model=2"), 32768
+    The sampler sorted the vocabulary, which the TPU compiler gathers rows-minor, padded 32-fold (on v5p:
+    `test_sampling_a_split_vocabulary_...`). On model=4 the 2 KV heads do not divide the axis that splits the 4
+    query heads: replicated, the loop split the cache over heads and gathered it back (113 % of it); now each
+    chip's cache holds the one KV head it reads (`sharding.cache_kv_heads`), half the bytes. What stays is the
+    weights' share. `generate_loop` only: `decode_chunk` runs the same loop (docs/pods.md)."""
+    cfg, target, context = CACHE_CFGS[head_dim], tgt("v5e:2x2", mesh), 32768
     assert cfg.head_dim == head_dim
     plan = make_plan(spec, cfg, lazy_fraction=0.5, sink=4, window=context // 2 - 4)
     kv = aot.kv_cache_bytes(cfg, plan, 8, context, target.mesh)
     row = aot.compile_row(aot.decode_programs(plan, 8, context, spec)[0], cfg, target, cost=False)
     assert row["temporaries"] < 0.1 * kv, (row["temporaries"], kv)
+    if mesh == "data=1,model=4":  # one KV head per chip: the whole cache over the model's 2 heads, halved
+        from lt_jax.cache import expected_kv_bytes
+        assert kv == expected_kv_bytes(cfg, plan, 8, context) // cfg.num_kv_heads
+
+
+@pytest.mark.parametrize("heads,kv_heads,topology,mesh,held", [
+    (32, 8, "v5e:2x4", "data=1,model=8", 8),    # Llama-3.1-8B on v5e-8: the KV heads divide model
+    (32, 8, "v5e:4x4", "data=1,model=16", 16),  # on v5e-16: each KV head held by the 2 chips reading it
+    (32, 8, "v5e:4x4", "data=2,model=8", 8),
+    (4, 2, "v5e:2x2", "data=1,model=4", 4), (4, 2, "v5e:2x2", "data=2,model=2", 2),
+    (9, 3, "v5e:2x2", "data=1,model=4", 3),     # SmolLM2: the query heads are not split either
+    (12, 3, "v5e:2x4", "data=1,model=8", 3),    # 8 splits the 12 query heads? no: nothing to copy for
+])
+def test_the_cache_holds_a_kv_head_per_chip_that_reads_it(heads, kv_heads, topology, mesh, held):
+    from lt_jax.sharding import cache_kv_heads
+    cfg = Config.from_hf(dict(TINY_HF, hidden_size=64 * heads, num_attention_heads=heads,
+                              num_key_value_heads=kv_heads), source="t", dtype="bfloat16")
+    assert cache_kv_heads(cfg, tgt(topology, mesh).mesh) == held
+    assert cache_kv_heads(cfg, None) == kv_heads
 
 
 def test_sampling_a_split_vocabulary_gathers_nothing_vocabulary_sized():
@@ -225,6 +247,27 @@ def test_max_batch_fits_the_chip_and_the_next_does_not_and_prices_its_throughput
         assert best["tokens_per_s"] == pytest.approx(best["max_batch"] / best["roofline_s"])
     assert hybrid["max_batch"] > 1.5 * full["max_batch"]
     assert hybrid["relative_to_full"] == pytest.approx(hybrid["tokens_per_s"] / full["tokens_per_s"])
+
+
+def test_max_batch_steps_over_libtpus_one_row_per_chip_crash(monkeypatch):
+    """libtpu 0.0.42 stops on some stacked decodes of one row per chip (Llama-3.1-70B lighttransfer, v5p-32,
+    data=2: "Bitcast cannot have different shape sizes"): the search's first probe then asks two rows per chip
+    (they hold at least as much) and goes on; any other compiler error still stops it. Compiles are stood in for
+    by a footprint of 1 GB per row against v5e's 16 GiB: 16 rows fit on data=2 (17 is odd)."""
+    target, asked = tgt("v5e:2x2", "data=2,model=2"), []
+
+    def compile_row(program, cfg, tgt_, cost=True, message="Bitcast cannot have different shape sizes"):
+        asked.append(program.batch)
+        if program.batch == 2:
+            raise jax.errors.JaxRuntimeError(f"INTERNAL: during context [post-optimization]: {message}")
+        return {"batch": program.batch, "total": program.batch * 10 ** 9, "fits": True}
+    monkeypatch.setattr(aot, "compile_row", compile_row)
+    monkeypatch.setattr(aot, "add_cost", lambda row, *a: row.update(roofline_s=0.5))
+    got = aot.max_batch(plan_of("lighttransfer"), "lighttransfer", CFG, target, 4096)
+    assert asked[:2] == [2, 4] and got["max_batch"] == 16 and got["tokens_per_s"] == 32
+    monkeypatch.setattr(aot, "compile_row", lambda *a, **k: compile_row(*a, message="another failure"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="another failure"):
+        aot.max_batch(plan_of("lighttransfer"), "lighttransfer", CFG, target, 4096)
 
 
 # Weights big next to the cache: F = 16384 split over model=4 (8 MiB of gate_up_proj per chip and layer), a 4K cache

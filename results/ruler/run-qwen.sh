@@ -5,7 +5,7 @@
 # periodic interleave, retrieval-aware with the Qwen retrieval probe (results/retrieval/).
 #   sh results/ruler/run-qwen.sh 4096 5    # qwen-4k: 20 prompts
 #   sh results/ruler/run-qwen.sh 8192 5    # qwen-8k: 20 prompts (grown from 2 per task: a rerun keeps the rows)
-#   sh results/ruler/run-qwen.sh 16384 2   # qwen-16k: 8 prompts (the exact 16K prefill: ~6 min a prompt here)
+#   sh results/ruler/run-qwen.sh 16384 5   # qwen-16k: 20 prompts (grown from 2; the exact 16K prefill: ~6 min a prompt here)
 set -e
 LENGTH=${1:?usage: run-qwen.sh LENGTH [SAMPLES]}
 SAMPLES=${2:-5}

@@ -60,8 +60,12 @@ SWEEP_4K = ["full"] + [f"{rule}{option}" for rule in ("lighttransfer", f"loss-gu
     ["periodic", f"retrieval-aware:{RET}", f"retrieval-aware:{RET}{S64}"]
 SWEEP_8K = ["full", "lighttransfer", f"loss-guided:{NLL}", f"loss-guided:{NLL}{S64}", "periodic",
             f"retrieval-aware:{RET}"]
+KV25 = ("@lazy_fraction=0.8@window=252", "@lazy_fraction=0.9@window=679")  # a quarter of full's KV bytes at 4K
+SWEEP_KV25 = ["full", f"retrieval-aware:{RET}{KV25[0]}", f"loss-guided:{NLL}{KV25[0]}", f"lighttransfer{KV25[0]}",
+              f"retrieval-aware:{RET}{KV25[1]}"]
 SWEEP = {"4K": {m: ("results/sweep/smollm2-4k.jsonl", m) for m in SWEEP_4K},
-         "8K": {m: ("results/sweep/smollm2-8k.jsonl", m) for m in SWEEP_8K}}
+         "8K": {m: ("results/sweep/smollm2-8k.jsonl", m) for m in SWEEP_8K},
+         "4K, 25 % KV": {m: ("results/sweep/smollm2-4k-kv25.jsonl", m) for m in SWEEP_KV25}}
 SMOLLM2_LAYERS, SMOLLM2_TASKS = 30, ("niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "cwe", "fwe")
 README = {  # README.md's table: row -> {column: (source table, its row, its column)}
     "full": "full", "**retrieval-aware**": "**retrieval-aware** (retrieval probe)",
@@ -151,14 +155,14 @@ def _plan(method: str, length: int) -> tuple[str, int]:
 
 
 def sweep_table(got: dict, column: str) -> str:
-    length = {"4K": 4096, "8K": 8192}[column]
+    length = 8192 if column == "8K" else 4096
     head = ["method", "S / W", "lazy", "KV (token-layers)", *SMOLLM2_TASKS, "average", "95 % interval",
             "− full (paired 95 %)"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for method, c in got[column].items():
         sw, kv = _plan(method, length)
         name = method.replace(f":{NLL}", ":F").replace(f":{RET}", ":R")
-        lazy = "0" if c["lazy"] == 0 else f"{c['lazy']} ({round(100 * c['lazy'] / SMOLLM2_LAYERS / 25) * 25} %)"
+        lazy = "0" if c["lazy"] == 0 else f"{c['lazy']} ({round(100 * c['lazy'] / SMOLLM2_LAYERS / 5) * 5} %)"
         p = c["vs_full"]
         paired = "-" if p is None else f"{p['delta']:+.1f} ({p['ci95'][0]:+.0f} to {p['ci95'][1]:+.0f})"
         scores = " | ".join(f"{c['per_task'][t]:.0f}" for t in SMOLLM2_TASKS)
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
         return 0
     parts = {"readme": readme_table(smol, qwen), "smollm2": smollm2_table(smol),
              "qwen": "\n\n".join(qwen_table(qwen, length) for length in qwen),
-             "sweep": sweep_table(sweep, "4K") + "\n\n" + sweep_table(sweep, "8K")}
+             "sweep": "\n\n".join(sweep_table(sweep, column) for column in sweep)}
     print("\n\n".join(text for name, text in parts.items() if args.table in (name, "all")))
     return 0
 

@@ -77,5 +77,5 @@ def test_the_ruler_tables_in_the_readmes_are_those_of_the_committed_rows():
     swept = (repo / "results" / "sweep" / "README.md").read_text()
     for table, text in ((tables.readme_table(smol, qwen), readme), (tables.smollm2_table(smol), results),
                         *((tables.qwen_table(qwen, length), results) for length in ("4K", "8K", "16K")),
-                        (tables.sweep_table(sweep, "4K"), swept), (tables.sweep_table(sweep, "8K"), swept)):
+                        *((tables.sweep_table(sweep, column), swept) for column in tables.SWEEP)):
         assert table in text, table

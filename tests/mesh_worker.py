@@ -121,6 +121,7 @@ def cli_on_mesh(ckpt: Path, root: Path) -> dict:
 
 def run_family(ckpt: Path, meshes: list[str], rng) -> dict:
     import lt_jax
+    from lt_jax import sharding
     from lt_jax.cache import expected_kv_bytes
     from lt_jax.inference import generate_loop, prefill
     prompts = [[int(t) for t in rng.integers(0, 300, n)] for n in LENGTHS]
@@ -172,6 +173,7 @@ def run_family(ckpt: Path, meshes: list[str], rng) -> dict:
                 "fractions": sorted({s.data.size / a.size for s in a.addressable_shards}),
                 "devices": len(a.addressable_shards)} for path, a in weights},
             "num_kv_heads": model.config.num_kv_heads,
+            "cache_kv_heads": sharding.cache_kv_heads(model.config, mesh),  # copied per chip: test_sharding.py
             "train_loss_rel_diff": abs(loss - ref["loss"]) / ref["loss"], "train_grad_max_rel_diff": grad_diff,
         }
     return out

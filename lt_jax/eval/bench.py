@@ -211,9 +211,13 @@ def _prompt(rng, cfg, batch: int, length: int):
     return jnp.asarray(tokens), jnp.asarray(positions)
 
 
-def _new_cache(cfg, plan: Plan, batch: int, context: int) -> KVCache:
-    cache = init_cache(cfg, plan, batch, context)
-    assert cache.kv_bytes == expected_kv_bytes(cfg, plan, batch, context), "cache bytes differ from the formula"
+def _new_cache(m, plan: Plan, batch: int, context: int) -> KVCache:
+    """A host cache of the shape the executables take (`Executables.cache_shape`: KV heads copied per chip where the
+    mesh asks for it, `sharding.cache_kv_heads`); its bytes are the formula's, times those copies."""
+    heads = sharding.cache_kv_heads(m.config, m.mesh, m.rules)
+    cache = init_cache(m.config, plan, batch, context, heads)
+    assert cache.kv_bytes == expected_kv_bytes(m.config, plan, batch, context) * heads // m.config.num_kv_heads, \
+        "cache bytes differ from the formula"
     return cache
 
 
@@ -239,7 +243,7 @@ def measure(exe: Executables, plan: Plan, context: int, batch: int, repeats: int
     loop, loop_compile = exe.loop(plan, batch, context)
     first, _ = exe.first_token(batch)
     tokens, positions = _prompt(rng, m.config, batch, T)
-    cache = _new_cache(m.config, plan, batch, context)
+    cache = _new_cache(m, plan, batch, context)
     t0 = time.perf_counter()
     logits, cache, layers, _ = block(pre(m.params, tokens, positions, cache, plan.prefill_layers(m.config)))
     prefill_s = time.perf_counter() - t0
@@ -262,13 +266,13 @@ def serve(exe: Executables, plan: Plan, context: int, batch: int, repeats: int, 
     pre, _ = exe.prefill(plan, 1, context)
     insert, _ = exe.insert(plan, batch, context)
     given = plan.prefill_layers(m.config)
-    cache = _new_cache(m.config, plan, batch, context)
+    cache = _new_cache(m, plan, batch, context)
     rows, prefill_s = [], []
     for row in range(batch):
         if every_row or not rows:
             tokens, positions = _prompt(rng, m.config, 1, context - exe.new_tokens)
             (logits, small, layers, _), seconds = timed(lambda: block(pre(
-                m.params, tokens, positions, _new_cache(m.config, plan, 1, context), given)))
+                m.params, tokens, positions, _new_cache(m, plan, 1, context), given)))
             prefill_s.append(seconds)
         cache = insert(cache, small, jnp.int32(row))
         rows.append(logits)

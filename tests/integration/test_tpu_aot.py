@@ -281,14 +281,17 @@ def test_decode_loop_reads_sharded_weights_in_place():
     `model`) as one [2F, D] matrix moved the halves of F between chips: the compiled loop all-to-all'ed every
     layer's MLP weights into temporaries (33 % of this cache; 1.9 GiB, 193 % of the per-chip cache, for
     Llama-3.1-8B on v5e:2x4 at 8K, results/pods/temporaries-8b.json). Split weights (one buffer per layer, as
-    on CPU/GPU) show it as memory; stacked ones (a TPU load's) would pay it as traffic on every step instead."""
+    on CPU/GPU) show it as memory; stacked ones (a TPU load's) would pay it as traffic on every step instead.
+    Measured against the weights per chip (27.8 MB): the copy was 22.1 MB of temporaries (80 %), now 3.9 MB (14 %).
+    (Against the cache it was 33 %; since each chip's cache holds one KV head here, `sharding.cache_kv_heads`, the
+    cache is half as large and no longer the yardstick.)"""
     target, context = tgt("v5e:2x2", "data=1,model=4"), 4096
     plan = make_plan("full", MLP_CFG)
     kv = aot.kv_cache_bytes(MLP_CFG, plan, 8, context, target.mesh)
     row = aot.compile_row(aot.decode_programs(plan, 8, context, "full", layers="split")[0], MLP_CFG, target,
                           cost=False)
     assert row["weights"] > 0.4 * kv  # the weights' copy would show
-    assert row["temporaries"] < 0.1 * kv, (row["temporaries"], kv)
+    assert row["temporaries"] < 0.25 * row["weights"], (row["temporaries"], row["weights"])
 
 
 # ---- the weights' storage: stacked on TPU, so decode scans one layer body (issue 22, decode compile time) -------

@@ -97,7 +97,10 @@ def target(topology: str, mesh: str | None = None) -> Target:
         raise LtJaxError(f"target {topology!r}: no TPU topology description ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); TPU targets need libtpu: "
                          f"pip install \"jax[tpu]\".") from None
-    return Target(topology, chip, sharding.make_mesh(mesh or f"model={len(devices)}", devices))
+    try:
+        return Target(topology, chip, sharding.make_mesh(mesh or f"model={len(devices)}", devices))
+    except LtJaxError as e:
+        raise LtJaxError(f"target {topology!r} has {len(devices)} chips: {e}") from None
 
 
 # ---- abstract arguments ---------------------------------------------------------------------------------------

@@ -172,8 +172,10 @@ def filter_logits(scaled, top_k, top_p):
     probs = jax.nn.softmax(scaled, axis=-1)
     above = lambda t: jnp.sum(jnp.where(order > t[:, None], probs, 0), -1)  # noqa: E731 - the mass strictly above t
     # the largest t with >= top_p of the mass strictly above it: the tokens above it are those top-p keeps
-    last = jax.lax.cond(top_p < 1, lambda: _threshold(lambda t: above(t) >= top_p, order), lambda: none)
-    everything = (above(none) < top_p) | (top_p >= 1)  # rounding left < top_p above every token: keep them all
+    # with top_p < 1, rounding may leave < top_p of the mass above every token: then it keeps them all
+    last, everything = jax.lax.cond(top_p < 1, lambda: (_threshold(lambda t: above(t) >= top_p, order),
+                                                        above(none) < top_p),
+                                    lambda: (none, jnp.ones(none.shape, bool)))
     keep = (order >= kth[:, None]) & ((order > last[:, None]) | everything[:, None])
     return jnp.where(keep, scaled, -jnp.inf)
 

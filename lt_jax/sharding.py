@@ -76,10 +76,12 @@ def make_mesh(spec, devices=None) -> Mesh | None:
             raise LtJaxError(f"mesh {spec!r}: {len(devices)} devices are not a multiple of {known}.")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
+        platform = getattr(devices[0], "platform", "") if devices else ""
+        # XLA_FLAGS can multiply CPU devices only; a TPU target's chips are its topology's
+        hint = (f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(sizes)} simulates that "
+                f"many devices)" if platform == "cpu" else "")
         raise LtJaxError(f"mesh {spec!r} needs {math.prod(sizes)} devices; there are {len(devices)} "
-                         f"(jax.devices()); give sizes whose product is {len(devices)} (on CPU, "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(sizes)} simulates that many "
-                         f"devices).")
+                         f"({platform or 'devices'}); give sizes whose product is {len(devices)}{hint}.")
     try:  # a topology-aware order on real accelerators; plain order where it has none (CPU)
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(sizes, devices)

@@ -43,15 +43,27 @@ def seconds(fn, args, repeats: int) -> float:
     return best
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1, or argparse's one-line usage error naming the value."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def sizes(text: str) -> list[int]:
+    """"49152,151936" -> [49152, 151936]."""
+    return [positive(v) for v in text.split(",")]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=4)
-    ap.add_argument("--vocab", default="49152,151936", help="vocabulary sizes (SmolLM2's, Qwen2's)")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rows", type=positive, default=4)
+    ap.add_argument("--vocab", default="49152,151936", type=sizes, help="vocabulary sizes (SmolLM2's, Qwen2's)")
+    ap.add_argument("--repeats", type=positive, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows = []
-    for vocab in map(int, args.vocab.split(",")):
+    for vocab in args.vocab:
         logits = jnp.asarray(np.random.default_rng(0).normal(size=(args.rows, vocab)) * 3, jnp.float32)
         for top_k, top_p in ((0, 1.0), (50, 0.9)):
             call = (logits, jax.random.key(0), jnp.float32(0.8), jnp.int32(top_k), jnp.float32(top_p))

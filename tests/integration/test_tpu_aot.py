@@ -194,8 +194,11 @@ def test_cost_of_a_hybrid_equals_the_whole_model_unrolled(spec, program):
 def test_bad_target_is_one_sentence():
     with pytest.raises(LtJaxError, match="v9x"):
         aot.target("v9x:2x2")
-    with pytest.raises(LtJaxError, match="mesh"):
+    with pytest.raises(LtJaxError, match="mesh") as bad_mesh:
         aot.target("v5e:2x2", "data=3,model=1")
+    message = str(bad_mesh.value)  # names the target's chips, and no CPU device-count flag (it cannot add TPU chips)
+    assert message.startswith("target 'v5e:2x2' has 4 chips: mesh 'data=3,model=1' needs 3 devices")
+    assert "XLA_FLAGS" not in message and "\n" not in message
 
 
 def test_cli_compile_reads_a_config_and_prints_rows(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """Sampling (lt_jax/inference.py: `sample`, `Sampling`): greedy, temperature, top-k and top-p against a numpy
 reference of the filtered distribution; the settings' refusals. Through `Model.generate` (seeds, stop ids, the
 filters' plumbing): tests/integration/test_inference.py."""
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +113,22 @@ def test_prepared_resolves_stop_ids_and_buckets_the_steps():
     assert [int(t) for t in Sampling(stop_ids=()).prepared(eos_ids=(2,)).stop_ids] == [-2]  # none: no token matches
     assert [int(t) for t in Sampling(stop_ids=(9,)).prepared(eos_ids=(2,)).stop_ids] == [9]
     assert Sampling(max_new_tokens=3).prepared().steps == 64
+
+
+def test_the_sampling_benchmark_refuses_bad_sizes_in_one_line_and_times_both_samplers(capsys):
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_sampling.py"
+    spec = importlib.util.spec_from_file_location("bench_sampling", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for flags, value in ((["--vocab", "abc"], "'abc'"), (["--vocab", "64,0"], "'0'"), (["--rows", "-1"], "'-1'")):
+        with pytest.raises(SystemExit) as refused:
+            bench.main(flags)
+        assert refused.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert value in err and "Traceback" not in err
+    assert bench.main(["--vocab", "64", "--rows", "2", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["vocab"], r["rows"], r["top_k"]) for r in rows] == [(64, 2, 0), (64, 2, 50)]
+    assert all(r["sort_ms"] > 0 and r["bisection_ms"] > 0 for r in rows)

@@ -20,7 +20,8 @@ A head probe's layer score is the maximum over its heads: one copying head among
   distractors (`calibration_prompt`: 8-digit values, where the evaluation's keyed needles have 7, so no calibration
   prompt is an evaluation prompt), the true answer appended; a layer's score is the increase of the answer tokens'
   mean NLL when that layer alone streams (sink S, window W) over the all-full model, averaged over the prompts:
-  L + 1 forwards per prompt. Higher: the layer costs more to stream.
+  L + 1 forwards per prompt. Higher: the layer costs more to stream. Optionally (`joint`) the loss-guided set of a
+  lazy fraction is measured streaming together, against the sum of its scores: whether one-at-a-time ranking holds.
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ import numpy as np
 
 from lt_jax.attention import attend_causal, masked_scores, native_window
 from lt_jax.batching import bucket, left_pad
+from lt_jax.calibration import Calibration
 from lt_jax.config import Config
 from lt_jax.errors import LtJaxError
 from lt_jax.model import decoder
-from lt_jax.plan import Plan
+from lt_jax.plan import Plan, num_lazy
 from lt_jax.progress import progress_bar
 
 
@@ -250,10 +252,26 @@ def answer_nll(model, rows: list[tuple[list[int], int]], plans: list[Plan], prog
     return out
 
 
-def nll_scores(model, rows: list[tuple[list[int], int]], sink: int, window: int, progress: bool = True) -> dict:
+def nll_scores(model, rows: list[tuple[list[int], int]], sink: int, window: int, progress: bool = True,
+               joint: tuple[float, ...] = ()) -> dict:
     """The nll probe over `rows` (`calibration_rows`): each layer's answer-NLL increase when it alone streams,
-    averaged over the rows, as a one-column [L, 1] table (the calibration file's head_scores)."""
+    averaged over the rows, as a one-column [L, 1] table (the calibration file's head_scores).
+
+    `joint`: lazy fractions whose loss-guided set (the lowest-scored layers) is also measured streaming together,
+    one more forward per row each: `joint` the set's increase, `additive` the sum of its layers' scores. Scores
+    that add up (joint ~ additive) are what ranking layers one at a time assumes."""
     L = model.config.num_layers
     nll = answer_nll(model, rows, single_layer_plans(L, sink, window), progress)
-    return {"head_scores": (nll[:, 1:] - nll[:, :1]).mean(axis=0)[:, None], "samples_used": len(rows),
-            "forwards": len(rows) * (L + 1), "full_answer_nll": round(float(nll[:, 0].mean()), 6)}
+    scores = (nll[:, 1:] - nll[:, :1]).mean(axis=0)
+    found = {"head_scores": scores[:, None], "samples_used": len(rows),
+             "forwards": len(rows) * (L + len(joint) + 1), "full_answer_nll": round(float(nll[:, 0].mean()), 6)}
+    if joint:
+        ranked = Calibration("nll", tuple((float(x),) for x in scores), {})
+        sets = [ranked.lowest(num_lazy(L, f)) for f in joint]
+        together = answer_nll(model, rows, [Plan(L, lazy, sink, window, source=f"loss-guided {f}")
+                                            for f, lazy in zip(joint, sets)], progress)
+        found["joint"] = [{"lazy_fraction": f, "layers": list(lazy),
+                           "joint": round(float((together[:, j] - nll[:, 0]).mean()), 6),
+                           "additive": round(float(scores[list(lazy)].sum()), 6)}
+                          for j, (f, lazy) in enumerate(zip(joint, sets))]
+    return found

@@ -32,6 +32,9 @@ def add_arguments(s):
                    help="retrieval, nll: prompt lengths in tokens (default 2048,4096)")
     s.add_argument("--keys", type=POSITIVE, default=4,
                    help="nll: needles per prompt, the asked one and distractors (default 4)")
+    s.add_argument("--joint", default="0.5",
+                   help="nll: lazy fractions whose loss-guided set is also measured streaming together, against "
+                        "the sum of its layers' scores (one forward per prompt each; 'none': skip) (default 0.5)")
     stream_flags(s)
     s.add_argument("--span", type=POSITIVE, default=1024, help="induction: tokens of the repeated block (default 1024)")
     s.add_argument("--queries", type=POSITIVE, default=64, help="induction: scored queries per row (default 64)")
@@ -58,6 +61,9 @@ def run(args) -> dict:
     out = _calibration_out(args.out)
     plot = output_image(args.plot, "--plot")
     lengths = parse_list(args.lengths, int, "--lengths")
+    joint = () if args.joint.strip().lower() == "none" else tuple(parse_list(args.joint, float, "--joint"))
+    if not all(0 < f < 1 for f in joint):
+        raise LtJaxError(f"--joint must list lazy fractions between 0 and 1 (or 'none'); got {args.joint!r}.")
     if min(lengths) < 1:
         raise LtJaxError(f"--lengths must list prompt lengths of at least 1 token; got {args.lengths!r}.")
     files = args.haystack or sorted(Path(assets.essays()).glob("*.txt"))
@@ -87,7 +93,7 @@ def run(args) -> dict:
         rows = probes.calibration_rows(model, model.encode("\n\n".join(texts)), lengths, args.samples, args.seed,
                                        args.keys)
         started = time.perf_counter()
-        found = probes.nll_scores(model, rows, sink, window, progress=not args.json)
+        found = probes.nll_scores(model, rows, sink, window, progress=not args.json, joint=joint)
         found["minutes"] = round((time.perf_counter() - started) / 60, 2)
         settings |= {"lengths": lengths, "keys": args.keys, "sink": sink, "window": window,
                      "format": f"keyed needles with {probes.CALIBRATION_DIGITS}-digit values in essays "
@@ -114,6 +120,9 @@ def run(args) -> dict:
     if not args.json:
         what = "answer-NLL increase when streaming alone" if args.probe in LAYER_PROBES else "max over heads"
         print(f"{args.probe} layer scores ({what}): {scores}")
+        for j in found.get("joint", []):
+            print(f"loss-guided at {j['lazy_fraction']:.0%} lazy, its {len(j['layers'])} layers streaming together: "
+                  f"{j['joint']:+.4f} nats on the answer; the sum of their scores: {j['additive']:+.4f}")
         print(f"protected at 50 % lazy: {list(protect)}; loss-guided lazy layers at 50 %: {list(streamed)} -> {out}"
               + (f" (plot: {plot})" if plot else ""))
     return {"out": str(out), "probe": args.probe, "layer_scores": scores, "protected_at_half": list(protect),

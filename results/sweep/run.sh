@@ -13,6 +13,8 @@ for rule in lighttransfer "loss-guided:$F"; do
 done
 R=results/retrieval/calibration-retrieval-smollm2.json
 M="$M,periodic,retrieval-aware:$R,retrieval-aware:$R@sink=64@window=960"  # added later: the same prompts
+I=results/retrieval/calibration-induction-smollm2.json
+M="$M,retrieval-aware:$F,retrieval-aware:$I"  # retrieval-aware's other two probes (nll, induction), added last
 set -e
 lt-jax eval "${MODEL:-$LT_JAX_ASSETS/lt/smollm2-135m-instruct}" \
     --task ruler:niah_single_1,niah_single_2,niah_multikey_1,vt,cwe,fwe --lengths 4096 --samples 4 \

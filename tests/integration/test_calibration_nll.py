@@ -49,6 +49,9 @@ def test_calibrate_nll_writes_what_the_plans_read(chat, tiny_chat, essay, tmp_pa
     assert code == 0, err
     got, cal = last_json(stdout), Calibration.load(out)
     assert json.loads(out.read_text())["format"] == 2 and cal.probe == "nll" and np.shape(cal.head_scores) == (4, 1)
-    assert cal.provenance["forwards"] == 2 * 5 and cal.provenance["settings"]["window"] == 32
+    assert cal.provenance["forwards"] == 2 * (5 + 1) and cal.provenance["settings"]["window"] == 32
+    joint = cal.provenance["joint"]  # the default --joint 0.5: the loss-guided set streaming together
+    assert [j["lazy_fraction"] for j in joint] == [0.5] and tuple(joint[0]["layers"]) == cal.lowest(2)
+    assert abs(joint[0]["additive"] - sum(cal.layer_scores[list(cal.lowest(2))])) <= 1e-5
     assert model.plan(f"loss-guided:{out}").lazy_layers == cal.lowest(2) == tuple(got["lowest_at_half"])
     assert model.plan(f"retrieval-aware:{out}").protect == cal.protected(1) == tuple(got["protected_at_half"])

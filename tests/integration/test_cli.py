@@ -324,6 +324,8 @@ def test_names_and_plans_are_checked_before_the_weights_load(tiny_ckpt, tiny_cha
          "--span 600 must be at least 2 and twice it within the model's context of 1024"),
         (["calibrate", tiny_ckpt, "--lengths", "0", "--haystack", ids, "--out", tmp_path / "c.json"],
          "--lengths must list prompt lengths of at least 1 token"),
+        (["calibrate", tiny_ckpt, "--probe", "nll", "--joint", "0.5,1.5", "--haystack", ids, "--out",
+          tmp_path / "c.json"], "--joint must list lazy fractions between 0 and 1 (or 'none'); got '0.5,1.5'"),
     ]:
         code, out, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)

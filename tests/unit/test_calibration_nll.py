@@ -60,6 +60,22 @@ def test_nll_score_equals_two_forwards_per_layer(model):
     assert got["forwards"] == len(rows) * (CFG.num_layers + 1)
 
 
+def test_the_joint_check_streams_the_loss_guided_set_together(model):
+    """`joint`: the lowest-scored layers of a lazy fraction streaming together, against two direct forwards, and
+    the sum of their single-layer scores beside it."""
+    rows = rows_of([40, 64])
+    got = probes.nll_scores(model, rows, SINK, WINDOW, progress=False, joint=(0.25, 0.5))
+    scores = got["head_scores"][:, 0]
+    assert got["forwards"] == len(rows) * (CFG.num_layers + 2 + 1)
+    for check, count in zip(got["joint"], (1, 2)):
+        lazy = tuple(int(i) for i in np.argsort(scores, kind="stable")[:count])
+        assert check["layers"] == sorted(lazy)
+        want = np.mean([direct_answer_nll(model, ids, start, Plan(CFG.num_layers, lazy, SINK, WINDOW)) -
+                        direct_answer_nll(model, ids, start, Plan.full(CFG.num_layers)) for ids, start in rows])
+        assert abs(check["joint"] - want) <= TOL
+        assert abs(check["additive"] - scores[list(lazy)].sum()) <= 1e-6
+
+
 def test_loss_guided_plan_round_trips_through_its_calibration_file(model, tmp_path):
     """The file next to the checkpoint (format 2, one column) is what `loss-guided` and `retrieval-aware:nll`
     read: the first streams the lowest-scored layers, the second protects the highest."""

@@ -230,5 +230,26 @@ def describe(cfg: Config, mesh: Mesh, rules=RULES) -> dict:
     return out
 
 
+def unsplit(cfg: Config, mesh: Mesh, rules=RULES) -> list[str]:
+    """What the rules would split over a mesh axis that does not divide it (so every chip on that axis holds it
+    whole), one phrase per logical axis, with the sizes of that axis that would split it: for planning a mesh
+    (`lt-jax compile`). Empty when everything the rules name is split."""
+    sizes = {"q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "ffn": cfg.ffn_dim,
+             "vocab": cfg.vocab_size, "embed": cfg.dim}
+    fell = {a for d in describe(cfg, mesh, rules).values() for a in d["replicated_not_dividing"]}
+    if cfg.num_kv_heads != cache_kv_heads(cfg, mesh, rules):
+        fell.discard("kv_heads")  # the cache copies a KV head per chip that reads it: split after all
+    out = []
+    for axis in sorted(fell, key=list(sizes).index):
+        names = dict(_usable_rules(mesh, rules))[axis]
+        names = (names,) if isinstance(names, str) else tuple(names)
+        size = math.prod(mesh.shape[n] for n in names)
+        chips = math.prod(mesh.shape.values())
+        would = [d for d in range(2, chips + 1) if chips % d == 0 and sizes[axis] % d == 0]
+        out.append(f"{axis} ({sizes[axis]}) over {'x'.join(names)}={size}: not split"
+                   + (f" ({'x'.join(names)}={', '.join(map(str, would))} would split it)" if would else ""))
+    return out
+
+
 def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)

@@ -79,7 +79,7 @@ def _gib(b) -> str:
 
 def run(args) -> dict:
     """Prints the table as programs compile (unless --json); returns every row (and the max batches)."""
-    from lt_jax import aot
+    from lt_jax import aot, sharding
     from lt_jax.errors import LtJaxError
     cfg = read_config(args.model, args.dtype)
     if args.context < 2 or args.batch < 1:
@@ -92,9 +92,12 @@ def run(args) -> dict:
                          f"(programs: {', '.join(PROGRAMS)}).")
     tgt = aot.target(args.target, args.mesh)
     rows, throughput = [], []
+    unsplit = sharding.unsplit(cfg, tgt.mesh)  # what every chip of an axis would hold whole: a mesh to reconsider
     if not args.json:
         print(f"{args.model} on {tgt.topology} (mesh {dict(tgt.mesh.shape)}, {tgt.chip.name}: "
               f"{_gib(tgt.chip.hbm_bytes)} GiB HBM per chip); per chip, GiB; compiled, not run")
+        if unsplit:
+            print(f"not split on this mesh, held whole by every chip of the axis: {'; '.join(unsplit)}")
         print(f"{'program':24} {'plan':14} {'layers':7} {'B':>4} {'T':>7} {'weights':>8} {'kv':>7} {'temp':>7} "
               f"{'out':>7} {'total':>7} fits {'compile s':>9} {'GFLOP':>10} {'GB xla':>8} {'GB floor':>8} "
               f"{'roofline ms':>11}")
@@ -137,5 +140,5 @@ def run(args) -> dict:
                     line += f" ({best['relative_to_full']:.2f}x full)"
                 print(line, flush=True)
     if not args.max_batch:
-        return {"rows": rows}
-    return {"rows": rows, "max_batch": {t["plan"]: t["max_batch"] for t in throughput}, "throughput": throughput}
+        return {"rows": rows, "unsplit": unsplit}
+    return {"rows": rows, "unsplit": unsplit, "max_batch": {t["plan"]: t["max_batch"] for t in throughput}, "throughput": throughput}

@@ -225,6 +225,18 @@ def test_cli_compile_reads_a_config_and_prints_rows(tmp_path, capsys, monkeypatc
     assert main(["compile", str(tmp_path), "--programs", "decode"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--programs decode" in err, err
+    # 6 query / 2 KV heads on model=4: neither split (every chip holds attention whole); the report says which
+    # sizes of model would split them (Qwen2.5-7B's 28 / 4 on model=8 is this case)
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY_HF, num_attention_heads=6, num_key_value_heads=2,
+                                                          hidden_size=384)))
+    assert main(["compile", str(tmp_path), "--target", "v5e:2x2", "--mesh", "data=1,model=4", "--programs",
+                 "insert_rows", "--plans", "full", "--no-train"]) == 0
+    note = capsys.readouterr().out.splitlines()[1]
+    assert note == ("not split on this mesh, held whole by every chip of the axis: q_heads (6) over model=4: not "
+                    "split (model=2 would split it); kv_heads (2) over model=4: not split (model=2 would split it)")
+    assert main(["compile", str(tmp_path), "--target", "v5e:2x2", "--mesh", "data=2,model=2", "--programs",
+                 "insert_rows", "--plans", "full", "--no-train", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unsplit"] == []
 
 
 @pytest.mark.slow  # a few compiles per plan at a 256K context

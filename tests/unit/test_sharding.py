@@ -33,3 +33,17 @@ def test_cache_specs_put_rows_on_data_and_kv_heads_on_model():
     assert got == {"full_k": P("data", "model"), "full_v": P("data", "model"), "full_pos": P("data"),
                    "ring_k": P("data", "model"), "ring_v": P("data", "model"), "ring_pos": P("data"),
                    "length": P("data")}
+
+
+def test_unsplit_names_what_a_mesh_axis_holds_whole_and_the_sizes_that_would_split_it():
+    from lt_jax.sharding import unsplit
+    mesh = lambda data, model: AbstractMesh((data, model), ("data", "model"))  # noqa: E731
+    # Qwen2.5-7B's heads (28 query / 4 KV) on model=8: neither split; model=2 or 4 (of 8 chips) would split both
+    qwen = tiny_config(num_heads=28, num_kv_heads=4, dim=28 * 8, ffn_dim=64, vocab_size=64)
+    assert unsplit(qwen, mesh(1, 8)) == ["q_heads (28) over model=8: not split (model=2, 4 would split it)",
+                                         "kv_heads (4) over model=8: not split (model=2, 4 would split it)"]
+    assert unsplit(qwen, mesh(2, 4)) == []
+    # 4 query / 2 KV heads on model=4: the cache copies a KV head per chip (cache_kv_heads), so nothing is held whole
+    assert unsplit(tiny_config(), mesh(2, 4)) == []
+    # a vocabulary of 63 on model=2: the embedding and head held whole
+    assert unsplit(tiny_config(vocab_size=63), mesh(4, 2)) == ["vocab (63) over model=2: not split"]

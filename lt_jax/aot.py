@@ -300,10 +300,12 @@ def step_cost(program: Program, cfg: Config, mesh, compiled) -> tuple[float, flo
     return tuple(float(v) for v in base + sum(k * (np.asarray(v) - base) for k, v in zip(slopes, variants[1:])))
 
 
-def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -> dict:
+def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True, failure_as_row: bool = False) -> dict:
     """Compile one program for the target; its per-chip plan as a dict (bytes, seconds, FLOPs). A program the TPU
     compiler refuses for HBM (its temporaries alone exceed the chip) is a row too: `fits` False, the temporaries
-    the compiler asked for, `refused` its message, and no total or cost."""
+    the compiler asked for, `refused` its message, and no total or cost. Any other compiler error is raised, or
+    with `failure_as_row` a row with `failed` (its message's first sentence) and nothing measured: a libtpu crash
+    on one program should not hide the report of the others."""
     t0 = time.perf_counter()
     row = {"program": program.name, "plan": program.plan, "layers": program.layers, "batch": program.batch,
            "context": program.context, "target": tgt.topology, "mesh": dict(tgt.mesh.shape),
@@ -315,6 +317,9 @@ def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -
         # libtpu words it two ways: "HLO temporaries (15.91G) exceeds available HBM", or "Ran out of memory in
         # memory space hbm ... HLO temp 125.53M" (the arguments and temporaries together exceed it)
         asked = re.search(r"HLO temp(?:oraries \(|\s+)([\d.]+)([KMG])", str(e))
+        if ("RESOURCE_EXHAUSTED" not in str(e) or not asked) and failure_as_row:
+            return {**row, "compile_s": round(time.perf_counter() - t0, 2), "arguments": None, "temporaries": None,
+                    "outputs": None, "aliased": None, "total": None, "fits": None, "failed": _first_words(str(e))}
         if "RESOURCE_EXHAUSTED" not in str(e) or not asked:
             raise
         return {**row, "compile_s": round(time.perf_counter() - t0, 2), "arguments": None,
@@ -331,6 +336,15 @@ def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True) -
     if cost:
         add_cost(row, program, cfg, tgt, compiled)
     return row
+
+
+def _first_words(message: str) -> str:
+    """A compiler error's kind and what it says, without the HLO it quotes: "INTERNAL: ... Bitcast cannot have
+    different shape sizes of output (1024) and operand (512)"."""
+    line = message.strip().splitlines()[0]
+    kind = line.split(":", 1)[0]
+    said = re.split(r"\)\s*:\s*|\}\s*:\s*", line)[-1]  # past the quoted instruction and its metadata
+    return f"{kind}: {said}"[:300] if said != line else line[:300]
 
 
 def floor_bytes(row: dict, program: Program, cfg: Config, mesh) -> int:

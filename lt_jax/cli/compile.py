@@ -107,17 +107,18 @@ def run(args) -> dict:
                                     layers=args.layers):
             if wanted and program.name.split()[0] not in wanted:
                 continue
-            row = aot.compile_row(program, cfg, tgt)
+            row = aot.compile_row(program, cfg, tgt, failure_as_row=True)
             row["kv_cache"] = kv if program.name in ("generate_loop", "decode_chunk", "insert_rows") else None
             rows.append(row)
             if args.json:
                 continue
             head = (f"{row['program']:24} {spec:14} {row['layers']:7} {row['batch']:>4} {row['context']:>7} "
                     f"{_gib(row['weights']):>8} {_gib(row['kv_cache']) if row['kv_cache'] is not None else '-':>7} "
-                    f"{_gib(row['temporaries']):>7} ")
-            if row["total"] is None:  # the TPU compiler refused it: its temporaries alone exceed HBM
-                print(head + f"{'-':>7} {'-':>7} NO   {row['compile_s']:>9.1f}  refused: {row['refused']}",
-                      flush=True)
+                    f"{_gib(row['temporaries']) if row['temporaries'] is not None else '-':>7} ")
+            if row["total"] is None:  # refused (its temporaries alone exceed HBM), or the compiler failed
+                why = f"failed: {row['failed']}" if "failed" in row else f"refused: {row['refused']}"
+                fits = "?   " if "failed" in row else "NO  "  # a failed compile says nothing of the size
+                print(head + f"{'-':>7} {'-':>7} {fits} {row['compile_s']:>9.1f}  {why}", flush=True)
                 continue
             print(head + f"{_gib(row['outputs']):>7} {_gib(row['total']):>7} "
                   f"{'yes ' if row['fits'] else 'NO  '} {row['compile_s']:>9.1f} {row['flops'] / 1e9:>10.1f} "

@@ -398,14 +398,7 @@ def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upp
 
     def footprint(b):
         program = decode_programs(plan, b, context, spec, layers=layers)[0]
-        try:
-            probed[b] = program, compile_row(program, cfg, tgt, cost=False)
-        except jax.errors.JaxRuntimeError as e:
-            # libtpu 0.0.42 stops on some stacked decodes of one row per chip ("Bitcast cannot have different
-            # shape sizes", docs/pods.md); two rows per chip hold at least as much, so they answer for one
-            if b != data or "Bitcast cannot have different shape sizes" not in str(e):
-                raise
-            return footprint(2 * data)
+        probed[b] = program, compile_row(program, cfg, tgt, cost=False)
         row = probed[b][1]
         if report:
             report(b, row)
@@ -414,7 +407,7 @@ def max_batch(plan: Plan, spec: str, cfg: Config, tgt: Target, context: int, upp
     data = tgt.mesh.shape.get("data", 1)  # rows split over `data`: batches that it divides
     best, _ = search_max_batch(lambda b: footprint(b * data), tgt.chip.hbm_bytes, per_row, upper // data)
     out = {"plan": spec, "context": context, "max_batch": best * data, "roofline_s": None, "tokens_per_s": None}
-    if best and best * data in probed:  # (one row per chip that libtpu could not compile: no cost to give)
+    if best:
         program, row = probed[best * data]
         if not program.scans_layers:  # its cost is the compiled program's own: compile it again
             row = compile_row(program, cfg, tgt)

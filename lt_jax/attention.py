@@ -67,7 +67,7 @@ def value_product(probs, v):
 def merge_heads(out, dtype):
     """[B, K, G, T, H] -> [B, T, N, H]."""
     B, K, G, T, H = out.shape
-    return jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, K * G, H).astype(dtype)
+    return jnp.einsum("BKGTH->BTKGH", out.astype(dtype)).reshape(B, T, K * G, H)
 
 
 def attend(q, k, v, q_pos, k_pos, sink, window):

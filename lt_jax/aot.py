@@ -317,11 +317,11 @@ def compile_row(program: Program, cfg: Config, tgt: Target, cost: bool = True, f
         # libtpu words it two ways: "HLO temporaries (15.91G) exceeds available HBM", or "Ran out of memory in
         # memory space hbm ... HLO temp 125.53M" (the arguments and temporaries together exceed it)
         asked = re.search(r"HLO temp(?:oraries \(|\s+)([\d.]+)([KMG])", str(e))
-        if ("RESOURCE_EXHAUSTED" not in str(e) or not asked) and failure_as_row:
+        if "RESOURCE_EXHAUSTED" not in str(e) or not asked:
+            if not failure_as_row:
+                raise
             return {**row, "compile_s": round(time.perf_counter() - t0, 2), "arguments": None, "temporaries": None,
                     "outputs": None, "aliased": None, "total": None, "fits": None, "failed": _first_words(str(e))}
-        if "RESOURCE_EXHAUSTED" not in str(e) or not asked:
-            raise
         return {**row, "compile_s": round(time.perf_counter() - t0, 2), "arguments": None,
                 "temporaries": round(float(asked.group(1)) * 2 ** (10 * " KMG".index(asked.group(2)))),
                 "outputs": None, "aliased": None, "total": None, "fits": False, "refused": str(e).splitlines()[0]}

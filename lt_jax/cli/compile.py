@@ -142,4 +142,5 @@ def run(args) -> dict:
                 print(line, flush=True)
     if not args.max_batch:
         return {"rows": rows, "unsplit": unsplit}
-    return {"rows": rows, "unsplit": unsplit, "max_batch": {t["plan"]: t["max_batch"] for t in throughput}, "throughput": throughput}
+    return {"rows": rows, "unsplit": unsplit, "max_batch": {t["plan"]: t["max_batch"] for t in throughput},
+            "throughput": throughput}

@@ -16,8 +16,8 @@ from lt_jax.files import write_atomic
 
 FORMAT = 2  # 2: a per-layer probe's head_scores are [L][1] (format 1 held per-head probes only; it still loads)
 DEFAULT_PROBE = "retrieval"  # what `retrieval-aware` reads unless a probe is named (results/README.md)
-PROBES = ("retrieval", "induction", "nll")  # what `lt-jax calibrate --probe` measures (lt_jax.probes)
-LAYER_PROBES = ("nll",)  # probes that score whole layers, not heads
+PROBES = ("retrieval", "induction", "nll", "nll-greedy")  # what `lt-jax calibrate --probe` measures (lt_jax.probes)
+LAYER_PROBES = ("nll", "nll-greedy")  # probes that score whole layers, not heads
 # the plans that read a calibration, and the probe each reads unless a probe or file is named
 PLAN_PROBES = {"retrieval-aware": DEFAULT_PROBE, "loss-guided": "nll"}
 

@@ -275,3 +275,58 @@ def nll_scores(model, rows: list[tuple[list[int], int]], sink: int, window: int,
                            "additive": round(float(scores[list(lazy)].sum()), 6)}
                           for j, (f, lazy) in enumerate(zip(joint, sets))]
     return found
+
+
+def nll_greedy(model, rows: list[tuple[list[int], int]], sink: int, window: int, count: int,
+               singles: np.ndarray | None = None, progress: bool = True) -> dict:
+    """Greedy loss-guided selection (`--probe nll-greedy`): `count` lazy layers chosen one at a time, each the layer
+    whose streaming *together with those already chosen* raises the rows' mean answer NLL least. One-at-a-time
+    scores miss layers that stand in for each other (each harmless alone, both together losing the needle: Qwen's
+    calibration prompts, results/nll/README.md); here each step measures the set as it will stream.
+
+    Lazy greedy (Minoux 1978): a layer's last measured increase is kept as a lower bound on its next one, and only
+    the best candidate is measured again; when its fresh increase is still the lowest it is taken. Exact when
+    adding layers only makes each other layer costlier to stream (the interaction above); a heuristic otherwise.
+    Starts from the single-layer scores (`singles`, e.g. an nll calibration of the same rows; measured when None).
+
+    Scores ([L, 1], the calibration's head_scores) are ranks: the k-th layer chosen scores k, the layers left full
+    count + their rank by single score, so `Calibration.lowest(n)` is the first n chosen (n <= count)."""
+    L = model.config.num_layers
+    if not 1 <= count < L:
+        raise LtJaxError(f"nll-greedy chooses 1..{L - 1} lazy layers of {L}; got {count}.")
+    if singles is not None and len(singles) != L:
+        raise LtJaxError(f"nll-greedy: {len(singles)} single-layer scores for a model of {L} layers.")
+    forwards = 0
+    if singles is None:
+        nll = answer_nll(model, rows, single_layer_plans(L, sink, window), progress)
+        singles, current = (nll[:, 1:] - nll[:, :1]).mean(axis=0), nll[:, 0]
+        forwards += len(rows) * (L + 1)
+    else:
+        current = answer_nll(model, rows, [Plan.full(L)], progress)[:, 0]
+        forwards += len(rows)
+    full = current.mean()
+    bound = {i: float(singles[i]) for i in range(L)}  # a lower bound on each layer's next increase
+    chosen, steps = [], []
+    with progress_bar(count, "calibrate nll-greedy", "layer", disable=not progress) as bar:
+        while len(chosen) < count:
+            fresh = {}
+            while True:
+                best = min(bound, key=lambda i: (bound[i], i))
+                if best in fresh:
+                    break
+                plan = Plan(L, tuple(sorted(chosen + [best])), sink, window, source=f"greedy step {len(chosen)}")
+                fresh[best] = answer_nll(model, rows, [plan], progress=False)[:, 0]
+                forwards += len(rows)
+                bound[best] = float((fresh[best] - current).mean())
+            chosen.append(best)
+            current = fresh[best]
+            steps.append({"layer": best, "increase": round(bound.pop(best), 6),
+                          "set_increase": round(float(current.mean() - full), 6), "measured": len(fresh)})
+            bar.update()
+    left = sorted(bound, key=lambda i: (singles[i], i))
+    ranks = np.empty(L)
+    ranks[chosen] = np.arange(count)
+    ranks[left] = count + np.arange(len(left))
+    return {"head_scores": ranks[:, None], "samples_used": len(rows), "forwards": forwards,
+            "full_answer_nll": round(float(full), 6), "order": chosen, "steps": steps,
+            "single_scores": [round(float(s), 6) for s in singles]}

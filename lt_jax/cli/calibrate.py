@@ -25,7 +25,8 @@ def add_arguments(s):
                    help="retrieval: top-1 copy score while the model answers needles in essays (Wu et al.); "
                         "induction: attention on the successor of a repeated random token (data-free); "
                         "nll: each layer's increase of the answer's NLL on keyed needles when it alone streams "
-                        "with --sink/--window, L+1 forwards per prompt (default retrieval)")
+                        "with --sink/--window, L+1 forwards per prompt; nll-greedy: lazy layers added one at a time, "
+                        "each the one whose streaming with those chosen costs the answer least (default retrieval)")
     s.add_argument("--samples", type=POSITIVE, default=8,
                    help="prompts per length (retrieval, nll) or rows (induction) (default 8)")
     s.add_argument("--lengths", default="2048,4096",
@@ -35,6 +36,11 @@ def add_arguments(s):
     s.add_argument("--joint", default="0.5",
                    help="nll: lazy fractions whose loss-guided set is also measured streaming together, against "
                         "the sum of its layers' scores (one forward per prompt each; 'none': skip) (default 0.5)")
+    s.add_argument("--up-to", type=float, default=0.5,
+                   help="nll-greedy: the lazy fraction the greedy set is built up to (default 0.5)")
+    s.add_argument("--singles", default=None,
+                   help="nll-greedy: an nll calibration of the same prompts and S/W whose single-layer scores start "
+                        "the search (default: measured, L+1 forwards per prompt)")
     stream_flags(s)
     s.add_argument("--span", type=POSITIVE, default=1024, help="induction: tokens of the repeated block (default 1024)")
     s.add_argument("--queries", type=POSITIVE, default=64, help="induction: scored queries per row (default 64)")
@@ -49,6 +55,30 @@ def add_arguments(s):
 def _calibration_out(path, flag="--out"):
     from lt_jax.calibration import Calibration
     return output_file(path, flag, "a calibration file", Calibration.load)
+
+
+def _greedy_count(up_to: float, num_layers: int) -> int:
+    from lt_jax.plan import num_lazy
+    count = num_lazy(num_layers, up_to) if 0 < up_to < 1 else 0
+    if not 1 <= count < num_layers:
+        raise LtJaxError(f"--up-to {up_to} must be a lazy fraction that makes 1..{num_layers - 1} of the "
+                         f"{num_layers} layers lazy.")
+    return count
+
+
+def _singles(args, lengths, sink, window):
+    """The single-layer scores of an nll calibration made on the same prompts and S/W, or one sentence why not."""
+    import numpy as np
+    from lt_jax.calibration import Calibration
+    cal = Calibration.load(args.singles)
+    got = cal.provenance.get("settings", {})
+    want = {"samples": args.samples, "seed": args.seed, "lengths": lengths, "keys": args.keys, "sink": sink,
+            "window": window, "haystack": [str(f) for f in args.haystack or []]}
+    differ = [f"{k} {got.get(k)!r} (here {v!r})" for k, v in want.items() if got.get(k) != v]
+    if cal.probe != "nll" or differ:
+        raise LtJaxError(f"--singles {args.singles}: not an nll calibration of these prompts and S/W "
+                         f"({'probe ' + repr(cal.probe) if cal.probe != 'nll' else ', '.join(differ)}).")
+    return np.asarray(cal.layer_scores)
 
 
 def run(args) -> dict:
@@ -67,7 +97,7 @@ def run(args) -> dict:
     if min(lengths) < 1:
         raise LtJaxError(f"--lengths must list prompt lengths of at least 1 token; got {args.lengths!r}.")
     files = args.haystack or sorted(Path(assets.essays()).glob("*.txt"))
-    reads_text = args.probe in ("retrieval", "nll")
+    reads_text = args.probe in ("retrieval", "nll", "nll-greedy")
     texts = [read_text(f) for f in files] if reads_text else []  # a missing file: before the load
     sink, window = PRESETS[args.stream_preset] if args.stream_preset else (DEFAULT_SINK, DEFAULT_WINDOW)
     sink, window = sink if args.sink is None else args.sink, window if args.window is None else args.window
@@ -78,7 +108,12 @@ def run(args) -> dict:
     if context and args.probe == "induction":
         from lt_jax.probes import check_induction
         check_induction(args.span, args.queries, context)
+    greedy = args.probe == "nll-greedy"
+    if greedy and cfg is not None:
+        _greedy_count(args.up_to, cfg.num_layers)  # before the weights load
+    singles = _singles(args, lengths, sink, window) if greedy and args.singles else None
     model = load_model(args)
+    greedy_count = _greedy_count(args.up_to, model.config.num_layers) if greedy else None
     if out is None:
         if model.path is None or not Path(model.path).is_dir():
             raise LtJaxError(f"{args.model} has no checkpoint folder to save the calibration next to; give --out.")
@@ -89,16 +124,20 @@ def run(args) -> dict:
         found = probes.retrieval_scores(model, haystack, lengths, args.samples, args.seed, progress=not args.json)
         settings |= {"lengths": lengths, "format": "unkeyed needle in essays (needles.needle_prompt)",
                      "haystack": [str(f) for f in args.haystack or []]}
-    elif args.probe == "nll":
+    elif args.probe in ("nll", "nll-greedy"):
         rows = probes.calibration_rows(model, model.encode("\n\n".join(texts)), lengths, args.samples, args.seed,
                                        args.keys)
-        started = time.perf_counter()
-        found = probes.nll_scores(model, rows, sink, window, progress=not args.json, joint=joint)
-        found["minutes"] = round((time.perf_counter() - started) / 60, 2)
         settings |= {"lengths": lengths, "keys": args.keys, "sink": sink, "window": window,
                      "format": f"keyed needles with {probes.CALIBRATION_DIGITS}-digit values in essays "
                                f"(probes.calibration_prompt; eval's have 7 digits)",
                      "haystack": [str(f) for f in args.haystack or []]}
+        started = time.perf_counter()
+        if args.probe == "nll":
+            found = probes.nll_scores(model, rows, sink, window, progress=not args.json, joint=joint)
+        else:
+            found = probes.nll_greedy(model, rows, sink, window, greedy_count, singles, progress=not args.json)
+            settings |= {"up_to": args.up_to, "singles": args.singles}
+        found["minutes"] = round((time.perf_counter() - started) / 60, 2)
     else:
         found = probes.induction_scores(model, args.span, args.samples, args.queries, args.seed,
                                         progress=not args.json)

@@ -55,3 +55,18 @@ def test_calibrate_nll_writes_what_the_plans_read(chat, tiny_chat, essay, tmp_pa
     assert abs(joint[0]["additive"] - sum(cal.layer_scores[list(cal.lowest(2))])) <= 1e-5
     assert model.plan(f"loss-guided:{out}").lazy_layers == cal.lowest(2) == tuple(got["lowest_at_half"])
     assert model.plan(f"retrieval-aware:{out}").protect == cal.protected(1) == tuple(got["protected_at_half"])
+    # nll-greedy from those single scores: no single-layer pass again; loss-guided reads its choice
+    greedy = tmp_path / "nll-greedy.json"
+    prompts = ["--lengths", "300", "--samples", "2", "--keys", "3", "--haystack", str(essay)]
+    assert main(["calibrate", str(tiny_chat), "--probe", "nll-greedy", *prompts, "--window", "32", "--singles",
+                 str(out), "--out", str(greedy), "--json"]) == 0
+    chosen = Calibration.load(greedy)
+    order = chosen.provenance["order"]
+    assert chosen.probe == "nll-greedy" and len(order) == 2 and chosen.provenance["forwards"] >= 2 * 3
+    assert model.plan(f"loss-guided:{greedy}").lazy_layers == tuple(sorted(order))
+    capsys.readouterr()
+    assert main(["calibrate", str(tiny_chat), "--probe", "nll-greedy", *prompts, "--window", "64", "--singles",
+                 str(out), "--out", str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an nll calibration of these prompts and S/W (window 32 (here 64))" in err
+    assert not (tmp_path / "other.json").exists()

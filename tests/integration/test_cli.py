@@ -313,8 +313,8 @@ def test_names_and_plans_are_checked_before_the_weights_load(tiny_ckpt, tiny_cha
                                               "on data, fsdp, model"),
         (["eval", tiny_ckpt, "--task", "niah", "--methods", "full,full@protect=3", "--out", tmp_path / "e.jsonl"],
          "method 'full@protect=3': full does not use protect (only retrieval-aware do)"),
-        ([*ppl, "--plan", "retrieval-aware:bogus"], "'bogus' is neither a probe (retrieval, induction, nll) nor a "
-                                                    "calibration file (.json)"),
+        ([*ppl, "--plan", "retrieval-aware:bogus"], "'bogus' is neither a probe (retrieval, induction, nll, "
+                                                    "nll-greedy) nor a calibration file (.json)"),
         ([*ppl, "--plan", "retrieval-aware:my-notes.txt"], "'my-notes.txt' is neither a probe"),
         ([*ppl, "--plan", "retrieval-aware"], "run `lt-jax calibrate MODEL --probe retrieval` first"),
         ([*ppl, "--plan", not_a_plan], str(not_a_plan)),
@@ -326,6 +326,8 @@ def test_names_and_plans_are_checked_before_the_weights_load(tiny_ckpt, tiny_cha
          "--lengths must list prompt lengths of at least 1 token"),
         (["calibrate", tiny_ckpt, "--probe", "nll", "--joint", "0.5,1.5", "--haystack", ids, "--out",
           tmp_path / "c.json"], "--joint must list lazy fractions between 0 and 1 (or 'none'); got '0.5,1.5'"),
+        (["calibrate", tiny_ckpt, "--probe", "nll-greedy", "--up-to", "0.9", "--lengths", "512", "--haystack", ids,
+          "--out", tmp_path / "c.json"], "--up-to 0.9 must be a lazy fraction that makes 1..2 of the 3 layers lazy"),
     ]:
         code, out, err = run(capsys, *argv)
         assert code == 2 and err.count("\n") == 1 and words in err, (argv, err)

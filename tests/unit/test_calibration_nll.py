@@ -124,3 +124,33 @@ def test_bad_input_is_one_sentence(model, tmp_path):
     from lt_jax.cli.main import build_parser
     with pytest.raises(Exception, match="argument --probe: invalid choice: 'bogus'"):
         build_parser().parse_args(["calibrate", "m", "--probe", "bogus"])
+
+
+def test_greedy_selection_adds_the_layer_that_costs_least_with_those_chosen(model):
+    """`nll-greedy`: each step's set and its NLL increase against direct forwards (dense mask, float64), and the
+    layer taken is the cheapest of all candidates given the set (exhaustive greedy, every candidate measured
+    directly, equals the lazy search here); the scores rank the chosen layers first, in order; given the single
+    scores of an nll calibration, the same choice with fewer forwards."""
+    rows, L = rows_of([40, 64]), CFG.num_layers
+    got = probes.nll_greedy(model, rows, SINK, WINDOW, count=3, progress=False)
+    full = [direct_answer_nll(model, ids, start, Plan.full(L)) for ids, start in rows]
+
+    def increase(lazy):
+        return np.mean([direct_answer_nll(model, ids, start, Plan(L, tuple(sorted(lazy)), SINK, WINDOW)) - f
+                        for (ids, start), f in zip(rows, full)])
+    chosen = []
+    for step in got["steps"]:
+        costs = {i: increase(chosen + [i]) for i in range(L) if i not in chosen}
+        assert step["layer"] == min(costs, key=lambda i: (costs[i], i))
+        before = increase(chosen) if chosen else 0.0
+        chosen.append(step["layer"])
+        assert abs(step["set_increase"] - costs[step["layer"]]) <= TOL
+        assert abs(step["increase"] - (costs[step["layer"]] - before)) <= 2 * TOL
+    assert got["order"] == chosen and len(chosen) == 3
+    cal = Calibration("nll-greedy", tuple((float(s),) for s in got["head_scores"][:, 0]), {})
+    assert [cal.lowest(n) for n in (1, 2, 3)] == [tuple(sorted(chosen[:n])) for n in (1, 2, 3)]
+    again = probes.nll_greedy(model, rows, SINK, WINDOW, count=3, singles=np.asarray(got["single_scores"]),
+                              progress=False)
+    assert again["order"] == chosen and again["forwards"] == got["forwards"] - len(rows) * L
+    with pytest.raises(LtJaxError, match="chooses 1..3 lazy layers of 4; got 4"):
+        probes.nll_greedy(model, rows, SINK, WINDOW, count=4, progress=False)

@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 NLL = "results/nll/calibration-nll-smollm2.json"
 RET = "results/retrieval/calibration-retrieval-smollm2.json"
 RET_QWEN = "results/retrieval/calibration-retrieval-qwen.json"
+IND = "results/retrieval/calibration-induction-smollm2.json"
+NLL_QWEN = "results/nll/calibration-nll-qwen.json"
+GREEDY_QWEN = "results/nll/calibration-nll-greedy-qwen.json"
 S64 = "@sink=64@window=960"
 
 # column -> {row label: (rows file, method in it)}; `full` is every column's reference
@@ -30,6 +33,8 @@ SMOLLM2 = {
         "full": ("results/sweep/smollm2-4k.jsonl", "full"),
         "**retrieval-aware** (retrieval probe)": ("results/sweep/smollm2-4k.jsonl", f"retrieval-aware:{RET}"),
         "retrieval-aware, S = 64 / W = 960": ("results/sweep/smollm2-4k.jsonl", f"retrieval-aware:{RET}{S64}"),
+        "retrieval-aware (nll probe)": ("results/sweep/smollm2-4k.jsonl", f"retrieval-aware:{NLL}"),
+        "retrieval-aware (induction probe)": ("results/sweep/smollm2-4k.jsonl", f"retrieval-aware:{IND}"),
         "**loss-guided** (nll probe)": ("results/sweep/smollm2-4k.jsonl", f"loss-guided:{NLL}"),
         "loss-guided, S = 64 / W = 960": ("results/sweep/smollm2-4k.jsonl", f"loss-guided:{NLL}{S64}"),
         "lighttransfer (the paper's rule)": ("results/sweep/smollm2-4k.jsonl", "lighttransfer"),
@@ -54,10 +59,14 @@ SMOLLM2 = {
 }
 QWEN = {length: {label: (f"results/ruler/qwen-{length.lower()}.jsonl", method) for label, method in (
     ("full", "full"), ("**retrieval-aware** (retrieval probe)", f"retrieval-aware:{RET_QWEN}"),
+    ("retrieval-aware (nll probe)", f"retrieval-aware:{NLL_QWEN}"), ("loss-guided (nll probe)",
+                                                                     f"loss-guided:{NLL_QWEN}"),
+    ("loss-guided, greedy (nll-greedy)", f"loss-guided:{GREEDY_QWEN}"),
     ("lighttransfer", "lighttransfer"), ("periodic", "periodic"))} for length in ("4K", "8K", "16K")}
 SWEEP_4K = ["full"] + [f"{rule}{option}" for rule in ("lighttransfer", f"loss-guided:{NLL}")
                        for option in ("", S64, "@sink=128@window=896", "@lazy_fraction=0.25", "@window=2454")] + \
-    ["periodic", f"retrieval-aware:{RET}", f"retrieval-aware:{RET}{S64}"]
+    ["periodic", f"retrieval-aware:{RET}", f"retrieval-aware:{RET}{S64}", f"retrieval-aware:{NLL}",
+     f"retrieval-aware:{IND}"]
 SWEEP_8K = ["full", "lighttransfer", f"loss-guided:{NLL}", f"loss-guided:{NLL}{S64}", "periodic",
             f"retrieval-aware:{RET}"]
 KV25 = ("@lazy_fraction=0.8@window=252", "@lazy_fraction=0.9@window=679")  # a quarter of full's KV bytes at 4K
@@ -161,7 +170,7 @@ def sweep_table(got: dict, column: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for method, c in got[column].items():
         sw, kv = _plan(method, length)
-        name = method.replace(f":{NLL}", ":F").replace(f":{RET}", ":R")
+        name = method.replace(f":{NLL}", ":F").replace(f":{RET}", ":R").replace(f":{IND}", ":I")
         lazy = "0" if c["lazy"] == 0 else f"{c['lazy']} ({round(100 * c['lazy'] / SMOLLM2_LAYERS / 5) * 5} %)"
         p = c["vs_full"]
         paired = "-" if p is None else f"{p['delta']:+.1f} ({p['ci95'][0]:+.0f} to {p['ci95'][1]:+.0f})"
@@ -174,6 +183,7 @@ def sweep_table(got: dict, column: str) -> str:
 def readme_table(smol: dict, qwen: dict) -> str:
     lines = ["| method | SmolLM2 4K | SmolLM2 8K | Qwen 4K | Qwen 8K | Qwen 16K |", "|---|---|---|---|---|---|"]
     qwen_rows = {"**retrieval-aware** (retrieval probe)": "**retrieval-aware** (retrieval probe)",
+                 "**loss-guided** (nll probe)": "loss-guided (nll probe)",
                  "lighttransfer (the paper's rule)": "lighttransfer", "periodic (every other layer)": "periodic",
                  "full": "full"}
     for row, label in README.items():

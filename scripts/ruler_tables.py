@@ -148,6 +148,8 @@ def qwen_table(got: dict, length: str) -> str:
     tasks = ("niah_multikey_3", "niah_multivalue", "vt", "cwe")
     lines = [f"| method | {' | '.join(tasks)} | average (− full; paired 95 %) |", "|---" * (len(tasks) + 2) + "|"]
     for label, c in got[length].items():
+        if c is None:  # a method not run at this length
+            continue
         scores = " | ".join("-" if c is None or t not in c["per_task"] else f"{c['per_task'][t]:.0f}" for t in tasks)
         lines.append(f"| {label} | {scores} | {_cell(c)} |")
     return "\n".join(lines)

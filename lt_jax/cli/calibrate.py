@@ -157,8 +157,12 @@ def run(args) -> dict:
     scores = [round(float(x), 4) for x in cal.layer_scores]
     streamed = cal.lowest(num_lazy(L, 0.5))
     if not args.json:
-        what = "answer-NLL increase when streaming alone" if args.probe in LAYER_PROBES else "max over heads"
-        print(f"{args.probe} layer scores ({what}): {scores}")
+        if args.probe == "nll-greedy":  # its scores are ranks: say the order and what each step cost
+            print(f"nll-greedy lazy layers in the order chosen: {found['order']}; the set's answer-NLL increase "
+                  f"after each: {[step['set_increase'] for step in found['steps']]}")
+        else:
+            what = "answer-NLL increase when streaming alone" if args.probe in LAYER_PROBES else "max over heads"
+            print(f"{args.probe} layer scores ({what}): {scores}")
         for j in found.get("joint", []):
             print(f"loss-guided at {j['lazy_fraction']:.0%} lazy, its {len(j['layers'])} layers streaming together: "
                   f"{j['joint']:+.4f} nats on the answer; the sum of their scores: {j['additive']:+.4f}")

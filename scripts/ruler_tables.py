@@ -78,7 +78,8 @@ SWEEP = {"4K": {m: ("results/sweep/smollm2-4k.jsonl", m) for m in SWEEP_4K},
 SMOLLM2_LAYERS, SMOLLM2_TASKS = 30, ("niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "cwe", "fwe")
 README = {  # README.md's table: row -> {column: (source table, its row, its column)}
     "full": "full", "**retrieval-aware**": "**retrieval-aware** (retrieval probe)",
-    "loss-guided": "**loss-guided** (nll probe)", "lighttransfer": "lighttransfer (the paper's rule)",
+    "loss-guided": "**loss-guided** (nll probe)", "loss-guided, greedy": "loss-guided, greedy (nll-greedy)",
+    "lighttransfer": "lighttransfer (the paper's rule)",
     "periodic": "periodic (every other layer)", "DuoAttention (kvpress)": "DuoAttention (kvpress, on-the-fly heads)",
     "SimLayerKV (kvpress)": "SimLayerKV (kvpress)"}
 
@@ -186,6 +187,7 @@ def readme_table(smol: dict, qwen: dict) -> str:
     lines = ["| method | SmolLM2 4K | SmolLM2 8K | Qwen 4K | Qwen 8K | Qwen 16K |", "|---|---|---|---|---|---|"]
     qwen_rows = {"**retrieval-aware** (retrieval probe)": "**retrieval-aware** (retrieval probe)",
                  "**loss-guided** (nll probe)": "loss-guided (nll probe)",
+                 "loss-guided, greedy (nll-greedy)": "loss-guided, greedy (nll-greedy)",
                  "lighttransfer (the paper's rule)": "lighttransfer", "periodic (every other layer)": "periodic",
                  "full": "full"}
     for row, label in README.items():
